@@ -1,0 +1,97 @@
+"""`blt-dist <command>`: the one entry point.
+
+Each command lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`;
+modules are imported only when their command runs, so `--help` stays fast (no torch import).
+Errors a user can fix (bad config, missing file, corrupt shard) are `UserError`s: one line on
+stderr, a non-zero exit status, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Callable, Sequence
+
+from blt_dist.errors import UserError
+
+# name -> (module, one-line help). Modules define add_arguments(parser) and run(args).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "corpus": ("blt_dist.corpus.build", "build the default real-text corpus offline (Debian/PyPI packages)"),
+    "prepare": ("blt_dist.data.prepare", "raw text (dirs, .txt, .jsonl) -> MDS byte shards with a train/val split"),
+    "train": ("blt_dist.train", "train an entropy model, BLT or BPE baseline with DeepSpeed"),
+    "entropies": ("blt_dist.data.entropies", "run an entropy model over byte shards -> entropy shards"),
+    "calibrate": ("blt_dist.data.calibrate", "find the entropy threshold that hits a target mean patch size"),
+    "tokenizer": ("blt_dist.data.tokenizer", "train a sentencepiece BPE tokenizer on byte shards"),
+    "eval": ("blt_dist.evaluate", "bits per byte of a checkpoint on shards or text files"),
+    "patch": ("blt_dist.data.patch_cli", "show how a text is cut into patches"),
+    "generate": ("blt_dist.generate", "sample bytes from a trained model"),
+    "flops": ("blt_dist.flops", "parameters and training FLOPs per byte per component; matched BPE shape"),
+    "launch": ("launch.slurm", "submit a training run to Slurm (submitit)"),
+    "sweep": ("launch.sweep", "submit a scaling sweep to Slurm"),
+    "compare": ("blt_dist.compare", "BPE-vs-BLT report: bits per byte against training FLOPs"),
+    "demo": ("blt_dist.demo", "the main job on the bundled default data"),
+}
+
+# Commands whose module is not written yet, with the issue that delivers them.
+NOT_BUILT: dict[str, str] = {
+    "train": "issue 5 (DeepSpeed training)",
+    "entropies": "issue 4 (data plane)",
+    "calibrate": "issue 4 (data plane)",
+    "tokenizer": "issue 4 (data plane)",
+    "eval": "issue 5 (DeepSpeed training)",
+    "patch": "issue 4 (data plane)",
+    "generate": "a later issue",
+    "flops": "issue 3 (models and FLOP accounting)",
+    "launch": "the Slurm launch issue",
+    "sweep": "the Slurm launch issue",
+    "compare": "the comparison-report issue",
+}
+
+
+def _module_for(name: str):
+    if name in NOT_BUILT:
+        return None
+    return importlib.import_module(COMMANDS[name][0])
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The top-level parser. Only `command`'s module is imported to add its arguments."""
+    parser = argparse.ArgumentParser(
+        prog="blt-dist",
+        description="Distributed pretraining of Byte Latent Transformers and FLOP-matched BPE baselines.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (_, help_text) in COMMANDS.items():
+        suffix = f" [not built yet: {NOT_BUILT[name]}]" if name in NOT_BUILT else ""
+        sp = sub.add_parser(name, help=help_text + suffix, description=help_text + suffix)
+        if name == command:
+            module = _module_for(name)
+            if module is not None:
+                module.add_arguments(sp)
+            else:
+                sp.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    command = command if command in COMMANDS else None
+    args = build_parser(command).parse_args(argv)
+
+    if args.command in NOT_BUILT:
+        print(f"blt-dist {args.command}: not built yet (delivered by {NOT_BUILT[args.command]})", file=sys.stderr)
+        return 3
+    run: Callable[[argparse.Namespace], int] = _module_for(args.command).run
+    try:
+        return int(run(args) or 0)
+    except UserError as err:
+        print(f"blt-dist {args.command}: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print(f"blt-dist {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,319 @@
+"""The config tree: typed dataclasses, YAML files with inheritance, dotted overrides.
+
+    cfg = load_config("configs/blt/tiny.yaml", ["optim.lr=3e-4", "train.max_steps=10"])
+
+A YAML file may name a parent with `extends: other.yaml` (a path relative to the file, or
+a list of them, merged left to right); the child's keys override the parent's. Overrides on
+the command line use dotted keys. OmegaConf checks keys and types against the dataclasses
+below; `validate` then checks values and combinations. Every rejection is a ConfigError that
+names the full key path and what was expected; the CLI prints it as one line and exits 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from blt_dist.errors import ConfigError
+from blt_dist.model.config import ModelConfig
+
+__all__ = ["Config", "ConfigError", "load_config", "save_resolved", "to_yaml"]
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"  # run directory: resolved config, checkpoints, metrics.jsonl
+    name: str = ""  # human-readable run name (wandb); defaults to the run dir's name
+    seed: int = 0
+
+
+@dataclass
+class PatchingConfig:
+    mode: str = "entropy"  # entropy | monotonic | space | static | byte
+    threshold: Optional[float] = None  # entropy mode: new patch after a byte with H > threshold (nats)
+    threshold_r: Optional[float] = None  # monotonic mode: H_i - H_{i-1} > threshold_r
+    patch_size: int = 4  # static mode
+    max_patch_length: int = 16  # every mode
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # shard directory (byte shards; entropy shards for BLT)
+    val: str = ""  # shard directory for periodic evaluation ("" = none)
+    seq_len: int = 1024  # bytes per sample (byte LM / entropy model)
+    tokens_per_sample: int = 256  # BPE baseline
+    patches_per_sample: int = 256  # BLT: fixed patch count per sample
+    byte_capacity: int = 1024  # BLT: fixed byte capacity per sample (padded, masked)
+    tokenizer: str = ""  # sentencepiece model for the BPE baseline
+    patching: PatchingConfig = field(default_factory=PatchingConfig)
+    shuffle: bool = True
+    shuffle_seed: int = 1234
+    num_workers: int = 0
+    num_canonical_nodes: Optional[int] = None  # streaming's canonical node count (fix it for resume)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    schedule: str = "cosine"  # cosine | wsd | constant
+    warmup_steps: int = 100
+    decay_fraction: float = 0.2  # wsd: fraction of steps spent decaying
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+
+
+@dataclass
+class TrainConfig:
+    # Run length: exactly one of these should be set; max_steps wins if several are.
+    max_steps: int = 0
+    flops: float = 0.0  # training FLOP budget (3x forward, entropy model excluded)
+    max_bytes: int = 0  # raw bytes predicted
+    micro_batch_size: int = 8  # per rank
+    grad_accum: int = 1
+    dtype: str = "fp32"  # fp32 | bf16 | fp16 (fp16 needs a GPU)
+    activation_checkpointing: bool = False
+    eval_every: int = 0  # steps; 0 = only at the end
+    eval_batches: int = 16
+    max_nonfinite_steps: int = 5  # consecutive NaN/inf losses before aborting
+
+
+@dataclass
+class ParallelConfig:
+    zero_stage: int = 0  # 0..3
+    pipeline_stages: int = 1  # >1 uses DeepSpeed PipelineModule (needs zero_stage <= 1)
+    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # steps between checkpoints; 0 = only at the end and on a stop signal
+    keep_last: int = 2  # ephemeral checkpoints kept
+    permanent_every: int = 0  # steps; checkpoints at multiples of this are never deleted
+    resume: bool = True  # resume from the newest complete checkpoint in run.dir
+
+
+@dataclass
+class LogConfig:
+    every: int = 10  # steps between log lines / metrics.jsonl records
+    wandb: bool = False
+    wandb_project: str = "blt-dist"
+    wandb_mode: str = "offline"  # offline | online | disabled
+    progress: bool = True  # progress bars in offline tools
+
+
+@dataclass
+class LaunchConfig:
+    executor: str = "slurm"  # slurm | local | debug
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    nodes: int = 1
+    gpus_per_node: int = 0
+    tasks_per_node: int = 1
+    cpus_per_task: int = 2
+    mem_gb: int = 0  # 0 = cluster default
+    time_min: int = 60
+    signal_delay_s: int = 120  # USR2 this long before the time limit -> checkpoint + requeue
+    max_requeues: int = 10
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
+    """Reads one YAML file and, depth first, the files it `extends`."""
+    path = path.resolve()
+    if path in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, path))
+        raise ConfigError("extends", f"inheritance cycle: {cycle}")
+    if not path.is_file():
+        where = f" (extended by {chain[-1]})" if chain else ""
+        raise ConfigError("", f"config file not found: {path}{where}")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as err:  # yaml.YAMLError and friends: report the file, not a traceback
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError("", f"cannot parse {path}: {first_line}") from err
+    if node is None or not isinstance(node, DictConfig):
+        raise ConfigError("", f"{path}: expected a mapping at the top level")
+    parents = node.pop("extends", None)
+    if parents is None:
+        return node
+    if isinstance(parents, str):
+        parents = [parents]
+    merged = OmegaConf.create()
+    for parent in parents:
+        if not isinstance(parent, str):
+            raise ConfigError("extends", f"{path}: expected a path or a list of paths")
+        merged = OmegaConf.merge(merged, _read_yaml(path.parent / parent, (*chain, path)))
+    return OmegaConf.merge(merged, node)
+
+
+def _omegaconf_error(err: OmegaConfBaseException) -> ConfigError:
+    """Turns OmegaConf's multi-line message into '<full key>: <what was expected>'."""
+    key = getattr(err, "full_key", None) or ""
+    message = str(err).strip().splitlines()[0]
+    if type(err).__name__ == "ConfigKeyError" or "not in struct" in message.lower():
+        parent = key.rpartition(".")[0]
+        known = _known_keys(parent)
+        hint = f"; known keys under {parent or 'the root'}: {', '.join(known)}" if known else ""
+        return ConfigError(key, f"unknown key{hint}")
+    return ConfigError(key, message)
+
+
+def _known_keys(dotted: str) -> list[str]:
+    """The field names of the dataclass at `dotted` (for 'unknown key' hints)."""
+    node: Any = Config
+    for part in filter(None, dotted.split(".")):
+        node = typing.get_type_hints(node).get(part) if dataclasses.is_dataclass(node) else None
+        if node is None:
+            return []
+    return [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
+
+
+def parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError("", f"override {item!r}: expected key.path=value")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as err:
+        raise _omegaconf_error(err) from err
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Loads a YAML file (or only the defaults), applies overrides, validates, returns a Config."""
+    schema = OmegaConf.structured(Config)
+    layers = [_read_yaml(Path(path))] if path is not None else []
+    layers.append(parse_overrides(overrides))
+    try:
+        merged = OmegaConf.merge(schema, *layers)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise _omegaconf_error(err) from err
+    assert isinstance(cfg, Config)
+    validate(cfg)
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_resolved(cfg: Config, run_dir: str | Path) -> Path:
+    """Writes the resolved config into the run directory (atomically)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    target = run_dir / "config.yaml"
+    tmp = target.with_suffix(".yaml.tmp")
+    tmp.write_text(to_yaml(cfg))
+    tmp.replace(target)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: values and combinations the types alone cannot express.
+
+
+def _choice(key: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ConfigError(key, f"expected one of {', '.join(choices)}, got {value!r}")
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    ok = value >= 0 if allow_zero else value > 0
+    if not ok or (isinstance(value, float) and not math.isfinite(value)):
+        raise ConfigError(key, f"expected a {'non-negative' if allow_zero else 'positive'} number, got {value!r}")
+
+
+def validate(cfg: Config) -> None:
+    d, p = cfg.data, cfg.data.patching
+    _choice("data.patching.mode", p.mode, ("entropy", "monotonic", "space", "static", "byte"))
+    _positive("data.patching.patch_size", p.patch_size)
+    _positive("data.patching.max_patch_length", p.max_patch_length)
+    for key in ("seq_len", "tokens_per_sample", "patches_per_sample", "byte_capacity"):
+        _positive(f"data.{key}", getattr(d, key))
+    _positive("data.num_workers", d.num_workers, allow_zero=True)
+    if d.num_canonical_nodes is not None:
+        _positive("data.num_canonical_nodes", d.num_canonical_nodes)
+
+    o = cfg.optim
+    _positive("optim.lr", o.lr)
+    _choice("optim.schedule", o.schedule, ("cosine", "wsd", "constant"))
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise ConfigError("optim.min_lr_ratio", f"expected a value in [0, 1], got {o.min_lr_ratio}")
+    if not 0.0 < o.decay_fraction <= 1.0:
+        raise ConfigError("optim.decay_fraction", f"expected a value in (0, 1], got {o.decay_fraction}")
+    for key in ("beta1", "beta2"):
+        if not 0.0 <= getattr(o, key) < 1.0:
+            raise ConfigError(f"optim.{key}", f"expected a value in [0, 1), got {getattr(o, key)}")
+    for key in ("warmup_steps", "weight_decay", "grad_clip"):
+        _positive(f"optim.{key}", getattr(o, key), allow_zero=True)
+    _positive("optim.eps", o.eps)
+
+    t = cfg.train
+    for key in ("max_steps", "flops", "max_bytes", "eval_every"):
+        _positive(f"train.{key}", getattr(t, key), allow_zero=True)
+    for key in ("micro_batch_size", "grad_accum", "eval_batches", "max_nonfinite_steps"):
+        _positive(f"train.{key}", getattr(t, key))
+    _choice("train.dtype", t.dtype, ("fp32", "bf16", "fp16"))
+
+    par = cfg.parallel
+    if par.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError("parallel.zero_stage", f"expected 0, 1, 2 or 3, got {par.zero_stage}")
+    _positive("parallel.pipeline_stages", par.pipeline_stages)
+    _choice("parallel.backend", par.backend, ("auto", "gloo", "nccl"))
+    if par.pipeline_stages > 1 and par.zero_stage >= 2:
+        raise ConfigError(
+            "parallel.zero_stage",
+            f"pipeline parallelism (pipeline_stages={par.pipeline_stages}) needs zero_stage <= 1, "
+            f"got {par.zero_stage} (DeepSpeed refuses ZeRO-2/3 with pipelines)",
+        )
+
+    c = cfg.checkpoint
+    for key in ("every", "permanent_every"):
+        _positive(f"checkpoint.{key}", getattr(c, key), allow_zero=True)
+    _positive("checkpoint.keep_last", c.keep_last)
+
+    _positive("log.every", cfg.log.every)
+    _choice("log.wandb_mode", cfg.log.wandb_mode, ("offline", "online", "disabled"))
+
+    la = cfg.launch
+    _choice("launch.executor", la.executor, ("slurm", "local", "debug"))
+    for key in ("nodes", "tasks_per_node", "cpus_per_task", "time_min"):
+        _positive(f"launch.{key}", getattr(la, key))
+    for key in ("gpus_per_node", "mem_gb", "signal_delay_s", "max_requeues"):
+        _positive(f"launch.{key}", getattr(la, key), allow_zero=True)
+
+    problems = cfg.model.validate("model")
+    if problems:
+        raise ConfigError(*problems[0])

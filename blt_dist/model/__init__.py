@@ -1,0 +1,1 @@
+"""Model code: pure PyTorch modules, no distributed code (see DESIGN.md)."""
