@@ -40,6 +40,7 @@ class PatchingConfig:
     threshold_r: Optional[float] = None  # monotonic mode: H_i - H_{i-1} > threshold_r
     patch_size: int = 4  # static mode
     max_patch_length: int = 16  # every mode
+    target_mean_size: float = 4.5  # bytes per patch: what `calibrate` aims for and FLOP estimates assume
 
 
 @dataclass
@@ -51,6 +52,7 @@ class DataConfig:
     patches_per_sample: int = 256  # BLT: fixed patch count per sample
     byte_capacity: int = 1024  # BLT: fixed byte capacity per sample (padded, masked)
     tokenizer: str = ""  # sentencepiece model for the BPE baseline
+    bytes_per_token: float = 4.4  # BPE: measured by `blt-dist tokenizer`; FLOPs/byte = FLOPs/token / this
     patching: PatchingConfig = field(default_factory=PatchingConfig)
     shuffle: bool = True
     shuffle_seed: int = 1234
@@ -260,6 +262,8 @@ def validate(cfg: Config) -> None:
     _choice("data.patching.mode", p.mode, ("entropy", "monotonic", "space", "static", "byte"))
     _positive("data.patching.patch_size", p.patch_size)
     _positive("data.patching.max_patch_length", p.max_patch_length)
+    _positive("data.patching.target_mean_size", p.target_mean_size)
+    _positive("data.bytes_per_token", d.bytes_per_token)
     for key in ("seq_len", "tokens_per_sample", "patches_per_sample", "byte_capacity"):
         _positive(f"data.{key}", getattr(d, key))
     _positive("data.num_workers", d.num_workers, allow_zero=True)
