@@ -34,7 +34,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 # Commands whose module is not written yet, with the issue that delivers them.
 NOT_BUILT: dict[str, str] = {
-    "train": "issue 5 (DeepSpeed training)",
     "entropies": "issue 4 (data plane)",
     "calibrate": "issue 4 (data plane)",
     "tokenizer": "issue 4 (data plane)",

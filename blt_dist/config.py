@@ -321,3 +321,18 @@ def validate(cfg: Config) -> None:
     problems = cfg.model.validate("model")
     if problems:
         raise ConfigError(*problems[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Command-line plumbing shared by every command that takes a config.
+
+
+def add_config_arguments(parser) -> None:
+    """`CONFIG [key.path=value ...] [--dry-run]`, as used by train, flops, launch, eval."""
+    parser.add_argument("config", help="YAML config file (may `extends:` others)")
+    parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="dotted overrides, e.g. optim.lr=3e-4")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+
+
+def config_from_args(args) -> Config:
+    return load_config(args.config, args.overrides)

@@ -1,0 +1,1 @@
+"""The data plane: byte shards, entropy shards, patching, calibration and loaders."""

@@ -1,0 +1,157 @@
+"""Byte shards on disk: the layout `prepare` writes and every later stage reads.
+
+    DATASET/
+      dataset.json                    format, fingerprint, per split/content type counts
+      train/<content_type>/index.json + shard.NNNNN.mds   (mosaicml-streaming MDS)
+      val/<content_type>/...
+
+One MDS sample per document, columns:
+    data     bytes   the document's raw bytes, exactly as read (any byte string)
+    doc      int64   document ordinal within its stream (0, 1, 2, ...)
+    source   str     where it came from: 'path' or 'path:line' for JSONL
+
+The fingerprint is a sha256 over every stream's (split, content type) and its documents' bytes
+in order. Later
+stages store it (entropy shards, checkpoints) and refuse to mix data from different datasets.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from blt_dist.errors import UserError
+
+FORMAT = "blt-dist/byte-shards/v1"
+MANIFEST = "dataset.json"
+SPLITS = ("train", "val")
+COLUMNS = {"data": "bytes", "doc": "int64", "source": "str"}
+
+
+class StreamHash:
+    """Content hash of one stream: document order, lengths and bytes all count."""
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+
+    def add_document(self, data: bytes) -> None:
+        self._hash.update(struct.pack("<Q", len(data)))
+        self._hash.update(data)
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+def dataset_fingerprint(stream_hashes: dict[tuple[str, str], str]) -> str:
+    """Combines per-stream hashes, keyed by (split, content type), into the dataset fingerprint."""
+    lines = "".join(f"{split}/{ctype}:{digest}\n" for (split, ctype), digest in sorted(stream_hashes.items()))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    split: str
+    content_type: str
+    path: Path
+    documents: int
+    bytes: int
+    shards: int
+
+
+class ByteDataset:
+    """A prepared byte dataset, checked on open: manifest, every stream's index, shard sizes."""
+
+    def __init__(self, root: str | Path, verify: bool = True):
+        self.root = Path(root)
+        manifest_path = self.root / MANIFEST
+        if not self.root.is_dir():
+            raise UserError(f"{self.root}: no such dataset directory")
+        if not manifest_path.is_file():
+            raise UserError(f"{self.root}: not a blt-dist byte dataset (no {MANIFEST}; run `blt-dist prepare`)")
+        try:
+            self.manifest = json.loads(manifest_path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise UserError(f"{manifest_path}: unreadable ({err})") from err
+        if self.manifest.get("format") != FORMAT:
+            raise UserError(f"{manifest_path}: format {self.manifest.get('format')!r}, expected {FORMAT!r}")
+        self.fingerprint: str = self.manifest["fingerprint"]
+        if verify:
+            for stream in self.streams():
+                verify_stream(stream.path)
+
+    def streams(self, split: str | None = None) -> list[StreamInfo]:
+        out = []
+        for split_name, types in self.manifest["splits"].items():
+            if split is not None and split_name != split:
+                continue
+            for content_type, stats in sorted(types.items()):
+                out.append(
+                    StreamInfo(
+                        split=split_name,
+                        content_type=content_type,
+                        path=self.root / split_name / content_type,
+                        documents=stats["documents"],
+                        bytes=stats["bytes"],
+                        shards=stats["shards"],
+                    )
+                )
+        return out
+
+    def documents(self, split: str) -> Iterator[tuple[str, dict]]:
+        """Yields (content_type, sample) for every document of a split, in stored order."""
+        for stream in self.streams(split):
+            for sample in iter_stream(stream.path):
+                yield stream.content_type, sample
+
+
+def verify_stream(stream_dir: Path) -> dict:
+    """Checks an MDS stream directory: index.json present and parsable, every shard file present
+    with the size the index records. Returns the parsed index. Raises UserError naming the file."""
+    index_path = stream_dir / "index.json"
+    if not index_path.is_file():
+        raise UserError(f"{stream_dir}: shard directory without index.json (incomplete or not an MDS dataset)")
+    try:
+        index = json.loads(index_path.read_text())
+        shards = index["shards"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise UserError(f"{index_path}: unreadable MDS index ({err})") from err
+    for shard in shards:
+        if shard.get("compression"):  # `prepare` writes raw shards: they read faster (FIELD-NOTES)
+            raise UserError(f"{index_path}: compressed shards are not supported; re-run `blt-dist prepare`")
+        info = shard["raw_data"]
+        path = stream_dir / info["basename"]
+        if not path.is_file():
+            raise UserError(f"{path}: shard file missing (listed in {index_path})")
+        size = path.stat().st_size
+        if size != info["bytes"]:
+            raise UserError(f"{path}: shard is {size} bytes, index says {info['bytes']} (truncated or corrupt)")
+    return index
+
+
+def iter_stream(stream_dir: Path) -> Iterator[dict]:
+    """Reads one MDS stream in order, without the streaming dataset machinery (no shared memory,
+    no cache copy): for offline tools that walk every document once."""
+    from streaming.base.format import reader_from_json
+
+    index = verify_stream(stream_dir)
+    for shard_info in index["shards"]:
+        reader = reader_from_json(str(stream_dir), None, shard_info)
+        for i in range(reader.samples):
+            yield reader.get_item(i)
+
+
+def publish(tmp_dir: Path, final_dir: Path) -> None:
+    """Replaces final_dir with tmp_dir. The rename is atomic; a crash leaves either the old
+    directory or a stray temp directory, never a half-written one under the final name."""
+    if final_dir.exists():
+        old = final_dir.with_name(final_dir.name + f".old-{os.getpid()}")
+        final_dir.rename(old)
+        tmp_dir.rename(final_dir)
+        shutil.rmtree(old)
+    else:
+        tmp_dir.rename(final_dir)

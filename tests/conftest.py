@@ -1,0 +1,37 @@
+"""Shared test setup: keep what libraries leave behind (streaming's /tmp locks, DeepSpeed's
+extension builds) inside a per-session temporary directory, and keep CPU use predictable."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_tmpdir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("libtmp")
+    old = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(tmp)
+    yield
+    if old is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = old
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None):
+    """Runs `blt-dist ARGS` in a subprocess, as a user would. Returns CompletedProcess."""
+    import subprocess
+
+    return subprocess.run(
+        [sys.executable, "-m", "blt_dist.cli", *args],
+        cwd=cwd or REPO,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
