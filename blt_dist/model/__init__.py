@@ -1,1 +1,32 @@
-"""Model code: pure PyTorch modules, no distributed code (see DESIGN.md)."""
+"""Model code: pure PyTorch modules, no distributed code (see DESIGN.md).
+
+    model = build_model(cfg.model)        # CausalLM (entropy, bpe) or BLT (blt)
+
+Read in this order: layers.py (norm, rotary, SwiGLU, masked attention), transformer.py (the
+LM), hash_embeddings.py, blt.py (encoder -> latent -> decoder and the causal patch rule).
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from blt_dist.model.blt import BLT, patch_layout
+from blt_dist.model.config import ModelConfig
+from blt_dist.model.transformer import CausalLM
+
+__all__ = ["BLT", "CausalLM", "ModelConfig", "build_model", "patch_layout"]
+
+
+def build_model(model_cfg: ModelConfig) -> nn.Module:
+    """The model for `model_cfg.family`, initialised on the current default device.
+
+    For big models build on the meta device (`with torch.device("meta"): build_model(cfg)`),
+    then `to_empty(device=...)` and `init_weights()`.
+    """
+    problems = model_cfg.validate("model")
+    if problems:
+        from blt_dist.errors import ConfigError
+
+        raise ConfigError(*problems[0])
+    if model_cfg.family == "blt":
+        return BLT(model_cfg)
+    return CausalLM(model_cfg)

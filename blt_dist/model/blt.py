@@ -1,0 +1,225 @@
+"""Byte Latent Transformer: local encoder -> latent (global) transformer over patches -> local decoder.
+
+Shapes are static per config: a sample holds C bytes (the byte capacity) cut into P patches.
+Patch boundaries come in as data (`patch_lengths`, from the loader's entropy patching);
+the model never computes entropies.
+
+    tokens [B, C], patch_lengths [B, P], doc_ids [B, C]
+      encoder:  byte embedding + hash n-gram embeddings -> windowed causal self-attention
+                -> per patch, k queries (initialised from the max-pool of the patch's bytes)
+                cross-attend to that patch's bytes -> concat k -> linear -> patch_states [B, P, D]
+      latent:   transformer blocks over patches, causal, never across documents
+      decoder:  byte states start from the encoder's; before each decoder layer, bytes
+                cross-attend to the k projected vectors of ONE patch (see below) -> head [B, C, 260]
+
+Causal patch rule. Byte i may read latent output only of a patch that has ENDED at or before
+i: it reads the latest such patch in its own document (the patch it closes, if i is a patch's
+last byte; otherwise the previous patch). The latent state of patch j depends on bytes up to
+the end of patch j, so no byte sees a later byte, for every patch layout. (The reference's
+"one-patch lag" is causal only when the first patch is a single byte: see DESIGN.md.) A byte
+with no completed patch in its document before it reads nothing: its cross-attention row is
+empty and contributes exact zeros. Reading only the latest patch (not all earlier ones) keeps
+the decoder's cross-attention local, as in the reference; older patches reach byte i through
+the latent transformer.
+
+Pipeline stages: `encode` -> each of `latent` (with `latent_mask_and_rope`) -> `decode`; the
+integer layout tensors (patch_lengths, doc_ids) travel alongside and every stage rebuilds its
+masks from them. `forward` is exactly that composition.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from blt_dist.model.config import ModelConfig
+from blt_dist.model.hash_embeddings import HashNgramEmbeddings
+from blt_dist.model.layers import (
+    CrossAttentionBlock,
+    RMSNorm,
+    TransformerBlock,
+    init_linear,
+    residual_std,
+    rotary_cos_sin,
+    self_attention_mask,
+)
+from blt_dist.vocab import VOCAB_SIZE
+
+
+@dataclass
+class PatchLayout:
+    """Integer views of one batch's patching, derived from patch_lengths and doc_ids."""
+
+    byte_patch: torch.Tensor  # [B, C] patch index of each byte; P for padding bytes
+    patch_doc: torch.Tensor  # [B, P] document of each patch; -1 for empty patches
+    read_patch: torch.Tensor  # [B, C] the completed patch byte i reads in the decoder
+    can_read: torch.Tensor  # [B, C] False: no completed patch in the byte's document yet
+
+    @property
+    def num_patches(self) -> int:
+        return self.patch_doc.shape[1]
+
+
+def patch_layout(patch_lengths: torch.Tensor, doc_ids: torch.Tensor) -> PatchLayout:
+    """Vectorised (no per-byte Python loop). Assumes real bytes first, empty patches last."""
+    batch, capacity = doc_ids.shape
+    num_patches = patch_lengths.shape[1]
+    ends = patch_lengths.long().cumsum(-1)  # exclusive end of each patch
+    starts = ends - patch_lengths
+    positions = torch.arange(capacity, device=doc_ids.device).expand(batch, capacity).contiguous()
+    # The patch holding byte i is the first whose end exceeds i; padding bytes get P.
+    byte_patch = torch.searchsorted(ends.contiguous(), positions, right=True)
+    nonempty = patch_lengths > 0
+    patch_doc = torch.where(nonempty, doc_ids.gather(1, starts.clamp(max=capacity - 1)), -1)
+
+    sentinel = torch.full((batch, 1), capacity + 1, dtype=ends.dtype, device=ends.device)
+    last_byte_of_patch = torch.cat([ends, sentinel], dim=1).gather(1, byte_patch) - 1
+    closes_patch = positions == last_byte_of_patch
+    read_patch = byte_patch - (~closes_patch).long()
+    read_doc = patch_doc.gather(1, read_patch.clamp(0, num_patches - 1))
+    can_read = (read_patch >= 0) & (byte_patch < num_patches) & (read_doc == doc_ids)
+    return PatchLayout(byte_patch, patch_doc, read_patch, can_read)
+
+
+class LocalEncoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        enc, k = cfg.encoder, cfg.cross_attn_k
+        self.cfg = cfg
+        self.byte_embedding = nn.Embedding(VOCAB_SIZE, enc.dim)
+        self.hash_embeddings = HashNgramEmbeddings(cfg.hash.ngram_sizes, cfg.hash.buckets, enc.dim)
+        self.layers = nn.ModuleList(
+            TransformerBlock(enc.dim, enc.n_heads, cfg.ffn_hidden(enc.dim), eps=cfg.norm_eps)
+            for _ in range(enc.n_layers)
+        )
+        # Patch pooling: k queries per patch from the max-pool of its bytes, one cross-attention
+        # over the patch's bytes, then the k outputs concatenated and projected to the latent width.
+        self.pool_query = nn.Linear(enc.dim, k * enc.dim, bias=False)
+        self.pool_attention = CrossAttentionBlock(enc.dim, enc.n_heads, cfg.norm_eps)
+        self.patch_proj = nn.Linear(k * enc.dim, cfg.dim, bias=False)
+
+    def init_weights(self) -> None:
+        std, n = self.cfg.init_std, self.cfg.encoder.n_layers
+        nn.init.trunc_normal_(self.byte_embedding.weight, std=std, a=-3 * std, b=3 * std)
+        self.hash_embeddings.init_weights(std)
+        for block in self.layers:
+            block.init_weights(std, residual_std(std, n))
+        init_linear(self.pool_query, std)
+        self.pool_attention.init_weights(std, std)
+        init_linear(self.patch_proj, std)
+
+    def forward(self, tokens: torch.Tensor, doc_ids: torch.Tensor, layout: PatchLayout):
+        enc, k = self.cfg.encoder, self.cfg.cross_attn_k
+        batch, capacity = tokens.shape
+        h = self.byte_embedding(tokens) + self.hash_embeddings(tokens, doc_ids)
+        mask = self_attention_mask(capacity, doc_ids, enc.window, tokens.device)
+        rope = rotary_cos_sin(capacity, enc.dim // enc.n_heads, self.cfg.rope_theta, tokens.device)
+        for block in self.layers:
+            h = block(h, mask, rope)
+
+        # Max-pool each patch's byte states (padding goes to a dropped extra slot; empty patches stay 0).
+        num_patches = layout.num_patches
+        index = layout.byte_patch.unsqueeze(-1).expand(-1, -1, enc.dim)
+        pooled = h.new_zeros(batch, num_patches + 1, enc.dim)
+        pooled = pooled.scatter_reduce(1, index, h, reduce="amax", include_self=False)[:, :num_patches]
+        queries = self.pool_query(pooled).reshape(batch, num_patches * k, enc.dim)
+        query_patch = torch.arange(num_patches, device=tokens.device).repeat_interleave(k)
+        # Query slot s belongs to patch s // k and sees exactly that patch's bytes.
+        pool_mask = (layout.byte_patch[:, None, None, :] == query_patch[None, None, :, None])
+        queries = self.pool_attention(queries, h, pool_mask)
+        patch_states = self.patch_proj(queries.reshape(batch, num_patches, k * enc.dim))
+        return patch_states, h
+
+
+class LocalDecoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        dec, k = cfg.decoder, cfg.cross_attn_k
+        self.cfg = cfg
+        self.latent_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.patch_proj = nn.Linear(cfg.dim, k * dec.dim, bias=False)  # patch -> k byte-width vectors
+        self.cross_attentions = nn.ModuleList(
+            CrossAttentionBlock(dec.dim, dec.n_heads, cfg.norm_eps) for _ in range(dec.n_layers)
+        )
+        self.layers = nn.ModuleList(
+            TransformerBlock(dec.dim, dec.n_heads, cfg.ffn_hidden(dec.dim), eps=cfg.norm_eps)
+            for _ in range(dec.n_layers)
+        )
+        self.norm = RMSNorm(dec.dim, cfg.norm_eps)
+        self.output = nn.Linear(dec.dim, VOCAB_SIZE, bias=False)
+
+    def init_weights(self) -> None:
+        std, n = self.cfg.init_std, self.cfg.decoder.n_layers
+        self.latent_norm.reset_parameters()
+        init_linear(self.patch_proj, std)
+        for cross, block in zip(self.cross_attentions, self.layers):
+            cross.init_weights(std, residual_std(std, n))
+            block.init_weights(std, residual_std(std, n))
+        self.norm.reset_parameters()
+        init_linear(self.output, self.cfg.decoder.dim ** -0.5)
+
+    def forward(self, patch_states: torch.Tensor, byte_states: torch.Tensor, doc_ids: torch.Tensor,
+                layout: PatchLayout) -> torch.Tensor:
+        dec, k = self.cfg.decoder, self.cfg.cross_attn_k
+        batch, capacity, _ = byte_states.shape
+        num_patches = layout.num_patches
+        memory = self.patch_proj(self.latent_norm(patch_states)).reshape(batch, num_patches * k, dec.dim)
+        key_patch = torch.arange(num_patches, device=doc_ids.device).repeat_interleave(k)
+        cross_mask = (layout.read_patch[:, None, :, None] == key_patch[None, None, None, :]) \
+            & layout.can_read[:, None, :, None]
+        mask = self_attention_mask(capacity, doc_ids, dec.window, doc_ids.device)
+        rope = rotary_cos_sin(capacity, dec.dim // dec.n_heads, self.cfg.rope_theta, doc_ids.device)
+        h = byte_states
+        for cross, block in zip(self.cross_attentions, self.layers):
+            h = cross(h, memory, cross_mask)
+            h = block(h, mask, rope)
+        return self.output(self.norm(h))
+
+
+class BLT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = LocalEncoder(cfg)
+        self.latent = nn.ModuleList(
+            TransformerBlock(cfg.dim, cfg.n_heads, cfg.ffn_hidden(cfg.dim), cfg.n_kv_heads, cfg.norm_eps)
+            for _ in range(cfg.n_layers)
+        )
+        self.decoder = LocalDecoder(cfg)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Re-initialises every parameter (also after `to_empty` from the meta device)."""
+        self.encoder.init_weights()
+        for block in self.latent:
+            block.init_weights(self.cfg.init_std, residual_std(self.cfg.init_std, self.cfg.n_layers))
+        self.decoder.init_weights()
+
+    # -- stages ----------------------------------------------------------------------------------
+
+    def encode(self, tokens: torch.Tensor, patch_lengths: torch.Tensor, doc_ids: torch.Tensor):
+        """-> (patch_states [B, P, D], byte_states [B, C, d_local], patch_lengths, doc_ids)."""
+        layout = patch_layout(patch_lengths, doc_ids)
+        patch_states, byte_states = self.encoder(tokens, doc_ids, layout)
+        return patch_states, byte_states, patch_lengths, doc_ids
+
+    def latent_mask_and_rope(self, patch_lengths: torch.Tensor, doc_ids: torch.Tensor) -> tuple:
+        """The latent blocks' mask: causal over patches, never across documents."""
+        layout = patch_layout(patch_lengths, doc_ids)
+        num_patches, device = layout.num_patches, doc_ids.device
+        mask = self_attention_mask(num_patches, layout.patch_doc, self.cfg.attention_window, device)
+        rope = rotary_cos_sin(num_patches, self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta, device)
+        return mask, rope
+
+    def decode(self, patch_states: torch.Tensor, byte_states: torch.Tensor, patch_lengths: torch.Tensor,
+               doc_ids: torch.Tensor) -> torch.Tensor:
+        """-> logits [B, C, 260]; byte i predicts byte i+1."""
+        return self.decoder(patch_states, byte_states, doc_ids, patch_layout(patch_lengths, doc_ids))
+
+    def forward(self, tokens: torch.Tensor, patch_lengths: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
+        patch_states, byte_states, patch_lengths, doc_ids = self.encode(tokens, patch_lengths, doc_ids)
+        mask, rope = self.latent_mask_and_rope(patch_lengths, doc_ids)
+        for block in self.latent:
+            patch_states = block(patch_states, mask, rope)
+        return self.decode(patch_states, byte_states, patch_lengths, doc_ids)

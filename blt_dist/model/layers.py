@@ -1,0 +1,183 @@
+"""Layers shared by every model: RMSNorm, rotary embeddings, SwiGLU, attention, masks.
+
+Attention always goes through `scaled_dot_product_attention` with a boolean mask (True =
+may attend). That path has a CPU backward (flex attention does not) and is the tested
+reference. Masks are built from integer layout tensors (document ids, patch ids), so the
+same code handles causal, sliding-window, document-boundary and patch-local attention.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32: under bf16 autocast the mean of squares loses too many bits.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary position embeddings. Computed on the fly from positions (no buffers): cheap next to
+# the matmuls, works on the meta device, and needs no maximum sequence length in the config.
+
+
+def rotary_cos_sin(length: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.arange(length, device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()  # [T, head_dim / 2]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, H, T, head_dim]; rotates interleaved pairs (x[2i], x[2i+1])."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Masks (boolean, True = attend), shaped [B or 1, 1, Tq, Tk] to broadcast over heads.
+
+
+def self_attention_mask(length: int, doc_ids: Optional[torch.Tensor], window: Optional[int],
+                        device) -> torch.Tensor:
+    """Causal, optionally windowed (query i sees keys i-window+1..i), never across documents."""
+    pos = torch.arange(length, device=device)
+    distance = pos[:, None] - pos[None, :]
+    mask = distance >= 0
+    if window is not None:
+        mask = mask & (distance < window)
+    mask = mask[None, None]
+    if doc_ids is not None:
+        mask = mask & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
+    return mask
+
+
+def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """SDPA that returns exact zeros (not NaN) for query rows with nothing to attend to.
+
+    Such rows are real: an empty (padding) patch in the encoder's pooling, or a byte with no
+    completed patch before it in the decoder. A fully-False row makes SDPA's softmax 0/0.
+    We let those rows attend everywhere (a finite result) and then select zeros, so neither
+    the output nor the gradient depends on the keys they were never allowed to see.
+    """
+    has_key = mask.any(dim=-1, keepdim=True)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | ~has_key)
+    return torch.where(has_key, out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks
+
+
+class Attention(nn.Module):
+    """Multi-head attention. Self-attention when `kv is None`; cross-attention otherwise
+    (then without rotary embeddings: queries and keys live on different position axes)."""
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: Optional[int] = None):
+        super().__init__()
+        self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads or n_heads
+        self.head_dim = dim // n_heads
+        kv_dim = self.n_kv_heads * self.head_dim
+        self.wq = nn.Linear(dim, dim, bias=False)
+        self.wk = nn.Linear(dim, kv_dim, bias=False)
+        self.wv = nn.Linear(dim, kv_dim, bias=False)
+        self.wo = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, rope: Optional[tuple] = None,
+                kv: Optional[torch.Tensor] = None) -> torch.Tensor:
+        source = x if kv is None else kv
+        q = self.wq(x).unflatten(-1, (self.n_heads, self.head_dim)).transpose(1, 2)
+        k = self.wk(source).unflatten(-1, (self.n_kv_heads, self.head_dim)).transpose(1, 2)
+        v = self.wv(source).unflatten(-1, (self.n_kv_heads, self.head_dim)).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if self.n_kv_heads != self.n_heads:
+            repeat = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        out = masked_sdpa(q, k, v, mask)
+        return self.wo(out.transpose(1, 2).flatten(-2))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)  # gate
+        self.w3 = nn.Linear(dim, hidden, bias=False)  # up
+        self.w2 = nn.Linear(hidden, dim, bias=False)  # down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then + ffn(norm(x))."""
+
+    def __init__(self, dim: int, n_heads: int, ffn_hidden: int, n_kv_heads: Optional[int] = None,
+                 eps: float = 1e-5):
+        super().__init__()
+        self.attention_norm = RMSNorm(dim, eps)
+        self.attention = Attention(dim, n_heads, n_kv_heads)
+        self.ffn_norm = RMSNorm(dim, eps)
+        self.feed_forward = SwiGLU(dim, ffn_hidden)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, rope: tuple) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), mask, rope)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        for norm in (self.attention_norm, self.ffn_norm):
+            norm.reset_parameters()
+        init_attention(self.attention, std, out_std)
+        nn.init.trunc_normal_(self.feed_forward.w1.weight, std=std, a=-3 * std, b=3 * std)
+        nn.init.trunc_normal_(self.feed_forward.w3.weight, std=std, a=-3 * std, b=3 * std)
+        nn.init.trunc_normal_(self.feed_forward.w2.weight, std=out_std, a=-3 * out_std, b=3 * out_std)
+
+
+class CrossAttentionBlock(nn.Module):
+    """queries + attn(norm(queries), norm(memory)) with a mask; no FFN (as in the reference)."""
+
+    def __init__(self, dim: int, n_heads: int, eps: float = 1e-5):
+        super().__init__()
+        self.query_norm = RMSNorm(dim, eps)
+        self.memory_norm = RMSNorm(dim, eps)
+        self.attention = Attention(dim, n_heads)
+
+    def forward(self, queries: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return queries + self.attention(self.query_norm(queries), mask, kv=self.memory_norm(memory))
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        self.query_norm.reset_parameters()
+        self.memory_norm.reset_parameters()
+        init_attention(self.attention, std, out_std)
+
+
+def init_attention(attention: Attention, std: float, out_std: float) -> None:
+    for linear in (attention.wq, attention.wk, attention.wv):
+        nn.init.trunc_normal_(linear.weight, std=std, a=-3 * std, b=3 * std)
+    nn.init.trunc_normal_(attention.wo.weight, std=out_std, a=-3 * out_std, b=3 * out_std)
+
+
+def init_linear(linear: nn.Linear, std: float) -> None:
+    nn.init.trunc_normal_(linear.weight, std=std, a=-3 * std, b=3 * std)
+
+
+def residual_std(std: float, n_layers: int) -> float:
+    """Output projections into the residual stream shrink with depth (GPT-2 / Llama init)."""
+    return std / math.sqrt(2 * max(n_layers, 1))

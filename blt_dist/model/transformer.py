@@ -1,0 +1,74 @@
+"""The causal transformer LM, used twice: the byte-level entropy model and the BPE baseline.
+
+Llama-style: token embedding, pre-norm blocks (RMSNorm, RoPE attention, SwiGLU), final norm,
+untied output head. Attention is causal, never crosses a document (`doc_ids`), and for the
+entropy model is limited to a sliding window (512 bytes by default).
+
+Split for pipeline parallelism: `embed` -> each of `blocks` (with `mask_and_rope`) -> `head`.
+`forward` is exactly that composition.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from blt_dist.model.config import ModelConfig
+from blt_dist.model.layers import (
+    RMSNorm,
+    TransformerBlock,
+    init_linear,
+    residual_std,
+    rotary_cos_sin,
+    self_attention_mask,
+)
+
+
+class CausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.window = cfg.attention_window
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(cfg.dim, cfg.n_heads, cfg.ffn_hidden(cfg.dim), cfg.n_kv_heads, cfg.norm_eps)
+            for _ in range(cfg.n_layers)
+        )
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Re-initialises every parameter (also after `to_empty` from the meta device)."""
+        std = self.cfg.init_std
+        nn.init.trunc_normal_(self.tok_embeddings.weight, std=std, a=-3 * std, b=3 * std)
+        for block in self.blocks:
+            block.init_weights(std, residual_std(std, self.cfg.n_layers))
+        self.norm.reset_parameters()
+        init_linear(self.output, self.cfg.dim ** -0.5)
+
+    # -- stages ----------------------------------------------------------------------------------
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.tok_embeddings(tokens)
+
+    def mask_and_rope(self, length: int, doc_ids: Optional[torch.Tensor], device) -> tuple:
+        mask = self_attention_mask(length, doc_ids, self.window, device)
+        rope = rotary_cos_sin(length, self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta, device)
+        return mask, rope
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.output(self.norm(h))
+
+    def forward(self, tokens: torch.Tensor, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tokens, doc_ids: [B, T] -> logits [B, T, vocab]. Position i predicts token i+1.
+
+        Padding (doc id -1 from the loaders) is its own document, so it never reaches a real
+        position; without doc_ids, padding at the end is harmless because attention is causal.
+        """
+        h = self.embed(tokens)
+        mask, rope = self.mask_and_rope(tokens.shape[1], doc_ids, tokens.device)
+        for block in self.blocks:
+            h = block(h, mask, rope)
+        return self.head(h)
