@@ -437,20 +437,26 @@ def patch_lengths_from_starts(patch_start, n_patches: int, valid_lengths=None) -
         raise ValueError(f"patch_start must be [T] or [B, T], got shape {starts.shape}")
     B, T = rows.shape
     if valid_lengths is None:
-        valid = np.ones((B, T), dtype=bool)
+        valid_len = np.full(B, T, dtype=np.int64)
+        counted = rows
     else:
-        lengths = np.asarray(valid_lengths, dtype=np.int64).reshape(-1)
-        if lengths.shape != (B,) or (lengths < 0).any() or (lengths > T).any():
+        valid_len = np.asarray(valid_lengths, dtype=np.int64).reshape(-1)
+        if valid_len.shape != (B,) or (valid_len < 0).any() or (valid_len > T).any():
             raise ValueError(f"valid_lengths must be {B} values in [0, {T}], got {valid_lengths!r}")
-        valid = np.arange(T) < lengths[:, None]
-    counted = rows & valid
-    if T and (valid[:, 0] & ~rows[:, 0]).any():
-        bad = int(np.flatnonzero(valid[:, 0] & ~rows[:, 0])[0])
+        counted = rows & (np.arange(T) < valid_len[:, None])
+    if T and (~rows[:, 0] & (valid_len > 0)).any():
+        bad = int(np.flatnonzero(~rows[:, 0] & (valid_len > 0))[0])
         raise ValueError(f"row {bad}: patch_start[0] must be True")
-    per_row = counted.sum(axis=1)
+    per_row = np.count_nonzero(counted, axis=1)
     if (per_row > n_patches).any():
         bad = int(np.flatnonzero(per_row > n_patches)[0])
         raise ValueError(f"row {bad} holds {per_row[bad]} patches, more than n_patches={n_patches}")
-    ids = np.cumsum(counted, axis=1, dtype=np.int64) - 1 + np.arange(B, dtype=np.int64)[:, None] * n_patches
-    out = np.bincount(ids[valid], minlength=B * n_patches).astype(np.int64).reshape(B, n_patches)
+    # Work on start positions only (sparse): a patch ends at the next start or its row's end.
+    flat_starts = np.flatnonzero(counted)
+    row = flat_starts // max(T, 1)
+    next_start = np.append(flat_starts[1:], B * T)
+    ends = np.minimum(next_start, row * T + valid_len[row])
+    rank = np.arange(flat_starts.size) - np.repeat(np.cumsum(per_row) - per_row, per_row)
+    out = np.zeros((B, n_patches), dtype=np.int64)
+    out[row, rank] = ends - flat_starts
     return out[0] if one_d else out
