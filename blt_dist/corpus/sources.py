@@ -51,13 +51,27 @@ def _files(root: Path, pattern: str, exclude: tuple[str, ...] = ()) -> list[Path
                   if p.is_file() and not p.is_symlink() and not any(x in p.as_posix() for x in exclude))
 
 
-def _split_on_headings(text: str, heading: re.Pattern) -> list[str]:
+def _split_on_headings(text: str, heading: re.Pattern, min_bytes: int = 512) -> list[str]:
     """Cut at lines matching `heading`; text before the first heading joins the first section."""
     starts = [m.start() for m in heading.finditer(text)]
     if not starts:
         return [text]
     bounds = [0, *starts[1:], len(text)] if starts[0] < 200 else [0, *starts, len(text)]
-    return [text[a:b] for a, b in zip(bounds, bounds[1:]) if text[a:b].strip()]
+    sections: list[str] = []
+    pending = ""
+    for a, b in zip(bounds, bounds[1:]):
+        # Headings can match captions and tables of contents too: a "section" that is little
+        # more than its heading joins the next one instead of becoming a document of its own.
+        pending += text[a:b]
+        if len(pending.encode()) >= min_bytes:
+            sections.append(pending)
+            pending = ""
+    if pending.strip():
+        if sections:
+            sections[-1] += pending
+        else:
+            sections.append(pending)
+    return sections
 
 
 # ---------------------------------------------------------------- prose

@@ -43,6 +43,7 @@ def split_large(text: str, max_bytes: int = MAX_DOC_BYTES) -> list[str]:
     """
     if len(text.encode()) <= max_bytes:
         return [text]
+    max_bytes -= 1  # normalise() ends every part with a newline
     units: list[str] = []
     for paragraph in text.split("\n\n"):
         if len(paragraph.encode()) + 2 <= max_bytes:
