@@ -1,0 +1,369 @@
+"""Parameters and training FLOPs per byte, per component; FLOP-matched BPE baselines.
+
+    blt-dist flops configs/blt/1b.yaml [overrides...] [--json] [--entropy-model CONFIG]
+
+Derivation (forward pass, one multiply-add = 2 FLOPs, embedding lookups free, norms/softmax/
+rotary/residual adds ignored as in the BLT paper and in torch.utils.flop_counter):
+
+    linear(a, b)        = 2ab per row
+    block(d, m)         = QKVO + attention + SwiGLU, per position attending to m keys
+                        = [2 linear(d, d) + 2 linear(d, d_kv)] + 4 d m + 3 linear(d, F)
+                          (QK^T and AV are 2dm each over all heads; F = SwiGLU width)
+    causal context      m(T, w) = mean over positions i < T of min(i + 1, w)
+                                = (T + 1) / 2 without a window (the paper's (m+1)/2).
+
+LM over T tokens (entropy model, BPE):  T * [L block(d, m(T, w)) + linear(d, V)],
+per byte divided by the bytes it covers (T for bytes; T * bytes_per_token for BPE).
+
+BLT over one sample: C byte slots, P patch slots, mean patch size s, k queries per patch.
+Real bytes R = min(C, P s); real patches n = R / s. With d = local width, D = latent width:
+
+    encoder                  R L_enc block(d, m(R, w_enc))
+    encoder_cross_attention  n [linear(d, kd) + 2k linear(d, d) + linear(kd, D)]  queries, out
+                             + R 2 linear(d, d)                                    keys/values of bytes
+                             + n k 4 d s                         each query sees its patch's s bytes
+    global                   n L_lat block(D, m(n, w_lat))
+    decoder_cross_attention  n linear(D, kd) + L_dec [n k 2 linear(d, d) + R 2 linear(d, d) + R 4 d k]
+                             (keys/values of patch vectors, queries/out of bytes; a byte sees the
+                              k vectors of one patch)
+    decoder                  R L_dec block(d, m(R, w_dec))
+    head                     R linear(d, 260)
+
+Per byte: divide by R. Training = 3 x forward (backward = 2 x forward). The entropy model runs
+offline, once, forward only; it is reported separately when asked for (--entropy-model).
+
+The contexts above are the *real* ones: causal average, window, patch counts, and documents
+assumed longer than the context (an upper bound when they are shorter). Dense accounting
+(`mode="dense"`) instead counts what a masked SDPA computes (every query against every key:
+m = T, P, C or P k, with R = C and n = P); that is what torch's FLOP counter sees, and the tests
+check it against torch within 2%, and the real formulas against hand computation.
+
+FLOP matching: the BPE baseline for a BLT config keeps the same bytes per sample
+(tokens = R / bytes_per_token, rounded to a multiple of 8) and searches a small family of
+shapes (widths below, head dim 64, or 32 under width 256; any depth) for training FLOPs per byte
+within 5% of the BLT's, preferring the width closest to the BLT's latent width. The reverse
+(`match_blt`) searches the BLT latent shape for a BPE config, keeping the local models.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+from blt_dist.errors import UserError
+from blt_dist.model.config import ModelConfig
+from blt_dist.vocab import VOCAB_SIZE
+
+BLT_COMPONENTS = ("encoder", "encoder_cross_attention", "global", "decoder_cross_attention", "decoder", "head")
+LM_COMPONENTS = ("transformer", "head")
+SHAPE_WIDTHS = (64, 96, 128, 192, 256, 384, 512, 640, 768, 896, 1024, 1280, 1536, 1792, 2048, 2304,
+                2560, 3072, 3584, 4096, 5120)
+MATCH_TOLERANCE = 0.05
+TRAIN_MULTIPLIER = 3  # forward + backward (2x forward)
+
+
+# ---------------------------------------------------------------------------------------------
+# Formulas
+
+
+def linear(n_in: float, n_out: float) -> float:
+    return 2.0 * n_in * n_out
+
+
+def block_flops(dim: int, n_heads: int, n_kv_heads: int, ffn_hidden: int, context: float) -> float:
+    """Forward FLOPs of one transformer block for one position attending to `context` keys."""
+    kv_dim = dim // n_heads * n_kv_heads
+    qkvo = 2 * linear(dim, dim) + 2 * linear(dim, kv_dim)
+    return qkvo + 4.0 * dim * context + 3 * linear(dim, ffn_hidden)
+
+
+def causal_context(length: float, window: Optional[int] = None) -> float:
+    """Mean number of keys a causal query sees over `length` positions with a sliding window."""
+    if length <= 0:
+        return 0.0
+    w = length if window is None else min(window, length)
+    return (w * (w + 1) / 2 + (length - w) * w) / length
+
+
+@dataclass
+class SampleShape:
+    """The data fields the counter needs (from cfg.data)."""
+
+    seq_len: int = 1024  # entropy model: bytes per sample
+    tokens_per_sample: int = 256  # BPE
+    byte_capacity: int = 1024  # BLT
+    patches_per_sample: int = 256  # BLT
+    patch_size: float = 4.5  # assumed mean patch size (data.patching.target_mean_size)
+    bytes_per_token: float = 4.4  # BPE
+
+    @classmethod
+    def from_data(cls, data) -> "SampleShape":
+        return cls(data.seq_len, data.tokens_per_sample, data.byte_capacity, data.patches_per_sample,
+                   data.patching.target_mean_size, data.bytes_per_token)
+
+
+def lm_forward_flops(m: ModelConfig, tokens: int, mode: str = "real") -> dict[str, float]:
+    """Forward FLOPs of one LM sample of `tokens` positions, by component."""
+    context = causal_context(tokens, m.attention_window) if mode == "real" else float(tokens)
+    per_token = m.n_layers * block_flops(m.dim, m.n_heads, m.kv_heads, m.ffn_hidden(m.dim), context)
+    return {"transformer": tokens * per_token, "head": tokens * linear(m.dim, m.vocab_size)}
+
+
+def blt_forward_flops(m: ModelConfig, shape: SampleShape, mode: str = "real") -> tuple[dict[str, float], float]:
+    """Forward FLOPs of one BLT sample by component, and the real bytes it covers (R)."""
+    d, D, k = m.encoder.dim, m.dim, m.cross_attn_k
+    enc, dec = m.encoder, m.decoder
+    if mode == "real":
+        s = shape.patch_size
+        R = min(float(shape.byte_capacity), shape.patches_per_sample * s)
+        n = R / s
+        enc_ctx, dec_ctx = causal_context(R, enc.window), causal_context(R, dec.window)
+        lat_ctx = causal_context(n, m.attention_window)
+        pool_keys, dec_keys = s, float(k)
+    elif mode == "dense":
+        R, n = float(shape.byte_capacity), float(shape.patches_per_sample)
+        enc_ctx = dec_ctx = R
+        lat_ctx, pool_keys, dec_keys = n, R, n * k
+    else:
+        raise ValueError(f"mode must be 'real' or 'dense', got {mode!r}")
+    flops = {
+        "encoder": R * enc.n_layers * block_flops(d, enc.n_heads, enc.n_heads, m.ffn_hidden(d), enc_ctx),
+        "encoder_cross_attention": n * (linear(d, k * d) + 2 * k * linear(d, d) + linear(k * d, D))
+        + R * 2 * linear(d, d) + n * k * 4.0 * d * pool_keys,
+        "global": n * m.n_layers * block_flops(D, m.n_heads, m.kv_heads, m.ffn_hidden(D), lat_ctx),
+        "decoder_cross_attention": n * linear(D, k * d)
+        + dec.n_layers * (n * k * 2 * linear(d, d) + R * 2 * linear(d, d) + R * 4.0 * d * dec_keys),
+        "decoder": R * dec.n_layers * block_flops(d, dec.n_heads, dec.n_heads, m.ffn_hidden(d), dec_ctx),
+        "head": R * linear(d, VOCAB_SIZE),
+    }
+    return flops, R
+
+
+def forward_flops_per_byte(m: ModelConfig, shape: SampleShape) -> dict[str, float]:
+    """Real-context forward FLOPs per byte, by component."""
+    if m.family == "blt":
+        flops, real_bytes = blt_forward_flops(m, shape)
+    elif m.family == "bpe":
+        flops = lm_forward_flops(m, shape.tokens_per_sample)
+        real_bytes = shape.tokens_per_sample * shape.bytes_per_token
+    else:
+        flops = lm_forward_flops(m, shape.seq_len)
+        real_bytes = shape.seq_len
+    return {name: value / real_bytes for name, value in flops.items()}
+
+
+def train_flops_per_byte(m: ModelConfig, shape: SampleShape) -> float:
+    return TRAIN_MULTIPLIER * sum(forward_flops_per_byte(m, shape).values())
+
+
+def dense_forward_flops(m: ModelConfig, shape: SampleShape) -> float:
+    """What torch's FLOP counter should see for one sample's forward (math SDPA backend)."""
+    if m.family == "blt":
+        return sum(blt_forward_flops(m, shape, mode="dense")[0].values())
+    tokens = shape.tokens_per_sample if m.family == "bpe" else shape.seq_len
+    return sum(lm_forward_flops(m, tokens, mode="dense").values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters (counted on the meta device, so they always agree with the model code)
+
+
+def component_of(name: str, family: str) -> str:
+    if family != "blt":
+        if name.startswith("tok_embeddings."):
+            return "embedding"
+        return "transformer" if name.startswith("blocks.") else "head"
+    prefixes = (
+        ("encoder.byte_embedding.", "byte_embedding"),
+        ("encoder.hash_embeddings.", "hash_embeddings"),
+        ("encoder.layers.", "encoder"),
+        ("encoder.", "encoder_cross_attention"),  # pool_query, pool_attention, patch_proj
+        ("latent.", "global"),
+        ("decoder.layers.", "decoder"),
+        ("decoder.norm.", "head"),
+        ("decoder.output.", "head"),
+        ("decoder.", "decoder_cross_attention"),  # latent_norm, patch_proj, cross_attentions
+    )
+    return next(component for prefix, component in prefixes if name.startswith(prefix))
+
+
+def params_by_component(m: ModelConfig) -> dict[str, int]:
+    import torch
+
+    from blt_dist.model import build_model
+
+    with torch.device("meta"):
+        model = build_model(m)
+    counts: dict[str, int] = {}
+    for name, param in model.named_parameters():
+        component = component_of(name, m.family)
+        counts[component] = counts.get(component, 0) + param.numel()
+    return counts
+
+
+def named_params(m: ModelConfig, by_component: dict[str, int]) -> int:
+    """What a config's size name refers to: the main transformer's blocks (BLT: the latent
+    model; BPE and entropy: non-embedding parameters, as in Kaplan et al.)."""
+    return by_component["global" if m.family == "blt" else "transformer"]
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOP matching
+
+
+def shape_heads(width: int) -> int:
+    return width // (64 if width >= 256 else 32)
+
+
+def _search(target: float, flops_for, preferred_width: int, tolerance: float = MATCH_TOLERANCE):
+    """(width, depth) from the shape family whose FLOPs are within `tolerance` of target,
+    preferring the width closest to `preferred_width`; the closest overall if none fits."""
+    best, best_any = None, None
+    for width in SHAPE_WIDTHS:
+        for depth in range(1, 129):
+            error = flops_for(width, depth) / target - 1
+            key_any = (abs(error), width, depth)
+            best_any = min(best_any, key_any) if best_any else key_any
+            if abs(error) <= tolerance:
+                key = (abs(math.log(width / preferred_width)), abs(error), width, depth)
+                best = min(best, key) if best else key
+    if best is not None:
+        return best[2], best[3]
+    return best_any[1], best_any[2]
+
+
+def bpe_shape(template: ModelConfig, width: int, depth: int, vocab_size: int) -> ModelConfig:
+    return dataclasses.replace(template, family="bpe", dim=width, n_layers=depth, n_heads=shape_heads(width),
+                               n_kv_heads=None, window=None, vocab_size=vocab_size)
+
+
+def match_bpe(blt: ModelConfig, shape: SampleShape) -> dict:
+    """The BPE baseline whose training FLOPs per byte match the BLT's (same bytes per sample)."""
+    target = train_flops_per_byte(blt, shape)
+    real_bytes = min(float(shape.byte_capacity), shape.patches_per_sample * shape.patch_size)
+    tokens = max(8, int(round(real_bytes / shape.bytes_per_token / 8)) * 8)
+    bpe_sample = dataclasses.replace(shape, tokens_per_sample=tokens)
+
+    def flops_for(width, depth):
+        return train_flops_per_byte(bpe_shape(blt, width, depth, blt.bpe_vocab_size), bpe_sample)
+
+    width, depth = _search(target, flops_for, blt.dim)
+    model = bpe_shape(blt, width, depth, blt.bpe_vocab_size)
+    by_component = params_by_component(model)
+    flops = train_flops_per_byte(model, bpe_sample)
+    return {
+        "dim": width, "n_layers": depth, "n_heads": model.n_heads, "vocab_size": model.vocab_size,
+        "tokens_per_sample": tokens, "bytes_per_token": shape.bytes_per_token,
+        "params_total": sum(by_component.values()), "params_named": named_params(model, by_component),
+        "train_flops_per_byte": flops, "flop_ratio_to_blt": flops / target,
+    }
+
+
+def match_blt(bpe: ModelConfig, bpe_sample: SampleShape, blt_template: ModelConfig, blt_sample: SampleShape) -> dict:
+    """The reverse: the BLT latent shape (local models kept from `blt_template`) whose training
+    FLOPs per byte match the BPE config's."""
+    target = train_flops_per_byte(bpe, bpe_sample)
+
+    def latent(width, depth):
+        return dataclasses.replace(blt_template, dim=width, n_layers=depth, n_heads=shape_heads(width),
+                                   n_kv_heads=None)
+
+    width, depth = _search(target, lambda w, d: train_flops_per_byte(latent(w, d), blt_sample), bpe.dim)
+    model = latent(width, depth)
+    flops = train_flops_per_byte(model, blt_sample)
+    return {"dim": width, "n_layers": depth, "n_heads": model.n_heads,
+            "params_named": named_params(model, params_by_component(model)),
+            "train_flops_per_byte": flops, "flop_ratio_to_bpe": flops / target}
+
+
+# ---------------------------------------------------------------------------------------------
+# Report and CLI
+
+
+def report(cfg, entropy_cfg=None, blt_template=None) -> dict:
+    """Everything `blt-dist flops --json` prints, for a loaded Config."""
+    m, shape = cfg.model, SampleShape.from_data(cfg.data)
+    by_component = params_by_component(m)
+    per_byte = forward_flops_per_byte(m, shape)
+    out = {
+        "family": m.family,
+        "params_total": sum(by_component.values()),
+        "params_named": named_params(m, by_component),
+        "params_by_component": by_component,
+        "flops_per_byte_by_component": per_byte,
+        "forward_flops_per_byte": sum(per_byte.values()),
+        "train_flops_per_byte": TRAIN_MULTIPLIER * sum(per_byte.values()),
+    }
+    if m.family == "blt":
+        out["matched_bpe"] = match_bpe(m, shape)
+    if m.family == "bpe" and blt_template is not None:
+        out["matched_blt"] = match_blt(m, shape, blt_template.model, SampleShape.from_data(blt_template.data))
+    if entropy_cfg is not None:
+        if entropy_cfg.model.family != "entropy":
+            raise UserError(f"--entropy-model: expected an entropy model config, got family {entropy_cfg.model.family!r}")
+        entropy_per_byte = sum(forward_flops_per_byte(entropy_cfg.model, SampleShape.from_data(entropy_cfg.data)).values())
+        # Entropies are computed once, offline, forward only: reported beside, never added in.
+        out["entropy_model"] = {"params_total": sum(params_by_component(entropy_cfg.model).values()),
+                                "forward_flops_per_byte": entropy_per_byte}
+    return out
+
+
+def _human(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.3g}"
+
+
+def format_report(r: dict) -> str:
+    lines = [f"family: {r['family']}   params: {_human(r['params_total'])} total, "
+             f"{_human(r['params_named'])} named (main transformer)",
+             f"{'component':<26}{'params':>10}{'fwd FLOPs/byte':>16}"]
+    names = list(dict.fromkeys([*r["params_by_component"], *r["flops_per_byte_by_component"]]))
+    for name in names:
+        params = r["params_by_component"].get(name)
+        flops = r["flops_per_byte_by_component"].get(name)
+        lines.append(f"{name:<26}{_human(params) if params is not None else '-':>10}"
+                     f"{_human(flops) if flops is not None else '-':>16}")
+    lines.append(f"training FLOPs/byte (3 x forward): {_human(r['train_flops_per_byte'])}")
+    if "matched_bpe" in r:
+        b = r["matched_bpe"]
+        lines.append(f"matched BPE: dim={b['dim']} n_layers={b['n_layers']} n_heads={b['n_heads']} "
+                     f"vocab={b['vocab_size']} tokens_per_sample={b['tokens_per_sample']} "
+                     f"params={_human(b['params_total'])} train FLOPs/byte={_human(b['train_flops_per_byte'])} "
+                     f"(x{b['flop_ratio_to_blt']:.3f})")
+    if "matched_blt" in r:
+        b = r["matched_blt"]
+        lines.append(f"matched BLT latent: dim={b['dim']} n_layers={b['n_layers']} n_heads={b['n_heads']} "
+                     f"train FLOPs/byte={_human(b['train_flops_per_byte'])} (x{b['flop_ratio_to_bpe']:.3f})")
+    if "entropy_model" in r:
+        e = r["entropy_model"]
+        lines.append(f"entropy model (offline, not included): params={_human(e['params_total'])} "
+                     f"forward FLOPs/byte={_human(e['forward_flops_per_byte'])}")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="model config YAML (configs/{entropy,blt,bpe}/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.patching.target_mean_size=6")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--entropy-model", metavar="CONFIG",
+                        help="also report this entropy model's forward FLOPs/byte (offline cost, off by default)")
+    parser.add_argument("--blt-template", metavar="CONFIG",
+                        help="for a BPE config: BLT config whose local models to keep when matching a BLT latent shape")
+
+
+def run(args: argparse.Namespace) -> int:
+    from blt_dist.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    entropy_cfg = load_config(args.entropy_model) if args.entropy_model else None
+    blt_template = load_config(args.blt_template) if args.blt_template else None
+    if blt_template is not None and blt_template.model.family != "blt":
+        raise UserError(f"--blt-template: expected a BLT config, got family {blt_template.model.family!r}")
+    r = report(cfg, entropy_cfg, blt_template)
+    print(json.dumps(r, indent=2) if args.json else format_report(r))
+    return 0
