@@ -36,7 +36,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
 NOT_BUILT: dict[str, str] = {
     "entropies": "issue 4 (data plane)",
     "calibrate": "issue 4 (data plane)",
-    "tokenizer": "issue 4 (data plane)",
     "eval": "issue 5 (DeepSpeed training)",
     "patch": "issue 4 (data plane)",
     "generate": "a later issue",

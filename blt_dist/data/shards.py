@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
+
 from blt_dist.errors import UserError
 
 FORMAT = "blt-dist/byte-shards/v1"
@@ -64,9 +66,12 @@ class StreamInfo:
 
 
 class ByteDataset:
-    """A prepared byte dataset, checked on open: manifest, every stream's index, shard sizes."""
+    """A prepared dataset, checked on open: manifest, every stream's index, shard sizes.
 
-    def __init__(self, root: str | Path, verify: bool = True):
+    Byte datasets (`prepare`) and entropy datasets (`entropies`) share this layout; `format`
+    says which one the caller expects."""
+
+    def __init__(self, root: str | Path, verify: bool = True, format: str = FORMAT):
         self.root = Path(root)
         manifest_path = self.root / MANIFEST
         if not self.root.is_dir():
@@ -77,8 +82,8 @@ class ByteDataset:
             self.manifest = json.loads(manifest_path.read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise UserError(f"{manifest_path}: unreadable ({err})") from err
-        if self.manifest.get("format") != FORMAT:
-            raise UserError(f"{manifest_path}: format {self.manifest.get('format')!r}, expected {FORMAT!r}")
+        if self.manifest.get("format") != format:
+            raise UserError(f"{manifest_path}: format {self.manifest.get('format')!r}, expected {format!r}")
         self.fingerprint: str = self.manifest["fingerprint"]
         if verify:
             for stream in self.streams():
@@ -107,6 +112,48 @@ class ByteDataset:
         for stream in self.streams(split):
             for sample in iter_stream(stream.path):
                 yield stream.content_type, sample
+
+
+class SplitReader:
+    """Random access to every document of one split, across its content-type streams.
+
+    Global document ids run over the streams in sorted content-type order, then document order.
+    Reads through mosaicml-streaming's MDS shard readers; the order in which documents are
+    visited belongs to the loaders (see loader.py for why not StreamingDataset's)."""
+
+    def __init__(self, dataset: ByteDataset, split: str):
+        from streaming.base.format import reader_from_json
+
+        self.streams = dataset.streams(split)
+        if not self.streams:
+            raise UserError(f"{dataset.root}: no {split!r} split (splits: {', '.join(dataset.manifest['splits'])})")
+        self._readers = []  # per stream: list of shard readers
+        self._shard_starts = []  # per stream: first document id of each shard
+        stream_sizes = []
+        for stream in self.streams:
+            index = verify_stream(stream.path)
+            readers = [reader_from_json(str(stream.path), None, info) for info in index["shards"]]
+            counts = [r.samples for r in readers]
+            if sum(counts) != stream.documents:
+                raise UserError(f"{stream.path}: index lists {sum(counts)} documents, manifest says {stream.documents}")
+            self._readers.append(readers)
+            self._shard_starts.append(np.cumsum([0] + counts[:-1]))
+            stream_sizes.append(sum(counts))
+        self._stream_starts = np.cumsum([0] + stream_sizes[:-1])
+        self.num_documents = int(sum(stream_sizes))
+
+    def __len__(self) -> int:
+        return self.num_documents
+
+    def get(self, doc_id: int) -> tuple[str, dict]:
+        """(content type, sample) of global document `doc_id`."""
+        if not 0 <= doc_id < self.num_documents:
+            raise IndexError(f"document {doc_id} out of range [0, {self.num_documents})")
+        stream = int(np.searchsorted(self._stream_starts, doc_id, side="right")) - 1
+        local = doc_id - int(self._stream_starts[stream])
+        shard = int(np.searchsorted(self._shard_starts[stream], local, side="right")) - 1
+        sample = self._readers[stream][shard].get_item(local - int(self._shard_starts[stream][shard]))
+        return self.streams[stream].content_type, sample
 
 
 def verify_stream(stream_dir: Path) -> dict:

@@ -1,0 +1,136 @@
+"""Loaders for all families: exact resume, exactly-once coverage per epoch, disjoint ranks."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from blt_dist.data.loader import Loader, LoaderSpec
+from blt_dist.data.packing import IGNORE
+from blt_dist.data.prepare import prepare
+from blt_dist.data.tokenizer import train_tokenizer
+from blt_dist.errors import UserError
+from blt_dist.vocab import encode_document
+
+WORDS = "the quick brown fox jumps over lazy dog byte latent transformer patch entropy".split()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loader")
+    rng = np.random.default_rng(0)
+    for ctype in ("prose", "code"):
+        (root / "in" / ctype).mkdir(parents=True)
+        for i in range(23):
+            words = rng.choice(WORDS, rng.integers(0, 60))
+            text = " ".join(words).encode() + (b"\xff\x00" if i % 5 == 0 else b"")
+            (root / "in" / ctype / f"{i:02d}.txt").write_bytes(text)
+    prepare([root / "in"], root / "ds", val_fraction=0.0, progress=False)
+    train_tokenizer(root / "ds", root / "tok.model", vocab_size=300)
+    return root
+
+
+def spec_for(data, family: str, **kw) -> LoaderSpec:
+    common = dict(path=str(data / "ds"), split="train", micro_batch_size=2, seed=3)
+    common.update(kw)
+    if family == "blt":
+        patching = dict(mode="space", threshold=None, threshold_r=None, patch_size=4, max_patch_length=6)
+        return LoaderSpec(family="blt", sample_len=24, patches_per_sample=6, patching=patching, **common)
+    if family == "bpe":
+        return LoaderSpec(family="bpe", sample_len=16, tokenizer=str(data / "tok.model"), **common)
+    return LoaderSpec(family="bytes", sample_len=32, **common)
+
+
+def take(loader: Loader, n: int) -> list[dict]:
+    return [{k: v.clone() for k, v in next(loader).items()} for _ in range(n)]
+
+
+FAMILIES = ["bytes", "bpe", "blt"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("world_size, rank", [(1, 0), (2, 1)])
+def test_resume_gives_the_same_next_batches(data, family, num_workers, world_size, rank):
+    spec = spec_for(data, family)
+    loader = Loader(spec, rank, world_size, num_workers)
+    take(loader, 5)
+    state = loader.state_dict()
+    expected = take(loader, 6)
+    loader.close()
+    fresh = Loader(spec, rank, world_size, num_workers)
+    fresh.load_state_dict(state)
+    got = take(fresh, 6)
+    fresh.close()
+    for a, b in zip(got, expected):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key].equal(b[key]), key
+
+
+def epoch_zero_targets(loader: Loader, num_documents: int):
+    """(document, position) of every target of epoch 0, read until epoch 1 has begun."""
+    seen, nbytes = [], 0
+    while True:
+        batch = next(loader)
+        keep = batch["targets"] != IGNORE
+        visits = batch["doc_visit"][keep]
+        positions = batch["doc_pos"][keep] + 1
+        in_epoch0 = visits < num_documents
+        seen += zip(visits[in_epoch0].tolist(), positions[in_epoch0].tolist())
+        nbytes += int(batch["target_bytes"][keep][in_epoch0].sum())
+        # each worker's stream is ordered: epoch 0 is done once every worker is past it
+        workers = loader.state_dict()["workers"]
+        if all(w is not None and w["epoch"] >= 1 and (w["packer"]["doc_visit"] >= num_documents).all() for w in workers):
+            return seen, nbytes
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("world_size, num_workers", [(1, 0), (2, 0), (2, 2)])
+def test_every_target_exactly_once_per_epoch(data, family, world_size, num_workers):
+    from blt_dist.data.shards import ByteDataset, SplitReader
+
+    reader = SplitReader(ByteDataset(data / "ds"), "train")
+    documents = [reader.get(i)[1]["data"] for i in range(len(reader))]
+    seen, total_bytes, per_rank_docs = [], 0, []
+    for rank in range(world_size):
+        loader = Loader(spec_for(data, family), rank, world_size, num_workers)
+        targets, nbytes = epoch_zero_targets(loader, len(documents))
+        loader.close()
+        seen += targets
+        total_bytes += nbytes
+        per_rank_docs.append({d for d, _ in targets})
+    assert len(seen) == len(set(seen)), "a target was predicted twice"
+    if world_size == 2:
+        assert not per_rank_docs[0] & per_rank_docs[1], "ranks share documents"
+    assert {d for d, _ in seen} == set(range(len(documents)))
+    assert total_bytes == sum(map(len, documents)), "raw bytes predicted != raw bytes in the data"
+    if family != "bpe":  # byte positions: every position after BOS, EOS included
+        expected = {(d, p) for d, data_ in enumerate(documents) for p in range(1, len(encode_document(data_)))}
+        assert set(seen) == expected
+
+
+def test_mismatched_resume_fails_loudly(data):
+    loader = Loader(spec_for(data, "bytes"), 0, 2)
+    take(loader, 2)
+    state = loader.state_dict()
+    with pytest.raises(UserError, match="world size 2, this run has 1"):
+        Loader(spec_for(data, "bytes"), 0, 1).load_state_dict(state)
+    with pytest.raises(UserError, match="num workers 0, this run has 2"):
+        Loader(spec_for(data, "bytes"), 0, 2, num_workers=2).load_state_dict(state)
+    with pytest.raises(UserError, match="loader settings"):
+        Loader(spec_for(data, "bytes", seed=4), 0, 2).load_state_dict(state)
+    with pytest.raises(UserError, match="fingerprint"):
+        Loader(spec_for(data, "bytes"), 0, 2).load_state_dict({**state, "fingerprint": "0" * 64})
+
+
+def test_blt_shapes_and_patch_lengths(data):
+    batch = next(Loader(spec_for(data, "blt"), 0, 1))
+    assert batch["tokens"].shape == (2, 24) and batch["patch_lengths"].shape == (2, 6)
+    real = (batch["doc_ids"] >= 0).sum(dim=1)
+    assert batch["patch_lengths"].sum(dim=1).equal(real)
+    assert int(batch["patch_lengths"].max()) <= 6
+
+
+def test_too_few_documents_for_the_parts(data):
+    with pytest.raises(UserError, match="fewer than ranks x loader workers"):
+        next(Loader(spec_for(data, "bytes"), 0, 32, num_workers=2))
