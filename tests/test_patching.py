@@ -194,6 +194,20 @@ def test_max_length_matches_sequential_definition():
         assert patch_lengths_from_starts(got, T).max() <= max_len
 
 
+def test_both_max_length_strategies_agree():
+    """Dense and sparse natural starts take different code paths; both must be exact."""
+    from blt_dist.data.patching import _forced_by_start_list, _forced_by_windows
+
+    rng = np.random.default_rng(4)
+    for _ in range(300):
+        natural = rng.random(int(rng.integers(1, 300))) < rng.choice([0.0, 0.01, 0.1, 0.5, 0.9])
+        natural[0] = True
+        max_len = int(rng.integers(1, 25))
+        by_list = _forced_by_start_list(natural, max_len)
+        by_windows = _forced_by_windows(natural, max_len)
+        assert np.array_equal(np.sort(by_list), by_windows), (natural, max_len)
+
+
 # ---------------------------------------------------------------------------------------------
 # Causality: the decision at i reads tokens < i and entropies <= i only
 

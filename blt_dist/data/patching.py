@@ -35,6 +35,17 @@ same statement as "the patch ending at i-1 is complete", and must not depend on 
 exception is rule 2: a BOS at i is read from token i. That leaks nothing because an encoded
 document always ends with EOS, so the token after EOS is BOS (or padding) with certainty.
 
+Space rule and SpaceByte. SpaceByte runs its global block *after* the first spacelike byte of a
+run, with that byte as input: "hello world" -> "hello |world". The tempting translation into
+patch starts -- a patch starts *at* each spacelike byte that follows a non-spacelike one, so a
+word's trailing space opens the next patch ("hello| world") -- decides the start at i from
+token i itself: the patch "hello" would be closed because the next byte is a space, which is
+the very byte the model predicts from that patch's state. That form leaks the target; the rule
+here reads tokens i-1 and i-2 only, so it is SpaceByte's own insertion point, expressed as a
+start. A consequence: in a run of spacelike bytes, the first one ends the word's patch and the
+rest of the run goes with the next word ("ab  cd" -> "ab | cd"), and a non-ASCII character is
+cut after its UTF-8 lead byte (lead bytes are spacelike in SpaceByte's definition).
+
 Loaders. Cut samples on the patch_start array of the whole stream (`sample_boundaries`); do not
 re-run patching on a cut piece: the space and monotonic rules look one or two positions back,
 and at a fresh sample start there is nothing to look at.
@@ -206,7 +217,8 @@ def _entropy_fires(entropies: np.ndarray, threshold: float) -> np.ndarray:
         # negative number (sign bit set) is a negative int16, below any non-negative bound.
         # That makes the compare ~20x cheaper than converting; `_float16_floor` keeps it exact.
         return raw.view(np.int16) > _float16_floor(threshold).view(np.int16)
-    return _entropies_float32(entropies) > _float32_floor(threshold)  # H at BOS is irrelevant: BOS starts anyway
+    # H at BOS is not zeroed here: a BOS starts a patch whatever the rule says
+    return _entropies_float32(entropies) > _float32_floor(threshold)
 
 
 def _float16_floor(value: float) -> np.float16:
@@ -224,26 +236,59 @@ def _apply_max_length(natural: np.ndarray, max_len: Optional[int]) -> np.ndarray
     Equal to the sequential definition (count positions in the current patch, start a new one
     when it is full, reset at every start) because natural starts do not depend on forced ones:
     after a natural start at j with the next natural start at j + g, the sequential form starts
-    at j + max_len, j + 2 max_len, ... < j + g. Sparse: only gaps longer than max_len cost work.
-    `natural` is [B, T] with natural[:, 0] True, so flattened gaps never cross rows.
+    at j + max_len, j + 2 max_len, ... < j + g. Two exact strategies, picked by cost: dense
+    natural starts (entropy, space: gaps rarely reach max_len) scan windows, sparse ones
+    (static, document starts only) list the starts. `natural` is [B, T] with natural[:, 0] True,
+    so neither a flattened gap nor a window holding a row start crosses rows.
     """
     if max_len is None or natural.size == 0:
         return natural
     flat = natural.reshape(-1)
+    if np.count_nonzero(flat) * max_len >= flat.size:
+        forced = _forced_by_windows(flat, max_len)
+    else:
+        forced = _forced_by_start_list(flat, max_len)
+    if forced.size == 0:
+        return natural
+    result = flat.copy()
+    result[forced] = True
+    return result.reshape(natural.shape)
+
+
+def _forced_by_start_list(flat: np.ndarray, max_len: int) -> np.ndarray:
+    """Forced start positions from the list of natural starts: O(starts + forced)."""
     starts = np.flatnonzero(flat)
     gaps = np.diff(starts, append=flat.size)
-    n_forced = (gaps - 1) // max_len  # forced starts inside a run of length g
-    long_runs = np.flatnonzero(n_forced)
-    if long_runs.size == 0:
-        return natural
-    counts = n_forced[long_runs]
+    long_runs = np.flatnonzero(gaps > max_len)
+    counts = (gaps[long_runs] - 1) // max_len  # forced starts inside a run of length g
     first = np.repeat(starts[long_runs], counts)
     # k = 1..count within each run: a running index minus the run's offset in the flat list
     offsets = np.repeat(np.cumsum(counts) - counts, counts)
     k = np.arange(first.size, dtype=np.int64) - offsets + 1
-    result = flat.copy()
-    result[first + k * max_len] = True
-    return result.reshape(natural.shape)
+    return first + k * max_len
+
+
+def _forced_by_windows(flat: np.ndarray, max_len: int) -> np.ndarray:
+    """Forced start positions without listing natural starts (a full nonzero costs ~8x more).
+
+    Position i is "overdue" when the window [i - max_len + 1, i] holds no natural start, i.e.
+    i - last_natural(i) >= max_len. Overdue positions form segments [j + max_len, next - 1]
+    after a natural start j, and the forced starts are every max_len-th position of a segment
+    from its first. Window ORs are built by doubling (log2(max_len) passes over bools).
+    """
+    covered, width = flat, 1  # covered[k]: a natural start in flat[k : k + width]
+    while width * 2 <= max_len:
+        covered = covered[:-width] | covered[width:]
+        width *= 2
+    if width < max_len:  # two overlapping windows of `width` cover exactly max_len
+        covered = covered[: width - max_len] | covered[max_len - width :]
+    overdue = np.flatnonzero(~covered) + (max_len - 1)  # window ending at i starts at i - max_len + 1
+    if overdue.size == 0:
+        return overdue
+    segment_start = np.ones(overdue.size, dtype=bool)
+    segment_start[1:] = np.diff(overdue) != 1  # segments never touch: `next` itself is covered
+    first = np.maximum.accumulate(np.where(segment_start, overdue, 0))
+    return overdue[(overdue - first) % max_len == 0]
 
 
 def patch_starts(tokens, entropies=None, rule: Optional[PatchingRule] = None, **rule_kwargs) -> np.ndarray:
