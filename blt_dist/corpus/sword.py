@@ -16,11 +16,18 @@ from pathlib import Path
 
 _NOTE = re.compile(r"<note\b.*?</note>|<RF>.*?<Rf>|<(?:RB|RW|WH|WG|WT)[^>]*>", re.S)
 _TAG = re.compile(r"<[^>]*>")
+_NEXT_WORD = re.compile(r"(?:<[^>]*>)*\w")  # a word follows, possibly after markup
 _SPACE = re.compile(r"[ \t\r\n]+")
 
 
 def _verse_text(markup: str) -> str:
-    text = _TAG.sub("", _NOTE.sub("", markup))
+    # A footnote sits between a word and the next one without spaces ("God<note>..</note>created"):
+    # it becomes a space before a word, nothing before punctuation.
+    def drop_note(match: re.Match) -> str:
+        following = _NEXT_WORD.match(markup, match.end())
+        return " " if following else ""
+
+    text = _TAG.sub("", _NOTE.sub(drop_note, markup))
     return _SPACE.sub(" ", html.unescape(text)).strip()
 
 
