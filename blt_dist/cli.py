@@ -37,7 +37,6 @@ NOT_BUILT: dict[str, str] = {
     "entropies": "issue 4 (data plane)",
     "calibrate": "issue 4 (data plane)",
     "eval": "issue 5 (DeepSpeed training)",
-    "patch": "issue 4 (data plane)",
     "generate": "a later issue",
     "flops": "issue 3 (models and FLOP accounting)",
     "launch": "the Slurm launch issue",
