@@ -1,6 +1,7 @@
 """Parameters and training FLOPs per byte, per component; FLOP-matched BPE baselines.
 
     blt-dist flops configs/blt/1b.yaml [overrides...] [--json] [--entropy-model CONFIG]
+    blt-dist flops configs/bpe/1b.yaml --blt-template configs/blt/1b.yaml   # the reverse match
 
 Derivation (forward pass, one multiply-add = 2 FLOPs, embedding lookups free, norms/softmax/
 rotary/residual adds ignored as in the BLT paper and in torch.utils.flop_counter):
