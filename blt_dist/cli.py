@@ -38,7 +38,6 @@ NOT_BUILT: dict[str, str] = {
     "calibrate": "issue 4 (data plane)",
     "eval": "issue 5 (DeepSpeed training)",
     "generate": "a later issue",
-    "flops": "issue 3 (models and FLOP accounting)",
     "launch": "the Slurm launch issue",
     "sweep": "the Slurm launch issue",
     "compare": "the comparison-report issue",

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from blt_dist.errors import ConfigError
-from blt_dist.model.config import ModelConfig
+from blt_dist.model.config import ModelConfig, check_against_data
 
 __all__ = ["Config", "ConfigError", "load_config", "save_resolved", "to_yaml"]
 
@@ -318,7 +318,7 @@ def validate(cfg: Config) -> None:
     for key in ("gpus_per_node", "mem_gb", "signal_delay_s", "max_requeues"):
         _positive(f"launch.{key}", getattr(la, key), allow_zero=True)
 
-    problems = cfg.model.validate("model")
+    problems = cfg.model.validate("model") + check_against_data(cfg.model, cfg.data)
     if problems:
         raise ConfigError(*problems[0])
 

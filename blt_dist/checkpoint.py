@@ -1,0 +1,230 @@
+"""Sharded checkpoints: DeepSpeed state per rank, our state per rank, published atomically.
+
+    RUN/checkpoints/step_00000100/
+        mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt ...   DeepSpeed (per rank)
+        rank_00000.pt ...         per rank: RNG states, loader state, counters (ours)
+        COMPLETE                  written last, by rank 0, after every rank has finished:
+                                  step, world size, global batch, dataset fingerprint and the
+                                  size of every file, so damage is detected before loading
+
+A directory without COMPLETE, or whose files no longer match it (truncated, missing), is not a
+checkpoint. Resume takes the newest complete one and falls back to older ones, saying why.
+Retention: the newest `keep_last`, plus every checkpoint at a multiple of `permanent_every`.
+A failed save (disk full, write error) removes its partial directory and leaves every earlier
+checkpoint untouched.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from blt_dist.errors import UserError
+
+MARKER = "COMPLETE"
+TAG_RE = re.compile(r"^step_(\d{8})$")
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding checkpoints
+
+
+def verify(tag_dir: Path) -> tuple[bool, str, dict]:
+    """(ok, reason, marker) for one checkpoint directory."""
+    marker_path = tag_dir / MARKER
+    if not marker_path.is_file():
+        return False, "incomplete (no COMPLETE marker)", {}
+    try:
+        marker = json.loads(marker_path.read_text())
+        files = marker["files"]
+    except (OSError, ValueError, KeyError) as err:
+        return False, f"unreadable marker ({err})", {}
+    for rel, size in files.items():
+        path = tag_dir / rel
+        if not path.is_file():
+            return False, f"missing file {rel}", marker
+        if path.stat().st_size != size:
+            return False, f"{rel} is {path.stat().st_size} bytes, expected {size} (truncated?)", marker
+    return True, "", marker
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Checkpoint directories (complete or not), oldest first."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and TAG_RE.match(p.name))
+
+
+def newest_complete(run_dir: str | Path, log=print) -> Optional[tuple[Path, dict]]:
+    """The newest checkpoint that verifies; reports every newer one it had to skip."""
+    for tag_dir in reversed(list_checkpoints(run_dir)):
+        ok, reason, marker = verify(tag_dir)
+        if ok:
+            return tag_dir, marker
+        log(f"checkpoint {tag_dir}: skipped, {reason}; falling back to the previous one")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG state
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Save
+
+
+def _all_ok(ok: bool) -> bool:
+    """True only if every rank says ok (MIN all-reduce)."""
+    if not dist.is_initialized():
+        return ok
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int64)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def save(engine, run_dir: str | Path, step: int, rank_state: dict, marker_info: dict, rank: int, log=print) -> bool:
+    """Collective: every rank calls it. Returns True when the checkpoint was published."""
+    root = checkpoint_root(run_dir)
+    tag = tag_for(step)
+    tag_dir = root / tag
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tag_dir.exists():  # left by a crashed save at the same step: never published
+            shutil.rmtree(tag_dir)
+    if dist.is_initialized():
+        dist.barrier()
+    error = None
+    try:
+        engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
+        path = tag_dir / f"rank_{rank:05d}.pt"
+        torch.save(rank_state, str(path) + ".tmp")
+        os.replace(str(path) + ".tmp", path)
+    except (OSError, RuntimeError) as err:  # disk full, permissions, I/O errors
+        error = err
+    if not _all_ok(error is None):
+        if error is not None:
+            log(f"checkpoint {tag}: save failed on rank {rank}: {error}")
+        if rank == 0:
+            shutil.rmtree(tag_dir, ignore_errors=True)
+            log(f"checkpoint {tag}: not published; earlier checkpoints are untouched")
+        return False
+    published = True
+    if rank == 0:
+        try:
+            files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*")) if p.is_file()}
+            marker = {"step": step, "files": files, **marker_info}
+            tmp = tag_dir / (MARKER + ".tmp")
+            tmp.write_text(json.dumps(marker, indent=1, sort_keys=True))
+            os.replace(tmp, tag_dir / MARKER)
+        except OSError as err:
+            log(f"checkpoint {tag}: could not write the completion marker ({err}); not published")
+            shutil.rmtree(tag_dir, ignore_errors=True)
+            published = False
+    return _all_ok(published)
+
+
+def prune(run_dir: str | Path, keep_last: int, permanent_every: int) -> list[Path]:
+    """Deletes old ephemeral checkpoints (rank 0 only). Incomplete ones older than the newest
+    complete checkpoint are deleted too; they can never be resumed from."""
+    checkpoints = list_checkpoints(run_dir)
+    complete = [p for p in checkpoints if (p / MARKER).is_file()]
+    keep = set(complete[-keep_last:])
+    if permanent_every:
+        keep |= {p for p in complete if int(TAG_RE.match(p.name).group(1)) % permanent_every == 0}
+    newest = complete[-1] if complete else None
+    removed = []
+    for p in checkpoints:
+        if p in keep or newest is None or p.name > newest.name:
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
+# ---------------------------------------------------------------------------------------------
+# Load
+
+
+def choose_for_resume(run_dir: str | Path, is_main: bool, log=print) -> Optional[str]:
+    """Rank 0 picks the checkpoint (newest complete); every rank gets the same answer."""
+    choice = [None]
+    if is_main:
+        found = newest_complete(run_dir, log=log)
+        choice = [found[0].name if found else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(choice, src=0)
+    return choice[0]
+
+
+def check_compatible(marker: dict, expected: dict) -> None:
+    """World size, global batch and dataset must match: resuming otherwise would not be exact."""
+    for key, now in expected.items():
+        saved = marker.get(key)
+        if saved != now:
+            raise UserError(
+                f"checkpoint was written with {key}={saved}, this run has {key}={now}; an exact resume needs "
+                "the same value (export the checkpoint with `blt-dist export` to start a new run from its weights)"
+            )
+
+
+def load(engine, run_dir: str | Path, tag: str, rank: int) -> dict:
+    """Loads DeepSpeed state and returns this rank's own state (RNG is restored by the caller)."""
+    root = checkpoint_root(run_dir)
+    load_path, _ = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
+    if load_path is None:
+        raise UserError(f"{root / tag}: DeepSpeed could not load this checkpoint")
+    path = root / tag / f"rank_{rank:05d}.pt"
+    if not path.is_file():
+        raise UserError(f"{path}: missing (checkpoint written by fewer ranks?)")
+    return torch.load(path, weights_only=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Consolidation: a (ZeRO-sharded) checkpoint -> one fp32 state dict
+
+
+def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
+    ok, reason, marker = verify(tag_dir)
+    if not ok:
+        raise UserError(f"{tag_dir}: not a complete checkpoint ({reason})")
+    if marker.get("zero_stage", 0) >= 1:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    model_files = sorted(tag_dir.glob("*model_states.pt"))
+    if not model_files:
+        raise UserError(f"{tag_dir}: no model_states file")
+    state = torch.load(model_files[0], map_location="cpu", weights_only=False)["module"]
+    return {k: v.float() for k, v in state.items()}

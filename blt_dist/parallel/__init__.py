@@ -1,0 +1,1 @@
+"""Parallelism applied from outside the model: DeepSpeed engine/config, pipeline stages."""
