@@ -1,0 +1,599 @@
+"""`blt-dist entropies`: run a frozen entropy model over byte shards -> entropy shards.
+
+    blt-dist entropies --model runs/entropy-tiny/export --data data/bytes --out data/entropies
+    blt-dist entropies ... --part $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT   # a Slurm array
+
+    H = document_entropies(model, [b"some text", ...], window=cfg.model.attention_window)
+
+Entropies. For an encoded document (BOS + bytes + EOS, blt_dist.vocab) H_i is the entropy in
+nats of the model's distribution for token i given tokens < i, read from the logits at
+position i-1; H at BOS is 0 (the convention of patching.py). One float per encoded position:
+len(data) + 2, stored as float16.
+
+How rows are built. The model attends over a sliding window of `window` positions and never
+across documents (doc ids), so a position's entropy depends only on the `window` tokens before
+it in its own document. `document_entropies` uses that twice:
+  * long documents are cut into chunks, each preceded by `window` tokens of left context, so
+    every position sees exactly its full window and the result equals running the whole
+    document at once (up to float rounding: other matmul shapes);
+  * short documents and chunks are packed several to a row with distinct doc ids, so rows are
+    full and no position sees a token of another piece ("no mixing of rows"); rows are padded
+    with PAD and doc id -1, which the mask keeps apart as well.
+
+Output layout = the byte dataset layout (shards.py) plus an `entropies` column, format
+loader.ENTROPY_FORMAT:
+
+    OUT/
+      job.json                           what is being computed: byte dataset + entropy model
+      train/<content_type>/part.00000/   one MDS directory per input shard (+ part.json)
+      train/<content_type>/index.json    merged index: basenames part.NNNNN/shard.XXXXX.mds
+      dataset.json                       written last: counts, byte_fingerprint, entropy_model
+
+Restartable and splittable. Each input shard becomes its own part directory, written under a
+temporary name, read back and checked, then renamed: a part either exists complete or not at
+all, so a crashed or preempted run resumes at the next missing part. `--part I/N` takes only
+the shards whose global number (over all streams in order) is I mod N. Whichever invocation
+finds every part complete merges the indexes and writes dataset.json; the merge is
+deterministic and each file is replaced atomically, so two parts finishing together write the
+same bytes. Entropies of a shard depend only on that shard, so any split gives the same
+dataset as one run (on the same kind of machine: fp32 matmuls can round differently
+elsewhere).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from blt_dist.data.loader import ENTROPY_FORMAT
+from blt_dist.data.shards import COLUMNS, MANIFEST, ByteDataset, StreamHash, iter_stream, verify_stream
+from blt_dist.errors import UserError
+from blt_dist.vocab import PAD_ID, encode_document
+
+__all__ = ["ENTROPY_COLUMNS", "NonFiniteEntropy", "document_entropies", "compute_entropy_dataset"]
+
+ENTROPY_COLUMNS = {**COLUMNS, "entropies": "ndarray:float16"}
+JOB = "job.json"
+PART_INFO = "part.json"
+DEFAULT_BATCH_POSITIONS = 16384
+ROW_WINDOWS = 4  # default row length in windows: ~1/4 of a long document's positions is context
+GROUP_BATCHES = 8  # documents are read and written in groups of about this many forward passes
+
+
+# ---------------------------------------------------------------------------------------------
+# Computing entropies
+
+
+class NonFiniteEntropy(UserError):
+    """The model produced NaN or inf for a document (broken weights, or an overflow)."""
+
+    def __init__(self, document: int, position: int):
+        self.document, self.position = document, position
+        super().__init__(f"document {document}: non-finite entropy at encoded position {position}")
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """Positions [out_start, out_end) of one document's model input, read with left context
+    from ctx_start. The model input of a document is its encoded ids without the final EOS:
+    the logits at input position j give H_{j+1}."""
+
+    doc: int
+    ctx_start: int
+    out_start: int
+    out_end: int
+
+    @property
+    def length(self) -> int:
+        return self.out_end - self.ctx_start
+
+
+def _pieces(input_lengths: Sequence[int], chunk: int, context: int) -> list[_Piece]:
+    pieces = []
+    for doc, n in enumerate(input_lengths):
+        for start in range(0, n, chunk):
+            pieces.append(_Piece(doc, max(0, start - context), start, min(n, start + chunk)))
+    return pieces
+
+
+def _pack_rows(pieces: list[_Piece], row_positions: int) -> list[list[int]]:
+    """First-fit decreasing: piece indices per row, no row longer than row_positions."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for index in sorted(range(len(pieces)), key=lambda k: -pieces[k].length):  # stable: deterministic
+        length = pieces[index].length
+        for r, space in enumerate(free):
+            if length <= space:
+                rows[r].append(index)
+                free[r] -= length
+                break
+        else:
+            rows.append([index])
+            free.append(row_positions - length)
+    return rows
+
+
+def _encoded(document) -> np.ndarray:
+    if isinstance(document, (bytes, bytearray, memoryview)):
+        return encode_document(bytes(document))
+    ids = np.asarray(document, dtype=np.int64)
+    if ids.ndim != 1 or ids.size == 0:
+        raise ValueError(f"an encoded document is a non-empty 1-D id array, got shape {ids.shape}")
+    return ids
+
+
+def document_entropies(
+    model: torch.nn.Module,
+    documents: Sequence[Union[bytes, np.ndarray]],
+    window: int,
+    batch_positions: int = DEFAULT_BATCH_POSITIONS,
+    row_positions: Optional[int] = None,
+) -> list[np.ndarray]:
+    """Entropies (float32, nats) for every encoded position of each document.
+
+    documents: raw bytes (encoded here as BOS + bytes + EOS) or encoded id arrays.
+    window: the model's attention window (cfg.model.attention_window).
+    batch_positions: positions per forward pass (whole rows, at least one row).
+    row_positions: row length (default 4 * window); documents longer than row_positions -
+        window are chunked. Results do not depend on it beyond float rounding.
+    Raises NonFiniteEntropy naming the document (its index in `documents`).
+    """
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be a positive number of positions, got {window!r}")
+    row_positions = ROW_WINDOWS * window if row_positions is None else row_positions
+    if row_positions <= window:
+        raise ValueError(f"row_positions ({row_positions}) must exceed the window ({window})")
+    if batch_positions < 1:
+        raise ValueError(f"batch_positions must be positive, got {batch_positions}")
+    encoded = [_encoded(d) for d in documents]
+    # The mask lets query j see keys j-window+1..j, so window-1 tokens of context would do;
+    # `window` costs one position and stays exact under either reading of "window".
+    pieces = _pieces([ids.size - 1 for ids in encoded], chunk=row_positions - window, context=window)
+    rows = _pack_rows(pieces, row_positions)
+    rows_per_batch = max(1, batch_positions // row_positions)
+    out = [np.zeros(ids.size, dtype=np.float32) for ids in encoded]  # H at BOS stays 0
+    device = next(model.parameters()).device
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for first in range(0, len(rows), rows_per_batch):
+                batch = rows[first : first + rows_per_batch]
+                length = max(sum(pieces[k].length for k in row) for row in batch)
+                tokens = np.full((len(batch), length), PAD_ID, dtype=np.int64)
+                doc_ids = np.full((len(batch), length), -1, dtype=np.int64)
+                flat_targets, owners = [], []  # flat row*length+column of each output; (doc, out_start, out_end)
+                for r, row in enumerate(batch):
+                    column = 0
+                    for slot, k in enumerate(row):
+                        p = pieces[k]
+                        tokens[r, column : column + p.length] = encoded[p.doc][p.ctx_start : p.out_end]
+                        doc_ids[r, column : column + p.length] = slot  # distinct per piece in a row
+                        skip = p.out_start - p.ctx_start
+                        flat_targets.append(r * length + column + skip + np.arange(p.out_end - p.out_start))
+                        owners.append(p)
+                        column += p.length
+                logits = model(torch.from_numpy(tokens).to(device), torch.from_numpy(doc_ids).to(device))
+                picked = logits.reshape(-1, logits.shape[-1])[torch.from_numpy(np.concatenate(flat_targets)).to(device)]
+                log_p = torch.log_softmax(picked.float(), dim=-1)
+                entropy = -(log_p.exp() * log_p).sum(-1).cpu().numpy()
+                offset = 0
+                for p in owners:
+                    count = p.out_end - p.out_start
+                    out[p.doc][p.out_start + 1 : p.out_end + 1] = entropy[offset : offset + count]
+                    offset += count
+    finally:
+        model.train(was_training)
+
+    bad = [k for k, H in enumerate(out) if not np.isfinite(H).all()]
+    if bad:
+        # A NaN crosses masks (a masked key's weight is 0, and 0 * NaN is NaN), so one bad
+        # document poisons its row: find one that is non-finite on its own to name it.
+        if len(documents) > 1:
+            for k in bad:
+                try:
+                    document_entropies(model, [encoded[k]], window, batch_positions, row_positions)
+                except NonFiniteEntropy as err:
+                    raise NonFiniteEntropy(k, err.position) from None
+        k = bad[0]
+        raise NonFiniteEntropy(k, int(np.flatnonzero(~np.isfinite(out[k]))[0]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The entropy dataset
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One input shard and the part directory it becomes."""
+
+    number: int  # global shard number over every stream, in order: what --part splits on
+    split: str
+    content_type: str
+    index: int  # shard number within its stream
+    stream_dir: Path  # input stream
+    info: dict  # the shard's entry in the input index.json
+
+    @property
+    def part_name(self) -> str:
+        return f"part.{self.index:05d}"
+
+    def out_dir(self, out: Path) -> Path:
+        return out / self.split / self.content_type / self.part_name
+
+
+def list_shards(dataset: ByteDataset) -> list[ShardTask]:
+    tasks = []
+    for stream in dataset.streams():
+        for index, info in enumerate(verify_stream(stream.path)["shards"]):
+            tasks.append(ShardTask(len(tasks), stream.split, stream.content_type, index, stream.path, info))
+    return tasks
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{path}: unreadable ({err})") from err
+
+
+def _identity(record: dict) -> tuple:
+    """What must agree between existing output and this run."""
+    return record.get("byte_fingerprint"), record.get("entropy_model")
+
+
+def _describe(record: dict) -> str:
+    model = record.get("entropy_model") or {}
+    return (
+        f"byte dataset {str(record.get('byte_fingerprint'))[:16]}, entropy model weights "
+        f"{str(model.get('weights_sha256'))[:16]} (window {(model.get('config') or {}).get('window')})"
+    )
+
+
+def _prepare_output(out: Path, data: Path, job: dict, force: bool) -> None:
+    """Checks existing output against this job (refusing a mismatch unless --force, which
+    starts over), then records the job in OUT/job.json."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a directory")
+    if out.resolve() == data.resolve():
+        raise UserError(f"--out {out} is the byte dataset itself; choose another directory")
+    if out.is_dir() and any(out.iterdir()):
+        manifest, existing_job = _read_json(out / MANIFEST), _read_json(out / JOB)
+        if manifest is not None and manifest.get("format") != ENTROPY_FORMAT:
+            raise UserError(f"{out}: holds a dataset of format {manifest.get('format')!r}, not entropies; refusing to touch it")
+        existing = manifest or existing_job
+        if existing is None:
+            raise UserError(f"{out}: exists and holds other data; refusing to write entropies there")
+        if force:
+            trash = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(trash)
+            shutil.rmtree(trash)
+        elif _identity(existing) != _identity(job):
+            raise UserError(
+                f"{out}: holds entropies of {_describe(existing)}; this run has {_describe(job)}. "
+                f"Use another --out, or pass --force to delete it and start over"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    # Several array tasks may start at once: create job.json exclusively (link fails if it
+    # exists), then everyone compares against the one that won.
+    tmp = out / f".{JOB}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(job, indent=2, sort_keys=True) + "\n")
+    try:
+        os.link(tmp, out / JOB)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+    if _identity(_read_json(out / JOB)) != _identity(job):
+        raise UserError(f"{out}: another run is computing entropies of {_describe(_read_json(out / JOB))} there")
+
+
+def _part_complete(out: Path, task: ShardTask) -> bool:
+    part = task.out_dir(out)
+    return (part / PART_INFO).is_file() and (part / "index.json").is_file()
+
+
+def _local_mds_writer(out_dir: Path, shard_size):
+    """An MDSWriter for a local directory, without the 1 s stall at finish().
+
+    MDSWriter._write_index (streaming 0.13) polls its upload queue with sleep(1) before writing
+    index.json; for a local directory the queued "uploads" are no-ops, but the poll runs right
+    after the last one is queued and usually loses the race: one second per part directory,
+    which dominates small runs and tests. Here the queue is drained by shutting the executor
+    down (waiting for it), then index.json is written exactly as upstream writes it."""
+    from streaming import MDSWriter
+    from streaming.base.util import get_index_basename
+
+    class LocalMDSWriter(MDSWriter):
+        def _write_index(self) -> None:
+            if self.remote is not None:
+                return super()._write_index()
+            if self.new_samples:
+                raise RuntimeError("internal error: not all samples have been written")
+            self.executor.shutdown(wait=True)
+            if self.event.is_set():
+                raise RuntimeError(f"{self.local}: writing a shard failed (see the traceback above)")
+            with open(os.path.join(self.local, get_index_basename()), "w") as f:
+                json.dump({"version": 2, "shards": self.shards}, f, sort_keys=True)
+
+    return LocalMDSWriter(out=str(out_dir), columns=ENTROPY_COLUMNS, size_limit=shard_size)
+
+
+def write_part(task: ShardTask, model, window: int, out: Path, batch_positions: int, shard_size, bar) -> dict:
+    """Computes one input shard's entropies into its part directory (temp name, checked, renamed).
+    Returns the part record (also written to part.json)."""
+    from streaming.base.format import reader_from_json
+
+    final = task.out_dir(out)
+    tmp = final.with_name(f".{final.name}.tmp")
+    if tmp.exists():  # left by a crashed run of this part: never published, safe to discard
+        shutil.rmtree(tmp)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    reader = reader_from_json(str(task.stream_dir), None, task.info)
+    written_bytes, written_entropies = StreamHash(), hashlib.sha256()
+    documents = nbytes = 0
+    group_positions = GROUP_BATCHES * batch_positions
+
+    def flush(group: list[dict]) -> None:
+        nonlocal documents, nbytes
+        try:
+            entropies = document_entropies(model, [s["data"] for s in group], window, batch_positions)
+        except NonFiniteEntropy as err:
+            sample = group[err.document]
+            raise UserError(
+                f"{task.split}/{task.content_type} document {sample['doc']} ({sample['source']}): the entropy "
+                f"model produced a non-finite entropy at encoded position {err.position}; refusing to write it"
+            ) from err
+        for sample, H in zip(group, entropies):
+            H16 = H.astype(np.float16)
+            writer.write({"data": sample["data"], "doc": sample["doc"], "source": sample["source"], "entropies": H16})
+            written_bytes.add_document(sample["data"])
+            written_entropies.update(H16.tobytes())
+            documents += 1
+            nbytes += len(sample["data"])
+            bar.update(len(sample["data"]))
+
+    try:
+        writer = _local_mds_writer(tmp, shard_size)
+        group, positions = [], 0
+        for i in range(reader.samples):
+            sample = reader.get_item(i)
+            group.append(sample)
+            positions += len(sample["data"]) + 1
+            if positions >= group_positions:
+                flush(group)
+                group, positions = [], 0
+        if group:
+            flush(group)
+        writer.finish()
+        record = {
+            "input_shard": task.info["raw_data"]["basename"],
+            "documents": documents,
+            "bytes": nbytes,
+            "bytes_sha256": written_bytes.hexdigest(),
+            "entropies_sha256": written_entropies.hexdigest(),
+        }
+        _check_part(tmp, record, expected_documents=reader.samples)
+        _write_json_atomic(tmp / PART_INFO, record)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return record
+
+
+def _check_part(part_dir: Path, record: dict, expected_documents: int) -> None:
+    """Reads a part back: documents, bytes and entropies exactly as written, none lost."""
+    documents, nbytes, data_hash, entropy_hash = 0, 0, StreamHash(), hashlib.sha256()
+    for sample in iter_stream(part_dir):
+        H = sample["entropies"]
+        if H.dtype != np.float16 or H.shape != (len(sample["data"]) + 2,):
+            raise RuntimeError(f"{part_dir}: document {sample['doc']} read back with entropies {H.dtype}{H.shape}")
+        documents += 1
+        nbytes += len(sample["data"])
+        data_hash.add_document(sample["data"])
+        entropy_hash.update(H.tobytes())
+    got = (documents, nbytes, data_hash.hexdigest(), entropy_hash.hexdigest())
+    want = (expected_documents, record["bytes"], record["bytes_sha256"], record["entropies_sha256"])
+    if got != want or record["documents"] != expected_documents:
+        raise RuntimeError(f"{part_dir}: wrote {want} (documents, bytes, sha256s) but read back {got}")
+
+
+def _merge(out: Path, dataset: ByteDataset, tasks: list[ShardTask], job: dict) -> dict:
+    """Every part is complete: one index.json per stream, then dataset.json (last)."""
+    streams: dict[tuple[str, str], list[ShardTask]] = {}
+    for task in tasks:
+        streams.setdefault((task.split, task.content_type), []).append(task)
+    splits: dict[str, dict] = {}
+    fingerprint_lines = [f"byte_fingerprint:{job['byte_fingerprint']}", f"entropy_model:{job['entropy_model']['weights_sha256']}"]
+    for stream in dataset.streams():
+        key = (stream.split, stream.content_type)
+        shards, documents, nbytes, part_digests = [], 0, 0, []
+        for task in streams.get(key, []):
+            part = task.out_dir(out)
+            record = _read_json(part / PART_INFO)
+            if record["documents"] != task.info["samples"] or record["input_shard"] != task.info["raw_data"]["basename"]:
+                raise UserError(f"{part}: made from another input shard ({record['input_shard']}); re-run with --force")
+            for shard in verify_stream(part)["shards"]:
+                for column in ("raw_data", "zip_data", "raw_meta", "zip_meta"):
+                    if shard.get(column):
+                        shard[column]["basename"] = f"{task.part_name}/{shard[column]['basename']}"
+                shards.append(shard)
+            documents += record["documents"]
+            nbytes += record["bytes"]
+            part_digests.append(record["entropies_sha256"])
+        if (documents, nbytes) != (stream.documents, stream.bytes):
+            raise UserError(
+                f"{out / stream.split / stream.content_type}: {documents} documents / {nbytes} bytes out, "
+                f"the byte dataset has {stream.documents} / {stream.bytes}"
+            )
+        _write_json_atomic(out / stream.split / stream.content_type / "index.json", {"version": 2, "shards": shards})
+        entropies_sha256 = hashlib.sha256("".join(part_digests).encode()).hexdigest()
+        splits.setdefault(stream.split, {})[stream.content_type] = {
+            "documents": documents,
+            "bytes": nbytes,
+            "shards": len(shards),
+            "parts": len(streams.get(key, [])),
+            "entropies_sha256": entropies_sha256,
+        }
+        fingerprint_lines.append(f"{stream.split}/{stream.content_type}:{entropies_sha256}")
+    manifest = {
+        **job,
+        "fingerprint": hashlib.sha256(("\n".join(fingerprint_lines) + "\n").encode()).hexdigest(),
+        "splits": splits,
+    }
+    _write_json_atomic(out / MANIFEST, manifest)
+    ByteDataset(out, format=ENTROPY_FORMAT)  # what the BLT loader will open: check it opens
+    return manifest
+
+
+@dataclass
+class EntropyRun:
+    """What one invocation did."""
+
+    part: tuple[int, int]
+    done: int  # shards computed by this invocation
+    skipped: int  # shards of this part found complete
+    pending: int  # shards of other parts not complete yet
+    documents: int
+    bytes: int
+    seconds: float
+    manifest: Optional[dict]  # set when this invocation completed the dataset
+
+
+def compute_entropy_dataset(
+    model_dir: Union[str, Path],
+    data: Union[str, Path],
+    out: Union[str, Path],
+    *,
+    part: tuple[int, int] = (0, 1),
+    batch_positions: int = DEFAULT_BATCH_POSITIONS,
+    shard_size: Union[str, int] = "64mb",
+    force: bool = False,
+    progress: bool = True,
+) -> EntropyRun:
+    from tqdm import tqdm
+
+    from blt_dist.export import export_info
+
+    model_dir, data, out = Path(model_dir), Path(data), Path(out)
+    this, count = part
+    if not (count >= 1 and 0 <= this < count):
+        raise UserError(f"--part {this}/{count}: expected I/N with 0 <= I < N")
+    if batch_positions < 1:
+        raise UserError(f"--batch-positions must be positive, got {batch_positions}")
+    model, cfg = load_entropy_model(model_dir)
+    window = cfg.model.attention_window
+    dataset = ByteDataset(data)
+    job = {
+        "format": ENTROPY_FORMAT,
+        "byte_dataset": str(data),
+        "byte_fingerprint": dataset.fingerprint,
+        "entropy_model": {
+            "weights_sha256": export_info(model_dir)["weights_sha256"],
+            "config": dataclasses.asdict(cfg.model),
+        },
+    }
+    _prepare_output(out, data, job, force)
+
+    tasks = list_shards(dataset)
+    mine = [t for t in tasks if t.number % count == this]
+    todo = [t for t in mine if not _part_complete(out, t)]
+    documents = nbytes = 0
+    start = time.perf_counter()
+    # The bar's total is the shard files' size, a little above the document bytes it counts.
+    total = sum(t.info["raw_data"]["bytes"] for t in todo)
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"entropies {this}/{count}", disable=not progress) as bar:
+        for task in todo:
+            record = write_part(task, model, window, out, batch_positions, shard_size, bar)
+            documents += record["documents"]
+            nbytes += record["bytes"]
+        bar.total = bar.n  # end at 100%
+    seconds = time.perf_counter() - start
+    pending = sum(not _part_complete(out, t) for t in tasks)
+    manifest = _merge(out, dataset, tasks, job) if pending == 0 else None
+    return EntropyRun((this, count), len(todo), len(mine) - len(todo), pending, documents, nbytes, seconds, manifest)
+
+
+def load_entropy_model(path: Union[str, Path]):
+    """(model, cfg) of an entropy-model export; a UserError for any other kind of model."""
+    from blt_dist.export import export_info, load_export
+
+    family = export_info(path).get("family")
+    if family != "entropy":
+        raise UserError(f"{path}: a {family!r} model export, not an entropy model (train one with configs/entropy/*.yaml)")
+    return load_export(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def _part_arg(text: str) -> tuple[int, int]:
+    try:
+        this, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/N (e.g. 0/4), got {text!r}") from None
+    if not (count >= 1 and 0 <= this < count):
+        raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N, got {text!r}")
+    return this, count
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, required=True, metavar="EXPORT_DIR", help="entropy-model export directory")
+    parser.add_argument("--data", type=Path, required=True, metavar="BYTE_DATASET", help="byte dataset (`blt-dist prepare`)")
+    parser.add_argument("--out", type=Path, required=True, metavar="ENTROPY_DATASET", help="entropy dataset to write")
+    parser.add_argument(
+        "--part", type=_part_arg, default=(0, 1), metavar="I/N",
+        help="process only input shards whose number is I mod N (Slurm arrays); the last part to finish merges",
+    )
+    parser.add_argument(
+        "--batch-positions", type=int, default=DEFAULT_BATCH_POSITIONS,
+        help=f"positions per forward pass (default {DEFAULT_BATCH_POSITIONS})",
+    )
+    parser.add_argument("--force", action="store_true", help="delete existing output and start over")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    result = compute_entropy_dataset(
+        args.model, args.data, args.out,
+        part=args.part, batch_positions=args.batch_positions, force=args.force, progress=not args.no_progress,
+    )
+    this, count = result.part
+    rate = result.bytes / result.seconds if result.seconds > 0 else 0.0
+    print(
+        f"part {this}/{count}: {result.documents:,} documents, {result.bytes:,} bytes in {result.seconds:.1f} s "
+        f"({rate:,.0f} bytes/s); {result.done} shards computed, {result.skipped} already complete (skipped)"
+    )
+    if result.manifest is None:
+        print(f"{result.pending} shards of other parts not complete yet; the part that completes the last one merges")
+        return 0
+    m = result.manifest
+    total_docs = sum(s["documents"] for t in m["splits"].values() for s in t.values())
+    total_bytes = sum(s["bytes"] for t in m["splits"].values() for s in t.values())
+    print(
+        f"{args.out}: complete, {total_docs:,} documents, {total_bytes:,} bytes (= the byte dataset's); "
+        f"fingerprint {m['fingerprint'][:16]}"
+    )
+    return 0
