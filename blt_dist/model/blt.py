@@ -205,12 +205,7 @@ class BLT(nn.Module):
         return patch_states, byte_states, patch_lengths, doc_ids
 
     def latent_mask_and_rope(self, patch_lengths: torch.Tensor, doc_ids: torch.Tensor) -> tuple:
-        """The latent blocks' mask: causal over patches, never across documents."""
-        layout = patch_layout(patch_lengths, doc_ids)
-        num_patches, device = layout.num_patches, doc_ids.device
-        mask = self_attention_mask(num_patches, layout.patch_doc, self.cfg.attention_window, device)
-        rope = rotary_cos_sin(num_patches, self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta, device)
-        return mask, rope
+        return latent_mask_and_rope(self.cfg, patch_lengths, doc_ids)
 
     def decode(self, patch_states: torch.Tensor, byte_states: torch.Tensor, patch_lengths: torch.Tensor,
                doc_ids: torch.Tensor) -> torch.Tensor:
@@ -223,3 +218,14 @@ class BLT(nn.Module):
         for block in self.latent:
             patch_states = block(patch_states, mask, rope)
         return self.decode(patch_states, byte_states, patch_lengths, doc_ids)
+
+
+def latent_mask_and_rope(cfg: ModelConfig, patch_lengths: torch.Tensor, doc_ids: torch.Tensor) -> tuple:
+    """The latent blocks' mask (causal over patches, never across documents) and rotary tables;
+    a function of the config so that pipeline stages, which hold blocks but not the BLT, rebuild
+    the same ones from the layout tensors they carry."""
+    layout = patch_layout(patch_lengths, doc_ids)
+    num_patches, device = layout.num_patches, doc_ids.device
+    mask = self_attention_mask(num_patches, layout.patch_doc, cfg.attention_window, device)
+    rope = rotary_cos_sin(num_patches, cfg.dim // cfg.n_heads, cfg.rope_theta, device)
+    return mask, rope

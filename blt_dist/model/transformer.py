@@ -54,9 +54,7 @@ class CausalLM(nn.Module):
         return self.tok_embeddings(tokens)
 
     def mask_and_rope(self, length: int, doc_ids: Optional[torch.Tensor], device) -> tuple:
-        mask = self_attention_mask(length, doc_ids, self.window, device)
-        rope = rotary_cos_sin(length, self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta, device)
-        return mask, rope
+        return lm_mask_and_rope(self.cfg, length, doc_ids, device)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         return self.output(self.norm(h))
@@ -72,3 +70,11 @@ class CausalLM(nn.Module):
         for block in self.blocks:
             h = block(h, mask, rope)
         return self.head(h)
+
+
+def lm_mask_and_rope(cfg: ModelConfig, length: int, doc_ids: Optional[torch.Tensor], device) -> tuple:
+    """The blocks' attention mask and rotary tables; a function of the config so that pipeline
+    stages (parallel/pipeline.py), which hold blocks but not the CausalLM, rebuild the same ones."""
+    mask = self_attention_mask(length, doc_ids, cfg.attention_window, device)
+    rope = rotary_cos_sin(length, cfg.dim // cfg.n_heads, cfg.rope_theta, device)
+    return mask, rope
