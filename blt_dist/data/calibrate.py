@@ -1,5 +1,7 @@
 """Threshold calibration: the entropy threshold whose patches average a target size.
 
+    blt-dist calibrate --data data/entropies --target 4.5 [--mode monotonic] [--json]
+
     result = calibrate_threshold(docs, mode="entropy", target_mean_size=4.5, max_patch_length=16)
     print(result.report())          # threshold, mean, reachable range, histogram, per content type
     cfg.data.patching.threshold = result.threshold
@@ -17,6 +19,8 @@ sorted distinct values: ~16 patching passes for float16 entropies.
 """
 from __future__ import annotations
 
+import argparse
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
@@ -27,7 +31,7 @@ from blt_dist.data.patching import PatchingRule, patch_starts
 from blt_dist.errors import UserError
 from blt_dist.vocab import BOS_ID, OFFSET
 
-__all__ = ["CalibrationResult", "TypeStats", "calibrate_threshold"]
+__all__ = ["CalibrationResult", "TypeStats", "calibrate_threshold", "sample_documents"]
 
 
 @dataclass
@@ -228,3 +232,94 @@ def calibrate_threshold(
         histogram={int(n): int(c) for n, c in zip(lengths, counts)},
         per_type=per_type if content_types is not None else {},
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI: calibrate on a sample of an entropy dataset
+
+
+def sample_documents(path, split: str = "train", sample_bytes: int = 16_000_000, seed: int = 0):
+    """A deterministic sample of an entropy dataset: [(content type, encoded ids, entropies)].
+
+    Each content type gets a share of `sample_bytes` proportional to its bytes, so the sample's
+    mix, and hence the overall mean patch size, is the training mix (the loaders read every
+    document once per epoch); every content type gets at least one document so its mean can be
+    reported. Within a type, documents are taken in a seeded random order until its share is
+    reached. The whole split is used when it holds at most `sample_bytes`.
+    """
+    from blt_dist.data.loader import ENTROPY_FORMAT
+    from blt_dist.data.shards import ByteDataset, SplitReader
+    from blt_dist.vocab import encode_document
+
+    dataset = ByteDataset(path, format=ENTROPY_FORMAT)
+    reader = SplitReader(dataset, split)
+    total = sum(stream.bytes for stream in reader.streams)
+    docs, first = [], 0
+    for k, stream in enumerate(reader.streams):
+        share = stream.bytes if total <= sample_bytes else sample_bytes * stream.bytes / total
+        order = np.random.default_rng([seed, k]).permutation(stream.documents)
+        taken = 0
+        for local in order:
+            if taken >= share and taken > 0:
+                break
+            content_type, sample = reader.get(first + int(local))
+            docs.append((content_type, encode_document(sample["data"]), np.asarray(sample["entropies"])))
+            taken += len(sample["data"]) + (len(sample["data"]) == 0)  # empty documents still count once
+        first += stream.documents
+    return dataset, docs
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, metavar="ENTROPY_DATASET", help="entropy dataset (`blt-dist entropies`)")
+    parser.add_argument("--target", type=float, default=4.5, help="target mean patch size in bytes (default 4.5)")
+    parser.add_argument("--mode", choices=("entropy", "monotonic"), default="entropy", help="patching rule (default entropy)")
+    parser.add_argument("--max-patch-length", type=int, default=16, help="longest patch in positions (default 16)")
+    parser.add_argument(
+        "--sample-bytes", type=int, default=16_000_000, metavar="N",
+        help="calibrate on about N bytes, shared by content type in proportion to their size (default 16M)",
+    )
+    parser.add_argument("--split", default="train", help="split to sample (default train)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the document sample")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.sample_bytes < 1:
+        raise UserError(f"--sample-bytes must be positive, got {args.sample_bytes}")
+    if args.max_patch_length < 1:
+        raise UserError(f"--max-patch-length must be positive, got {args.max_patch_length}")
+    dataset, docs = sample_documents(args.data, args.split, args.sample_bytes, args.seed)
+    result = calibrate_threshold(
+        [(ids, H) for _, ids, H in docs],
+        mode=args.mode,
+        target_mean_size=args.target,
+        max_patch_length=args.max_patch_length,
+        content_types=[ctype for ctype, _, _ in docs],
+    )
+    overrides = [f"{result.config_key}={result.threshold!r}", f"data.patching.max_patch_length={args.max_patch_length}"]
+    if args.mode != "entropy":
+        overrides.insert(0, f"data.patching.mode={args.mode}")
+    sample = {"documents": len(docs), "bytes": int(sum(ids.size - 2 for _, ids, _ in docs)), "split": args.split}
+    if args.json:
+        print(json.dumps({
+            "mode": result.mode,
+            "threshold": result.threshold,
+            "config_key": result.config_key,
+            "overrides": overrides,
+            "mean_patch_size": result.mean_patch_size,
+            "target_mean_size": result.target_mean_size,
+            "reachable": list(result.reachable),
+            "max_patch_length": result.max_patch_length,
+            "histogram": {str(n): c for n, c in sorted(result.histogram.items())},
+            "per_content_type": {
+                name: {"mean_patch_size": s.mean_patch_size, "bytes": s.bytes, "patches": s.patches}
+                for name, s in sorted(result.per_type.items())
+            },
+            "sample": sample,
+            "dataset_fingerprint": dataset.fingerprint,
+        }))
+        return 0
+    print(f"sample: {sample['documents']:,} documents, {sample['bytes']:,} bytes of {args.data} ({args.split})")
+    print(result.report())
+    print(f"use: {' '.join(overrides)}")
+    return 0
