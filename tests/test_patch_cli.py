@@ -88,13 +88,52 @@ def test_invalid_utf8_argument_passes_through_as_raw_bytes():
     assert [(p["start"], p["text"]) for p in patches] == [(0, "a"), (1, "\ufffd"), (2, "b")]
 
 
-def test_entropy_modes_say_what_is_missing():
+def test_entropy_modes_say_what_is_missing(tmp_path):
     with pytest.raises(UserError, match="needs entropies from an entropy model: pass --entropy-model"):
         patch_cli.run(parse("hi", "--mode", "entropy", "--threshold", "1.0"))
-    with pytest.raises(UserError, match="entropy-model checkpoints are not supported yet"):
-        patch_cli.run(parse("hi", "--mode", "monotonic", "--threshold", "0.5", "--entropy-model", "ckpt"))
+    with pytest.raises(UserError, match="no export.json; not a model export"):
+        patch_cli.run(parse("hi", "--mode", "monotonic", "--threshold", "0.5", "--entropy-model", str(tmp_path)))
     with pytest.raises(UserError, match="needs --threshold"):
         patch_cli.run(parse("hi", "--mode", "entropy", "--entropy-model", "ckpt"))
+
+
+def save_tiny_export(path, family: str):
+    import torch
+
+    from blt_dist.config import Config
+    from blt_dist.export import save_export
+    from blt_dist.model import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    cfg = Config()
+    vocab = {"bpe": {"vocab_size": 64}}.get(family, {})
+    cfg.model = ModelConfig(family=family, dim=32, n_layers=1, n_heads=2, window=16, **vocab)
+    model = build_model(cfg.model)
+    save_export(model.state_dict(), cfg, path)
+    return model
+
+
+def test_entropy_mode_with_a_real_export(tmp_path, capsys):
+    """--entropy-model loads an export and computes what `blt-dist entropies` would store."""
+    from blt_dist.data.entropies import document_entropies
+    from blt_dist.vocab import encode_document
+
+    model = save_tiny_export(tmp_path / "entropy", "entropy")
+    text = "a real entropy model, a sliding window of 16 bytes, and a text longer than that"
+    expected = document_entropies(model, [text.encode()], window=16)[0]
+    threshold = float(np.median(expected[1:]))
+    report = run_json(capsys, text, "--mode", "entropy", "--threshold", str(threshold), "--entropy-model", str(tmp_path / "entropy"))
+    shown = np.concatenate([p["entropies"] for p in report["patches"]])
+    np.testing.assert_allclose(shown, expected[1:-1], atol=1e-4)  # per byte (BOS and EOS not shown)
+    starts = [p["start"] + 1 for p in report["patches"]]  # encoded positions of the first bytes
+    assert set(starts) >= {i for i in range(2, len(text) + 1) if expected[i] > threshold}
+    for previous, start in zip(starts, starts[1:]):
+        assert expected[start] > threshold or start - previous == 16  # natural, or forced by the max length
+    assert encode_document(text.encode()).size == expected.size
+
+    save_tiny_export(tmp_path / "bpe", "bpe")
+    with pytest.raises(UserError, match="a 'bpe' model export, not an entropy model"):
+        patch_cli.run(parse("hi", "--mode", "entropy", "--threshold", "1", "--entropy-model", str(tmp_path / "bpe")))
 
 
 def test_input_errors(tmp_path):

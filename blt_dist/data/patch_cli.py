@@ -2,7 +2,7 @@
 
     blt-dist patch "Hello world" --mode space
     blt-dist patch --file notes.txt --mode static --patch-size 4 --json
-    blt-dist patch --file page.html --mode entropy --threshold 1.335 --entropy-model CKPT --html out.html
+    blt-dist patch --file page.html --mode entropy --threshold 1.335 --entropy-model EXPORT_DIR --html out.html
 
 The input is encoded like a training document (BOS + bytes + EOS) and patched with the same
 code as the loaders (blt_dist.data.patching), so what you see is what the model gets. Output
@@ -33,15 +33,18 @@ EntropyFn = Callable[[np.ndarray], np.ndarray]  # encoded ids [T] -> entropies [
 
 
 def load_entropy_fn(path: str) -> EntropyFn:
-    """Loads an entropy-model checkpoint as a function: encoded ids [T] -> entropies [T].
+    """An entropy-model export (`blt-dist train` on configs/entropy/*) as a function: encoded
+    ids [T] -> entropies [T], computed exactly as `blt-dist entropies` computes them for the
+    training data (float32 here; the shards round them to float16)."""
+    from blt_dist.data.entropies import document_entropies, load_entropy_model
 
-    The entropy model and its checkpoint format are delivered by the model/training issues;
-    until then this hook says so instead of guessing a format.
-    """
-    raise UserError(
-        f"entropy-model checkpoints are not supported yet (got {path}): the entropy model and its "
-        f"checkpoint format are not built; use --mode space, static or byte for now"
-    )
+    model, cfg = load_entropy_model(path)
+    window = cfg.model.attention_window
+
+    def entropies(ids: np.ndarray) -> np.ndarray:
+        return document_entropies(model, [ids], window)[0]
+
+    return entropies
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,7 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--patch-size", type=int, default=4, help="static mode: bytes per patch (default 4)")
     parser.add_argument("--max-patch-length", type=int, default=16, help="longest patch in positions (default 16)")
-    parser.add_argument("--entropy-model", metavar="CKPT", help="entropy-model checkpoint (entropy/monotonic modes)")
+    parser.add_argument(
+        "--entropy-model", metavar="EXPORT_DIR", help="entropy-model export directory (entropy/monotonic modes)"
+    )
     parser.add_argument("--json", action="store_true", help="print the patches as JSON")
     parser.add_argument("--html", metavar="OUT", help="write an HTML page colouring bytes by entropy")
 
@@ -85,7 +90,7 @@ def _read_input(args) -> bytes:
 
 def _rule(args) -> PatchingRule:
     if args.mode in ENTROPY_MODES and args.entropy_model is None:
-        raise UserError(f"--mode {args.mode} needs entropies from an entropy model: pass --entropy-model CKPT")
+        raise UserError(f"--mode {args.mode} needs entropies from an entropy model: pass --entropy-model EXPORT_DIR")
     if args.mode in ENTROPY_MODES and args.threshold is None:
         raise UserError(f"--mode {args.mode} needs --threshold X (nats; `blt-dist calibrate` finds one)")
     key = "threshold_r" if args.mode == "monotonic" else "threshold"
