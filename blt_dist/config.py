@@ -102,6 +102,7 @@ class CheckpointConfig:
     keep_last: int = 2  # ephemeral checkpoints kept
     permanent_every: int = 0  # steps; checkpoints at multiples of this are never deleted
     resume: bool = True  # resume from the newest complete checkpoint in run.dir
+    resume_from: str = ""  # another run dir to resume from (must hold a complete checkpoint)
 
 
 @dataclass

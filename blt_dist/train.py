@@ -1,14 +1,433 @@
-"""`blt-dist train CONFIG [overrides]`: the training entry point.
+"""`blt-dist train CONFIG [key=value ...]`: one trainer for the entropy model, BLT and BPE.
 
-The DeepSpeed loop is delivered by issue 5; until then only `--dry-run` (print the resolved
-config) works, and a real run says it is not built instead of pretending.
+Read `train()` top to bottom: setup, auto-resume, then the loop
+    {lr = f(step), forward/backward/step, log, eval, checkpoint, stop check}.
+
+Processes: one process as is; N processes on one machine with torchrun
+    torchrun --standalone --nproc_per_node N -m blt_dist.cli train CONFIG ...
+(gloo on CPU, NCCL on GPU); under Slurm through launch/, which exports the same variables.
+Rerunning the same command on the same run.dir resumes from the newest complete checkpoint.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
+import platform
+import random
+import signal
+import subprocess
 import sys
+import time
+from pathlib import Path
 
-from blt_dist.config import add_config_arguments, config_from_args, to_yaml
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from blt_dist import checkpoint
+from blt_dist.config import Config, add_config_arguments, config_from_args, save_resolved, to_dict, to_yaml
+from blt_dist.errors import UserError
+from blt_dist.loss import LossSums, loss_and_sums
+from blt_dist.metrics import MetricsLogger, format_line, memory_gb, peak_flops
+from blt_dist.schedule import lr_at
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Small pieces the loop uses
+
+
+class StopRequest:
+    """Set by SIGTERM/SIGUSR1/SIGUSR2 (Slurm preemption, scancel --signal). The flag is agreed
+    across ranks every step so that every rank saves at the same step."""
+
+    def __init__(self):
+        self.requested = False
+        self.signal_name = ""
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([1 if self.requested else 0], dtype=torch.int64)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+class Faults:
+    """Fault injection for the resume and NaN tests, from BLT_FAULTS, e.g.
+    "kill_after_step=3" (SIGKILL this process, rank 0 only, right after that step) or
+    "nan_at_steps=4,5" (make those steps' loss NaN on every rank). Empty in real runs."""
+
+    def __init__(self, spec: str):
+        items = dict(item.split("=", 1) for item in spec.split(";") if item)
+        self.kill_after_step = int(items.get("kill_after_step", -1))
+        self.nan_at_steps = {int(x) for x in items.get("nan_at_steps", "").split(",") if x}
+
+    def after_step(self, step: int, rank: int) -> None:
+        if step == self.kill_after_step and rank == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def batch_digest(batch: dict) -> int:
+    """A cheap fingerprint of the data a batch holds, summed into the log to show two runs
+    saw the same samples in the same order."""
+    import zlib
+
+    return zlib.crc32(batch["tokens"].numpy().tobytes()) ^ zlib.crc32(batch["doc_pos"].numpy().tobytes())
+
+
+def model_inputs(batch: dict, family: str, device) -> tuple:
+    if family == "blt":
+        return batch["tokens"].to(device), batch["patch_lengths"].to(device), batch["doc_ids"].to(device)
+    return batch["tokens"].to(device), batch["doc_ids"].to(device)
+
+
+def all_reduce_sums(sums: LossSums, device) -> LossSums:
+    t = sums.as_tensor().to(device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return LossSums.from_tensor(t.cpu())
+
+
+def expected_bytes_per_sample(cfg: Config) -> float:
+    """Raw bytes one sample predicts, for turning a FLOP or byte budget into a step count."""
+    d, family = cfg.data, cfg.model.family
+    if family == "blt":
+        return min(d.byte_capacity, d.patches_per_sample * d.patching.target_mean_size)
+    if family == "bpe":
+        return d.tokens_per_sample * d.bytes_per_token
+    return float(d.seq_len)
+
+
+def train_flops_per_byte(cfg: Config) -> float:
+    from blt_dist.flops import SampleShape, train_flops_per_byte as counter
+
+    return counter(cfg.model, SampleShape.from_data(cfg.data))
+
+
+def total_steps_for(cfg: Config, flops_per_byte: float, dp_size: int) -> int:
+    """train.max_steps if set, else the step count whose expected bytes meet train.max_bytes or
+    whose FLOPs meet train.flops. The LR schedule needs this up front; the log reports the FLOPs
+    and bytes actually spent."""
+    t = cfg.train
+    if t.max_steps:
+        return t.max_steps
+    bytes_per_step = expected_bytes_per_sample(cfg) * t.micro_batch_size * t.grad_accum * dp_size
+    if t.max_bytes:
+        return max(1, math.ceil(t.max_bytes / bytes_per_step))
+    if t.flops:
+        return max(1, math.ceil(t.flops / (flops_per_byte * bytes_per_step)))
+    raise UserError("train: set one of max_steps, max_bytes or flops to define the run length")
+
+
+def check_memory(cfg: Config, world_size: int, device) -> None:
+    """Fails fast, before allocating, when weights + gradients + AdamW state cannot fit on CPU."""
+    if device.type != "cpu":
+        return
+    from blt_dist.flops import params_by_component
+
+    params = sum(params_by_component(cfg.model).values())
+    shard = world_size if cfg.parallel.zero_stage >= 1 else 1
+    # fp32 weights 4 B + grads 4 B (sharded at ZeRO-2+) + Adam moments 8 B (sharded at ZeRO-1+)
+    per_param = 4 + (4 / shard if cfg.parallel.zero_stage >= 2 else 4) + 8 / shard
+    if cfg.parallel.zero_stage >= 3:
+        per_param = 16 / shard
+    needed = params * per_param * (world_size if device.type == "cpu" else 1)  # all ranks share this machine
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if needed > 0.9 * available:
+        raise UserError(
+            f"model: {params / 1e9:.2f}B parameters need about {needed / 1e9:.1f} GB for weights, gradients and "
+            f"AdamW state on this machine ({world_size} ranks, ZeRO-{cfg.parallel.zero_stage}), before activations; "
+            f"{available / 1e9:.1f} GB is free. Use a smaller config, more machines, or a GPU cluster."
+        )
+
+
+def provenance() -> dict:
+    import deepspeed
+
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        rev = ""
+    return {
+        "git_revision": rev or "unknown",
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "deepspeed": deepspeed.__version__,
+        "numpy": np.__version__,
+        "host": platform.node(),
+        "cpu_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def evaluate(engine, cfg: Config, family: str, device, batches: int) -> LossSums:
+    """bpb on the first `batches` batches of the validation data (the same ones every time)."""
+    from dataclasses import replace
+
+    from blt_dist.data.loader import Loader, LoaderSpec
+
+    spec = replace(LoaderSpec.from_config(cfg, family, split="val"), shuffle=False)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    loader = Loader(spec, rank, world)
+    sums = LossSums()
+    engine.eval()
+    with torch.no_grad():
+        for _ in range(batches):
+            batch = next(loader)
+            logits = engine(*model_inputs(batch, family, device))
+            sums = sums.add(loss_and_sums(logits, batch["targets"].to(device), batch["target_bytes"].to(device))[1])
+    engine.train()
+    return all_reduce_sums(sums, device)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(cfg: Config) -> int:
+    """Runs (or resumes) a training run; returns the process exit status."""
+    from blt_dist.parallel.engine import init_distributed
+
+    env = init_distributed(cfg.parallel.backend)
+    try:
+        return _train(cfg, env)
+    except BaseException:
+        # no barrier here: the other ranks may not reach it; just release the process group
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise
+
+
+def _train(cfg: Config, env) -> int:
+    import deepspeed
+
+    from blt_dist.data.loader import Loader, LoaderSpec
+    from blt_dist.model import build_model
+    from blt_dist.parallel.engine import (
+        apply_activation_checkpointing,
+        data_parallel_size,
+        deepspeed_config,
+        optimizer_groups,
+        set_lr,
+        shutdown_distributed,
+    )
+
+    # -- setup -------------------------------------------------------------------------------
+    family = cfg.model.family
+    run_dir = Path(cfg.run.dir)
+    log = MetricsLogger(run_dir, enabled=False)  # replaced below once we know the wandb id
+    ds_config = deepspeed_config(cfg, env.world_size)
+    dp_size = data_parallel_size(cfg, env.world_size)
+    check_memory(cfg, env.world_size, env.device)
+    if env.is_main:
+        save_resolved(cfg, run_dir)
+        (run_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+        (run_dir / "provenance.json").write_text(json.dumps(provenance(), indent=2) + "\n")
+
+    seed_everything(cfg.run.seed)  # identical initial weights on every rank
+    model = build_model(cfg.model)
+    if cfg.train.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=optimizer_groups(model, cfg.optim.weight_decay), config=ds_config
+    )
+    loader = Loader(LoaderSpec.from_config(cfg, family), env.rank, env.world_size, cfg.data.num_workers)
+    flops_per_byte = train_flops_per_byte(cfg)
+    total_steps = total_steps_for(cfg, flops_per_byte, dp_size)
+    marker_info = {
+        "world_size": env.world_size,
+        "global_batch": ds_config["train_batch_size"],
+        "dataset_fingerprint": loader.fingerprint,
+        "zero_stage": cfg.parallel.zero_stage,
+        "family": family,
+    }
+    seed_everything(cfg.run.seed + env.rank)  # per-rank streams for anything random from here on
+
+    # -- auto-resume -------------------------------------------------------------------------
+    step, seen = 0, {"bytes": 0, "targets": 0, "flops": 0.0}
+    wandb_id = None
+    resume_dir = Path(cfg.checkpoint.resume_from) if cfg.checkpoint.resume_from else run_dir
+    tag = checkpoint.choose_for_resume(resume_dir, env.is_main) if cfg.checkpoint.resume else None
+    if tag is None and cfg.checkpoint.resume_from:
+        raise UserError(f"checkpoint.resume_from: {resume_dir} holds no complete checkpoint")
+    if tag is not None:
+        _, _, marker = checkpoint.verify(checkpoint.checkpoint_root(resume_dir) / tag)
+        checkpoint.check_compatible(marker, {k: marker_info[k] for k in ("world_size", "global_batch", "dataset_fingerprint")})
+        state = checkpoint.load(engine, resume_dir, tag, env.rank)
+        loader.load_state_dict(state["loader"])
+        checkpoint.set_rng_state(state["rng"])
+        step, seen, wandb_id = state["step"], state["seen"], state.get("wandb_id")
+    log = MetricsLogger(run_dir, env.is_main, cfg.log, to_dict(cfg), wandb_id)
+    peak, peak_source = peak_flops(cfg.train.dtype, env.device)
+    log.info(
+        f"{family}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {flops_per_byte:.3g} train FLOPs/byte, "
+        f"{total_steps} steps, {env.world_size} ranks ({env.backend}), ZeRO-{cfg.parallel.zero_stage}, {cfg.train.dtype}; "
+        f"MFU peak {peak / 1e12:.3f} TFLOP/s from {peak_source}"
+        + (f"; resumed from {tag} (step {step})" if tag else "")
+    )
+
+    def save(at_step: int) -> bool:
+        rank_state = {
+            "step": at_step, "seen": seen, "loader": loader.state_dict(), "rng": checkpoint.rng_state(),
+            "wandb_id": log.wandb_id,
+        }
+        ok = checkpoint.save(engine, run_dir, at_step, rank_state, marker_info, env.rank, log=log.info)
+        if ok and env.is_main:
+            checkpoint.prune(run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.permanent_every)
+        return ok
+
+    # -- the loop ----------------------------------------------------------------------------
+    stop = StopRequest()
+    faults = Faults(os.environ.get("BLT_FAULTS", ""))
+    nonfinite_in_a_row = 0
+    plain_optimizer = cfg.parallel.zero_stage == 0 and cfg.train.dtype == "fp32"
+    new_window = lambda: {"sums": LossSums(), "time": 0.0, "data_time": 0.0, "patches": 0, "steps": 0, "digest": 0, "gnorm": float("nan")}
+    window = new_window()
+    last_saved = step if tag else -1
+    while step < total_steps:
+        lr = lr_at(step, total_steps, cfg.optim)
+        set_lr(engine, lr)
+        started = time.perf_counter()
+        step_sums, nonfinite = LossSums(), False
+        for _ in range(cfg.train.grad_accum):
+            data_started = time.perf_counter()
+            batch = next(loader)
+            window["data_time"] += time.perf_counter() - data_started
+            logits = engine(*model_inputs(batch, family, env.device))
+            loss, sums = loss_and_sums(logits, batch["targets"].to(env.device), batch["target_bytes"].to(env.device))
+            if step + 1 in faults.nan_at_steps:
+                loss, sums = loss * float("nan"), LossSums(float("nan"), sums.targets, sums.bytes)
+            nonfinite |= not math.isfinite(sums.nll)
+            window["digest"] = (window["digest"] + batch_digest(batch)) % (1 << 62)
+            step_sums = step_sums.add(sums)
+            engine.backward(loss)
+            if family == "blt":
+                window["patches"] += int((batch["patch_lengths"] > 0).sum())
+            if engine.is_gradient_accumulation_boundary():
+                nonfinite = _agree_any(nonfinite)
+                if nonfinite and plain_optimizer:
+                    _skip_update(engine)  # DeepSpeed's ZeRO-0 fp32 path has no overflow check
+                    continue
+                if cfg.parallel.zero_stage == 0 and not nonfinite:  # ZeRO-0 does not track the norm
+                    window["gnorm"] = _grad_norm(engine)
+            engine.step()  # ZeRO-1/2/3 and bf16 see the non-finite gradients and skip the update
+        step += 1
+        window["time"] += time.perf_counter() - started
+        window["steps"] += 1
+        if cfg.parallel.zero_stage > 0 and not nonfinite:
+            window["gnorm"] = float(engine.get_global_grad_norm() or float("nan"))
+        faults.after_step(step, env.rank)
+
+        if nonfinite:
+            nonfinite_in_a_row += 1
+            log.info(f"step {step}: non-finite loss; update skipped ({nonfinite_in_a_row} in a row)")
+            if nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
+                log.info(f"aborting: {nonfinite_in_a_row} consecutive non-finite losses; the last checkpoint is intact")
+                log.close()
+                shutdown_distributed()
+                return 1
+        else:
+            nonfinite_in_a_row = 0
+            window["sums"] = window["sums"].add(step_sums)
+
+        # -- log
+        if step % cfg.log.every == 0 or step == total_steps:
+            sums = all_reduce_sums(window["sums"], env.device)
+            seen["bytes"] += sums.bytes
+            seen["targets"] += sums.targets
+            seen["flops"] += sums.bytes * flops_per_byte
+            elapsed = max(window["time"], 1e-9)
+            bytes_per_s = sums.bytes / elapsed
+            record = {
+                "step": step, "total_steps": total_steps, "loss": sums.mean_nll, "bpb": sums.bpb, "lr": lr,
+                "grad_norm": window["gnorm"], "data_digest": _sum_int(window["digest"], env.device),
+                "bytes_per_s": bytes_per_s, "tflops": bytes_per_s * flops_per_byte / 1e12,
+                "mfu": bytes_per_s * flops_per_byte / env.world_size / peak if peak == peak else float("nan"),
+                "memory_gb": memory_gb(env.device), "data_fraction": window["data_time"] / elapsed,
+                "eta_s": elapsed / window["steps"] * (total_steps - step),
+                "bytes_seen": seen["bytes"], "flops_seen": seen["flops"],
+            }
+            if family == "blt":
+                patches = all_reduce_sums(LossSums(0.0, window["patches"], 0), env.device).targets
+                record["mean_patch_size"] = sums.bytes / max(patches, 1)
+                record["patches_per_sample"] = patches / (window["steps"] * ds_config["train_batch_size"])
+            log.log(record, format_line(record))
+            window = new_window()
+
+        # -- eval
+        if cfg.data.val and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == total_steps):
+            val = evaluate(engine, cfg, family, env.device, cfg.train.eval_batches)
+            log.log({"step": step, "val_bpb": val.bpb, "val_loss": val.mean_nll, "val_bytes": val.bytes},
+                    f"step {step}/{total_steps} | val bpb {val.bpb:.4f} | val loss {val.mean_nll:.4f} ({val.bytes} bytes)")
+
+        # -- checkpoint, stop
+        stop_now = stop.agreed()
+        periodic = cfg.checkpoint.every and step % cfg.checkpoint.every == 0
+        if periodic or stop_now or step == total_steps:
+            if save(step):
+                last_saved = step
+        if stop_now:
+            log.info(f"stopped by {stop.signal_name or 'a signal on another rank'} at step {step}; checkpoint saved; "
+                     "rerun the same command to resume")
+            break
+
+    if step == total_steps and last_saved == step and env.is_main:
+        from blt_dist.export import save_export
+
+        tag_dir = checkpoint.checkpoint_root(run_dir) / checkpoint.tag_for(step)
+        export_dir = save_export(checkpoint.consolidated_state_dict(tag_dir), cfg, run_dir / "export", {"step": step})
+        log.info(f"done: {step} steps; weights exported to {export_dir}")
+    log.close()
+    shutdown_distributed()
+    return 0
+
+
+def _agree_any(flag: bool) -> bool:
+    t = torch.tensor([1 if flag else 0], dtype=torch.int64)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _sum_int(value: int, device) -> int:
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return int(t.item())
+
+
+def _grad_norm(engine) -> float:
+    """Global L2 norm of the (already all-reduced) gradients, for ZeRO-0."""
+    grads = [p.grad.detach().float() for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else float("nan")
+
+
+def _skip_update(engine) -> None:
+    """Ends a step without an update, keeping DeepSpeed's counters as engine.step() would."""
+    engine.zero_grad()
+    engine.micro_steps += 1
+    engine.global_steps += 1
+    engine.global_samples += engine.train_batch_size()
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,5 +439,6 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(to_yaml(cfg), end="")
         return 0
-    print("blt-dist train: the training loop is not built yet (issue 5); use --dry-run to check a config", file=sys.stderr)
-    return 3
+    if not cfg.data.train:
+        raise UserError("data.train: no training dataset (prepare one with `blt-dist prepare`, then data.train=DIR)")
+    return train(cfg)

@@ -1,0 +1,153 @@
+"""The trainer end to end, as real processes: runs, resume after kill -9, signals, faults."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from blt_dist.checkpoint import checkpoint_root, list_checkpoints, verify
+from blt_dist.data.prepare import prepare
+from blt_dist.data.tokenizer import train_tokenizer
+from tests.distributed import launch, logs, metrics, run, wait
+
+WORDS = "the quick brown fox jumps over a lazy dog while bytes and patches flow through latent space".split()
+SMALL = ["data.seq_len=128", "train.micro_batch_size=2", "log.every=1", "train.eval_batches=2"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    rng = np.random.default_rng(0)
+    for ctype in ("prose", "code"):
+        (root / "in" / ctype).mkdir(parents=True)
+        for i in range(60):
+            text = " ".join(rng.choice(WORDS, rng.integers(5, 120))).encode()
+            (root / "in" / ctype / f"{i:02d}.txt").write_bytes(text)
+    prepare([root / "in"], root / "ds", val_fraction=0.1, progress=False)
+    train_tokenizer(root / "ds", root / "tok.model", vocab_size=300)
+    return root
+
+
+def family_args(data: Path, family: str) -> list[str]:
+    common = [f"data.train={data / 'ds'}", f"data.val={data / 'ds'}"]
+    if family == "blt":
+        return ["configs/blt/tiny.yaml", *common, "data.patching.mode=space", "data.byte_capacity=128",
+                "data.patches_per_sample=48", "train.micro_batch_size=2", "log.every=1", "train.eval_batches=2"]
+    if family == "bpe":
+        return ["configs/bpe/tiny.yaml", *common, f"data.tokenizer={data / 'tok.model'}", "model.vocab_size=300",
+                "data.tokens_per_sample=32", "train.micro_batch_size=2", "log.every=1", "train.eval_batches=2"]
+    return ["configs/entropy/tiny.yaml", *common, *SMALL]
+
+
+@pytest.mark.parametrize("family", ["entropy", "blt", "bpe"])
+def test_one_process_run_writes_metrics_checkpoint_and_export(data, tmp_path, family):
+    run_dir = tmp_path / "run"
+    run(1, ["train", *family_args(data, family), f"run.dir={run_dir}", "train.max_steps=3", "train.eval_every=2"],
+        tmp_path / "logs")
+    records = [r for r in metrics(run_dir) if "loss" in r]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(np.isfinite([r["loss"], r["bpb"], r["lr"], r["grad_norm"], r["mfu"]]).all() for r in records)
+    assert any("val_bpb" in r for r in metrics(run_dir))
+    if family == "blt":
+        assert all(1.0 < r["mean_patch_size"] < 16 for r in records)
+    for name in ("config.yaml", "deepspeed.json", "provenance.json"):
+        assert (run_dir / name).is_file()
+    ok, reason, marker = verify(checkpoint_root(run_dir) / "step_00000003")
+    assert ok, reason
+    from blt_dist.export import load_export
+
+    model, cfg = load_export(run_dir / "export")
+    assert cfg.model.family == family and sum(p.numel() for p in model.parameters()) > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
+def test_resume_after_kill_9_is_bit_exact(data, tmp_path, zero_stage):
+    args = ["train", *family_args(data, "entropy"), f"parallel.zero_stage={zero_stage}", "train.max_steps=4",
+            "checkpoint.every=2", "data.num_workers=0"]
+    straight = tmp_path / "straight"
+    run(2, [*args, f"run.dir={straight}"], tmp_path / "logs_straight")
+    killed = tmp_path / "killed"
+    codes = wait(launch(2, [*args, f"run.dir={killed}"], tmp_path / "logs_killed", {"BLT_FAULTS": "kill_after_step=3"}),
+                 tmp_path / "logs_killed")
+    assert codes[0] == -signal.SIGKILL, logs(tmp_path / "logs_killed")
+    assert [p.name for p in list_checkpoints(killed)] == ["step_00000002"]  # step 3 never saved
+    run(2, [*args, f"run.dir={killed}"], tmp_path / "logs_resumed")
+    keys = ("step", "loss", "bpb", "grad_norm", "data_digest", "lr")
+    expected = [tuple(r[k] for k in keys) for r in metrics(straight) if "loss" in r]
+    got = [tuple(r[k] for k in keys) for r in metrics(killed) if "loss" in r]
+    # the killed run logged steps 1-2, the resumed one 3-4: together, bit for bit the straight run
+    assert got == expected
+    if zero_stage == 1:  # a different world size cannot resume exactly: refused
+        codes = wait(launch(1, [*args, f"run.dir={killed}", "train.max_steps=6"], tmp_path / "logs_world"),
+                     tmp_path / "logs_world")
+        assert codes == [1] and "world_size=2, this run has world_size=1" in logs(tmp_path / "logs_world")
+
+
+@pytest.mark.slow
+def test_stop_signal_on_one_rank_stops_both_at_the_same_step(data, tmp_path):
+    run_dir = tmp_path / "run"
+    procs = launch(2, ["train", *family_args(data, "entropy"), f"run.dir={run_dir}", "train.max_steps=100000",
+                       "parallel.zero_stage=1"], tmp_path / "logs")
+    deadline = time.monotonic() + 120
+    while not metrics(run_dir) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.kill(procs[1].pid, signal.SIGUSR2)  # only rank 1 is told
+    assert wait(procs, tmp_path / "logs") == [0, 0], logs(tmp_path / "logs")
+    (tag_dir,) = list_checkpoints(run_dir)
+    assert verify(tag_dir)[0] and (tag_dir / "rank_00000.pt").is_file() and (tag_dir / "rank_00001.pt").is_file()
+    step = int(tag_dir.name.split("_")[1])
+    assert 0 < step < 100000 and metrics(run_dir)[-1]["step"] <= step
+    assert "stopped by" in logs(tmp_path / "logs")
+
+
+def test_damaged_newest_checkpoint_falls_back(data, tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["train", *family_args(data, "entropy"), f"run.dir={run_dir}", "checkpoint.every=2", "checkpoint.keep_last=3"]
+    run(1, [*args, "train.max_steps=4"], tmp_path / "logs1")
+    shard = next((checkpoint_root(run_dir) / "step_00000004").glob("*model_states.pt"))
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated
+    run(1, [*args, "train.max_steps=6"], tmp_path / "logs2")
+    text = logs(tmp_path / "logs2")
+    assert "step_00000004: skipped" in text and "resumed from step_00000002" in text
+    assert [r["step"] for r in metrics(run_dir) if "loss" in r][-4:] == [3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1])
+def test_nonfinite_steps_are_skipped_then_abort(data, tmp_path, zero_stage):
+    from blt_dist.checkpoint import consolidated_state_dict
+
+    run_dir = tmp_path / "skip"
+    args = ["train", *family_args(data, "entropy"), "checkpoint.every=1", "checkpoint.keep_last=5",
+            f"parallel.zero_stage={zero_stage}"]
+    run(1, [*args, f"run.dir={run_dir}", "train.max_steps=3"], tmp_path / "logs1", {"BLT_FAULTS": "nan_at_steps=2"})
+    assert "non-finite loss; update skipped" in logs(tmp_path / "logs1")
+    before = consolidated_state_dict(checkpoint_root(run_dir) / "step_00000001")
+    after = consolidated_state_dict(checkpoint_root(run_dir) / "step_00000002")
+    assert all(torch.equal(before[k], after[k]) for k in before), "a skipped step changed the weights"
+    abort_dir = tmp_path / "abort"
+    codes = wait(launch(1, [*args, f"run.dir={abort_dir}", "train.max_steps=10", "train.max_nonfinite_steps=2"],
+                        tmp_path / "logs2", {"BLT_FAULTS": "nan_at_steps=2,3,4"}), tmp_path / "logs2")
+    assert codes == [1] and "aborting: 2 consecutive non-finite losses" in logs(tmp_path / "logs2")
+    # steps 2 and 3 were skipped: every checkpoint left is complete and holds step 1's weights
+    saved = list_checkpoints(abort_dir)
+    assert [p.name for p in saved] == ["step_00000001", "step_00000002"] and all(verify(p)[0] for p in saved)
+    first, last = (consolidated_state_dict(p) for p in saved)
+    assert all(torch.equal(first[k], last[k]) and torch.isfinite(last[k]).all() for k in first)
+
+
+def test_bad_requests_fail_fast_with_one_line(data, tmp_path):
+    from tests.conftest import run_cli
+
+    common = [*family_args(data, "entropy"), f"run.dir={tmp_path / 'r'}", "train.max_steps=2"]
+    fp16 = run_cli("train", *common, "train.dtype=fp16")
+    assert fp16.returncode == 1 and "fp16 needs a GPU" in fp16.stderr
+    big = run_cli("train", "configs/blt/3b.yaml", f"data.train={data / 'ds'}", f"run.dir={tmp_path / 'big'}")
+    assert big.returncode == 1 and "GB for weights, gradients and AdamW state" in big.stderr
+    nothing = run_cli("train", *common, f"checkpoint.resume_from={tmp_path / 'empty'}")
+    assert nothing.returncode == 1 and "holds no complete checkpoint" in nothing.stderr
