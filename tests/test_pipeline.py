@@ -26,6 +26,7 @@ import torch
 
 from blt_dist.config import load_config
 from blt_dist.data.packing import Packer
+from blt_dist.export import load_export, save_export
 from blt_dist.flops import SampleShape, blt_forward_flops
 from blt_dist.loss import loss_and_sums
 from blt_dist.model import build_model
@@ -229,26 +230,29 @@ def test_blt_layer_flops_split_the_component_totals():
 
 
 def run_worker(mode: str, out: Path) -> None:
-    """One rank of `mode`: 'pipeline' (2-stage PipelineEngine) or 'reference' (plain model,
-    DeepSpeed engine, one process). Writes losses (and checkpoint, logits) under out/family."""
+    """One rank of `mode`: 'pipeline' (a PipelineEngine with one stage per rank) or 'reference'
+    (plain model, DeepSpeed engine, one process). Writes losses, checkpoint and logits under
+    out/<run>/<family>. The 3-stage run (BLT only) has a middle stage of latent blocks alone,
+    which passes byte_states and its gradient straight through, under activation checkpointing."""
     import deepspeed
     import torch.distributed as dist
 
     from blt_dist.parallel.engine import deepspeed_config, init_distributed, optimizer_groups, shutdown_distributed
 
     env = init_distributed("gloo")
-    stages = 2 if mode == "pipeline" else 1
-    for family in CONFIGS:
+    stages = env.world_size if mode == "pipeline" else 1
+    families = ["blt"] if stages > 2 else list(CONFIGS)
+    for family in families:
         cfg = tiny_config(family, pipeline_stages=stages)
         gas = cfg.train.grad_accum
         batches = synthetic_batches(cfg, STEPS * gas + 1, seed=11)
         train, eval_batch = batches[:-1], batches[-1]
         ds = deepspeed_config(cfg, env.world_size)
-        family_dir = out / family
+        family_dir = out / run_name(mode, stages) / family
         family_dir.mkdir(parents=True, exist_ok=True)
         losses = []
         if mode == "pipeline":
-            pipe = build_pipeline(cfg.model, stages, False, SEED, SampleShape.from_data(cfg.data))
+            pipe = build_pipeline(cfg.model, stages, stages > 2, SEED, SampleShape.from_data(cfg.data))
             engine, *_ = deepspeed.initialize(model=pipe, config=ds,
                                               model_parameters=optimizer_groups(pipe, cfg.optim.weight_decay))
             for step in range(STEPS):
@@ -282,6 +286,10 @@ def run_worker(mode: str, out: Path) -> None:
     shutdown_distributed()
 
 
+def run_name(mode: str, stages: int) -> str:
+    return f"pipeline{stages}" if mode == "pipeline" else "reference"
+
+
 def _spawn(mode: str, world_size: int, out: Path, tmp: Path) -> list[subprocess.Popen]:
     from blt_dist.parallel.engine import free_port
 
@@ -294,42 +302,47 @@ def _spawn(mode: str, world_size: int, out: Path, tmp: Path) -> list[subprocess.
                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         # The first init_distributed compiles a comm op (~40 s): keep it for the next run.
         env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
-        log = open(tmp / f"{mode}-rank{rank}.log", "w")
+        log = open(tmp / f"{mode}{world_size}-rank{rank}.log", "w")
         procs.append(subprocess.Popen([sys.executable, __file__, mode, str(out)], env=env, cwd=REPO,
                                       stdout=log, stderr=subprocess.STDOUT))
     return procs
 
 
 @pytest.mark.slow
-def test_two_stage_pipeline_trains_like_the_plain_model(tmp_path):
+def test_pipeline_trains_like_the_plain_model(tmp_path):
     out, logs = tmp_path / "out", tmp_path / "logs"
     logs.mkdir()
-    procs = {"pipeline": _spawn("pipeline", 2, out, logs), "reference": _spawn("reference", 1, out, logs)}
+    runs = {("pipeline", 2): _spawn("pipeline", 2, out, logs), ("pipeline", 3): _spawn("pipeline", 3, out, logs),
+            ("reference", 1): _spawn("reference", 1, out, logs)}
     deadline = time.monotonic() + 300
-    for mode, group in procs.items():
+    for (mode, world_size), group in runs.items():
         for rank, proc in enumerate(group):
             try:
                 code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                for p in itertools.chain(*procs.values()):
+                for p in itertools.chain(*runs.values()):
                     p.kill()
                 code = "timeout"
             if code != 0:
-                log = (logs / f"{mode}-rank{rank}.log").read_text()
-                pytest.fail(f"{mode} rank {rank} exited with {code}:\n{log[-6000:]}")
+                log = (logs / f"{mode}{world_size}-rank{rank}.log").read_text()
+                pytest.fail(f"{mode} ({world_size} ranks) rank {rank} exited with {code}:\n{log[-6000:]}")
 
-    for family in CONFIGS:
-        family_dir = out / family
-        pipeline = json.loads((family_dir / "pipeline_losses.json").read_text())
-        reference = json.loads((family_dir / "reference_losses.json").read_text())
+    for stages, family in [(2, "blt"), (2, "bpe"), (3, "blt")]:
+        run_dir, reference_dir = out / f"pipeline{stages}" / family, out / "reference" / family
+        pipeline = json.loads((run_dir / "pipeline_losses.json").read_text())
+        reference = json.loads((reference_dir / "reference_losses.json").read_text())
         assert len(pipeline) == STEPS
-        assert pipeline == pytest.approx(reference, rel=1e-5), family
-        assert json.loads((family_dir / "parts.json").read_text())[1] not in (0, None)
+        assert pipeline == pytest.approx(reference, rel=1e-5), (stages, family)
+        parts = json.loads((run_dir / "parts.json").read_text())
+        assert len(parts) == stages + 1
+        if stages == 3:  # the middle stage holds latent blocks only: byte_states passes straight through
+            assert 1 <= parts[1] < parts[2] <= tiny_config(family).model.n_layers + 1, parts  # layers 1..L: latent
 
-        # Consolidated checkpoint == the reference run's weights, and reproduces the pipeline's logits.
+        # Consolidated checkpoint == the reference run's weights and, exported and loaded back as
+        # a plain model, reproduces the pipeline's logits.
         cfg = tiny_config(family)
-        state = consolidate_pipeline_checkpoint(family_dir / "ckpt" / "final")
-        reference_state = torch.load(family_dir / "reference_state.pt", weights_only=True)
+        state = consolidate_pipeline_checkpoint(run_dir / "ckpt" / "final")
+        reference_state = torch.load(reference_dir / "reference_state.pt", weights_only=True)
         assert state.keys() == reference_state.keys()
         # Gradients agree to fp32 rounding (summed in another order across stages), but Adam
         # divides by sqrt(v): where a gradient is near zero that rounding moves the update a
@@ -337,15 +350,14 @@ def test_two_stage_pipeline_trains_like_the_plain_model(tmp_path):
         step_size = cfg.optim.lr
         torch.manual_seed(SEED)
         initial = build_model(cfg.model).state_dict()
-        for name, tensor in state.items():  # every tensor of both stages was updated (Adam: ~lr per step)
+        for name, tensor in state.items():  # every tensor of every stage was updated (Adam: ~lr per step)
             assert (tensor - initial[name]).abs().max() > 0.5 * step_size, f"{family} {name} did not train"
-        for name, tensor in reference_state.items():
-            torch.testing.assert_close(state[name], tensor, rtol=0, atol=0.01 * step_size, msg=f"{family} {name}")
-        model = build_model(cfg.model)
-        model.load_state_dict(state, strict=True)
+            torch.testing.assert_close(tensor, reference_state[name], rtol=0, atol=0.01 * step_size,
+                                       msg=f"{stages} stages, {family} {name}")
+        model, _ = load_export(save_export(state, cfg, tmp_path / f"export-{stages}-{family}"))
         with torch.no_grad():
-            logits = plain_logits(model, torch.load(family_dir / "eval_batch.pt", weights_only=True), family)
-        pipeline_logits = torch.load(family_dir / "pipeline_logits.pt", weights_only=True)
+            logits = plain_logits(model, torch.load(run_dir / "eval_batch.pt", weights_only=True), family)
+        pipeline_logits = torch.load(run_dir / "pipeline_logits.pt", weights_only=True)
         torch.testing.assert_close(logits, pipeline_logits, rtol=1e-5, atol=1e-6)
 
 

@@ -21,9 +21,14 @@ Floating tensors (h, patch_states, byte_states) carry gradients; the integer lay
 travel alongside and every layer rebuilds its masks and rotary tables from them (a few
 comparisons per layer, cheaper than sending [B, 1, T, T] masks between stages). byte_states
 crosses every latent stage untouched so that the decoder can start from it, and its gradient
-travels back the same way: DeepSpeed 0.19 sends one gradient per floating tensor of the tuple
-(`_exec_send_grads`), so two grad-carrying tensors work as long as every one of them gets a
-gradient; the 2-stage test checks that the losses match the plain model step for step.
+travels back the same way. DeepSpeed 0.19 handles two grad-carrying tensors per tuple when the
+shapes are static, the dtypes are floating and every floating tensor receives a gradient
+(`_exec_send_grads` sends one gradient per floating tensor and asserts it exists; integer
+tensors are skipped), and only without its tensor-parallel "pipe/grad partitioning" (which
+assumes one grad-carrying tensor, first in the tuple; it is off when there is no tensor
+parallelism, as here). tests/test_pipeline.py runs 2 stages (encoder + latent | latent +
+decoder) and 3 stages (with a middle stage of latent blocks only, under activation
+checkpointing) against the plain model: same losses every step, same weights after.
 
 Names. Each layer registers its modules under their path in the plain model (LatentBlockLayer
 holds `latent.{i}`, BLTDecoderLayer holds `decoder`), so a layer's state dict (what DeepSpeed
@@ -34,6 +39,10 @@ Weights. `build_pipeline` builds the plain model (`build_model` under `torch.man
 and hands its modules to the stages, so the pipeline starts from exactly the weights of the
 non-pipelined run. Each rank keeps only its own stage's layers; the full model exists once
 on the host while the pipeline is built (fp32: 4 bytes per parameter).
+
+Activation checkpointing uses DeepSpeed's own (activation_checkpoint_interval=1) on the
+block, head and decoder layers, so parameter names stay the plain ones (torch's
+checkpoint_wrapper, as engine.apply_activation_checkpointing uses, would rename them).
 
 Stage balance. DeepSpeed partitions by parameters, layer count or layer type; none fits BLT
 (the local models are small in parameters but run per byte, the hash embeddings are huge in
