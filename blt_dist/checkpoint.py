@@ -219,6 +219,10 @@ def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     ok, reason, marker = verify(tag_dir)
     if not ok:
         raise UserError(f"{tag_dir}: not a complete checkpoint ({reason})")
+    if marker.get("pipeline_stages", 1) > 1:
+        from blt_dist.parallel.pipeline import consolidate_pipeline_checkpoint
+
+        return consolidate_pipeline_checkpoint(tag_dir)
     if marker.get("zero_stage", 0) >= 1:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

@@ -34,9 +34,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 # Commands whose module is not written yet, with the issue that delivers them.
 NOT_BUILT: dict[str, str] = {
-    "entropies": "issue 4 (data plane)",
-    "calibrate": "issue 4 (data plane)",
-    "eval": "issue 5 (DeepSpeed training)",
     "generate": "a later issue",
     "launch": "the Slurm launch issue",
     "sweep": "the Slurm launch issue",

@@ -113,6 +113,12 @@ def train_flops_per_byte(cfg: Config) -> float:
     return counter(cfg.model, SampleShape.from_data(cfg.data))
 
 
+def params_total(cfg: Config) -> int:
+    from blt_dist.flops import params_by_component
+
+    return sum(params_by_component(cfg.model).values())
+
+
 def total_steps_for(cfg: Config, flops_per_byte: float, dp_size: int) -> int:
     """train.max_steps if set, else the step count whose expected bytes meet train.max_bytes or
     whose FLOPs meet train.flops. The LR schedule needs this up front; the log reports the FLOPs
@@ -132,9 +138,7 @@ def check_memory(cfg: Config, world_size: int, device) -> None:
     """Fails fast, before allocating, when weights + gradients + AdamW state cannot fit on CPU."""
     if device.type != "cpu":
         return
-    from blt_dist.flops import params_by_component
-
-    params = sum(params_by_component(cfg.model).values())
+    params = params_total(cfg)
     shard = world_size if cfg.parallel.zero_stage >= 1 else 1
     # fp32 weights 4 B + grads 4 B (sharded at ZeRO-2+) + Adam moments 8 B (sharded at ZeRO-1+)
     per_param = 4 + (4 / shard if cfg.parallel.zero_stage >= 2 else 4) + 8 / shard
@@ -176,20 +180,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def evaluate(engine, cfg: Config, family: str, device, batches: int) -> LossSums:
+def evaluate(engine, cfg: Config, family: str, device, batches: int, dp_rank: int, dp_size: int) -> LossSums:
     """bpb on the first `batches` batches of the validation data (the same ones every time)."""
     from dataclasses import replace
 
     from blt_dist.data.loader import Loader, LoaderSpec
 
     spec = replace(LoaderSpec.from_config(cfg, family, split="val"), shuffle=False)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    loader = Loader(spec, rank, world)
+    loader = Loader(spec, dp_rank, dp_size)
     sums = LossSums()
+    pipelined = cfg.parallel.pipeline_stages > 1
     engine.eval()
     with torch.no_grad():
         for _ in range(batches):
             batch = next(loader)
+            if pipelined:
+                from blt_dist.parallel.pipeline import pipeline_batch
+
+                engine.eval_batch(iter([pipeline_batch(batch, family)]), num_micro_batches=1)
+                if engine.is_last_stage():
+                    sums = sums.add(engine.module.loss_fn.take_sums())
+                continue
             logits = engine(*model_inputs(batch, family, device))
             sums = sums.add(loss_and_sums(logits, batch["targets"].to(device), batch["target_bytes"].to(device))[1])
     engine.train()
@@ -241,13 +252,23 @@ def _train(cfg: Config, env) -> int:
         (run_dir / "provenance.json").write_text(json.dumps(provenance(), indent=2) + "\n")
 
     seed_everything(cfg.run.seed)  # identical initial weights on every rank
-    model = build_model(cfg.model)
-    if cfg.train.activation_checkpointing:
-        apply_activation_checkpointing(model)
+    pipelined = cfg.parallel.pipeline_stages > 1
+    if pipelined:
+        from blt_dist.flops import SampleShape
+        from blt_dist.parallel.pipeline import build_pipeline
+
+        model = build_pipeline(cfg.model, cfg.parallel.pipeline_stages, cfg.train.activation_checkpointing,
+                               cfg.run.seed, SampleShape.from_data(cfg.data))
+    else:
+        model = build_model(cfg.model)
+        if cfg.train.activation_checkpointing:
+            apply_activation_checkpointing(model)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=optimizer_groups(model, cfg.optim.weight_decay), config=ds_config
     )
-    loader = Loader(LoaderSpec.from_config(cfg, family), env.rank, env.world_size, cfg.data.num_workers)
+    # every stage of a pipeline reads the same batches: the loader is indexed by data-parallel rank
+    dp_rank = engine.grid.get_data_parallel_rank() if pipelined else env.rank
+    loader = Loader(LoaderSpec.from_config(cfg, family), dp_rank, dp_size, cfg.data.num_workers)
     flops_per_byte = train_flops_per_byte(cfg)
     total_steps = total_steps_for(cfg, flops_per_byte, dp_size)
     marker_info = {
@@ -255,6 +276,7 @@ def _train(cfg: Config, env) -> int:
         "global_batch": ds_config["train_batch_size"],
         "dataset_fingerprint": loader.fingerprint,
         "zero_stage": cfg.parallel.zero_stage,
+        "pipeline_stages": cfg.parallel.pipeline_stages,
         "family": family,
     }
     seed_everything(cfg.run.seed + env.rank)  # per-rank streams for anything random from here on
@@ -268,7 +290,7 @@ def _train(cfg: Config, env) -> int:
         raise UserError(f"checkpoint.resume_from: {resume_dir} holds no complete checkpoint")
     if tag is not None:
         _, _, marker = checkpoint.verify(checkpoint.checkpoint_root(resume_dir) / tag)
-        checkpoint.check_compatible(marker, {k: marker_info[k] for k in ("world_size", "global_batch", "dataset_fingerprint")})
+        checkpoint.check_compatible(marker, {k: marker_info[k] for k in ("world_size", "pipeline_stages", "global_batch", "dataset_fingerprint")})
         state = checkpoint.load(engine, resume_dir, tag, env.rank)
         loader.load_state_dict(state["loader"])
         checkpoint.set_rng_state(state["rng"])
@@ -276,7 +298,7 @@ def _train(cfg: Config, env) -> int:
     log = MetricsLogger(run_dir, env.is_main, cfg.log, to_dict(cfg), wandb_id)
     peak, peak_source = peak_flops(cfg.train.dtype, env.device)
     log.info(
-        f"{family}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {flops_per_byte:.3g} train FLOPs/byte, "
+        f"{family}: {params_total(cfg) / 1e6:.2f}M params, {flops_per_byte:.3g} train FLOPs/byte, "
         f"{total_steps} steps, {env.world_size} ranks ({env.backend}), ZeRO-{cfg.parallel.zero_stage}, {cfg.train.dtype}; "
         f"MFU peak {peak / 1e12:.3f} TFLOP/s from {peak_source}"
         + (f"; resumed from {tag} (step {step})" if tag else "")
@@ -304,34 +326,23 @@ def _train(cfg: Config, env) -> int:
         lr = lr_at(step, total_steps, cfg.optim)
         set_lr(engine, lr)
         started = time.perf_counter()
-        step_sums, nonfinite = LossSums(), False
-        for _ in range(cfg.train.grad_accum):
-            data_started = time.perf_counter()
-            batch = next(loader)
-            window["data_time"] += time.perf_counter() - data_started
-            logits = engine(*model_inputs(batch, family, env.device))
-            loss, sums = loss_and_sums(logits, batch["targets"].to(env.device), batch["target_bytes"].to(env.device))
-            if step + 1 in faults.nan_at_steps:
-                loss, sums = loss * float("nan"), LossSums(float("nan"), sums.targets, sums.bytes)
-            nonfinite |= not math.isfinite(sums.nll)
+        data_started = time.perf_counter()
+        batches = [next(loader) for _ in range(cfg.train.grad_accum)]
+        window["data_time"] += time.perf_counter() - data_started
+        for batch in batches:
             window["digest"] = (window["digest"] + batch_digest(batch)) % (1 << 62)
-            step_sums = step_sums.add(sums)
-            engine.backward(loss)
             if family == "blt":
                 window["patches"] += int((batch["patch_lengths"] > 0).sum())
-            if engine.is_gradient_accumulation_boundary():
-                nonfinite = _agree_any(nonfinite)
-                if nonfinite and plain_optimizer:
-                    _skip_update(engine)  # DeepSpeed's ZeRO-0 fp32 path has no overflow check
-                    continue
-                if cfg.parallel.zero_stage == 0 and not nonfinite:  # ZeRO-0 does not track the norm
-                    window["gnorm"] = _grad_norm(engine)
-            engine.step()  # ZeRO-1/2/3 and bf16 see the non-finite gradients and skip the update
+        poison = step + 1 in faults.nan_at_steps
+        if pipelined:
+            step_sums, nonfinite, gnorm = _pipeline_step(engine, batches, family)
+        else:
+            step_sums, nonfinite, gnorm = _plain_step(engine, batches, family, env.device, plain_optimizer, poison)
         step += 1
         window["time"] += time.perf_counter() - started
         window["steps"] += 1
-        if cfg.parallel.zero_stage > 0 and not nonfinite:
-            window["gnorm"] = float(engine.get_global_grad_norm() or float("nan"))
+        if not nonfinite:
+            window["gnorm"] = gnorm
         faults.after_step(step, env.rank)
 
         if nonfinite:
@@ -372,7 +383,7 @@ def _train(cfg: Config, env) -> int:
 
         # -- eval
         if cfg.data.val and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == total_steps):
-            val = evaluate(engine, cfg, family, env.device, cfg.train.eval_batches)
+            val = evaluate(engine, cfg, family, env.device, cfg.train.eval_batches, dp_rank, dp_size)
             log.log({"step": step, "val_bpb": val.bpb, "val_loss": val.mean_nll, "val_bytes": val.bytes},
                     f"step {step}/{total_steps} | val bpb {val.bpb:.4f} | val loss {val.mean_nll:.4f} ({val.bytes} bytes)")
 
@@ -396,6 +407,42 @@ def _train(cfg: Config, env) -> int:
     log.close()
     shutdown_distributed()
     return 0
+
+
+def _plain_step(engine, batches, family, device, plain_optimizer: bool, poison: bool) -> tuple:
+    """Forward/backward per micro-batch, one optimizer update: (sums, non-finite?, grad norm)."""
+    total, nonfinite, gnorm = LossSums(), False, float("nan")
+    for batch in batches:
+        logits = engine(*model_inputs(batch, family, device))
+        loss, sums = loss_and_sums(logits, batch["targets"].to(device), batch["target_bytes"].to(device))
+        if poison:  # fault injection (tests)
+            loss, sums = loss * float("nan"), LossSums(float("nan"), sums.targets, sums.bytes)
+        nonfinite |= not math.isfinite(sums.nll)
+        total = total.add(sums)
+        engine.backward(loss)
+        if engine.is_gradient_accumulation_boundary():
+            nonfinite = _agree_any(nonfinite)
+            if nonfinite and plain_optimizer:
+                _skip_update(engine)  # DeepSpeed's ZeRO-0 fp32 path has no overflow check
+                return total, True, gnorm
+            if engine.zero_optimization_stage() == 0 and not nonfinite:  # ZeRO-0 does not track it
+                gnorm = _grad_norm(engine)
+        engine.step()  # ZeRO-1/2/3 and bf16 see non-finite gradients and skip the update themselves
+    if engine.zero_optimization_stage() > 0:
+        gnorm = float(engine.get_global_grad_norm() or float("nan"))
+    return total, nonfinite, gnorm
+
+
+def _pipeline_step(engine, batches, family) -> tuple:
+    """DeepSpeed's pipeline schedule runs all micro-batches and the update in train_batch. The
+    loss sums live on the last stage; a non-finite loss is seen after the step (ZeRO-1 skips the
+    update itself; the abort after max_nonfinite_steps still applies)."""
+    from blt_dist.parallel.pipeline import pipeline_batch
+
+    engine.train_batch(data_iter=iter([pipeline_batch(b, family) for b in batches]))
+    sums = engine.module.loss_fn.take_sums() if engine.is_last_stage() else LossSums()
+    nonfinite = _agree_any(not math.isfinite(sums.nll))
+    return sums, nonfinite, float(engine.get_global_grad_norm() or float("nan"))
 
 
 def _agree_any(flag: bool) -> bool:

@@ -107,3 +107,17 @@ def test_state_round_trip_continues_exactly(blt):
     assert len(got) == len(expected) > 5
     for a, b in zip(got, expected):
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("blt", [False, True])
+def test_finish_predicts_the_tail_exactly_once(blt):
+    documents = random_documents(blt, count=25)
+    packer = Packer(16, bos_id=BOS_ID, pad_id=PAD_ID, patches_per_sample=5 if blt else None)
+    samples = feed(packer, documents) + packer.finish()
+    seen = []
+    for sample in samples:
+        keep = sample["targets"] != IGNORE
+        seen += zip(sample["doc_visit"][keep].tolist(), (sample["doc_pos"][keep] + 1).tolist())
+        assert sample["tokens"].shape == (16,)
+    expected = [(v, p) for v, (tokens, _, _) in enumerate(documents) for p in range(1, len(tokens))]
+    assert sorted(seen) == sorted(expected)

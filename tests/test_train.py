@@ -90,6 +90,27 @@ def test_resume_after_kill_9_is_bit_exact(data, tmp_path, zero_stage):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("family", ["blt", "bpe"])
+def test_two_stage_pipeline_resume_after_kill_9_is_bit_exact(data, tmp_path, family):
+    args = ["train", *family_args(data, family), "parallel.pipeline_stages=2", "parallel.zero_stage=1",
+            "train.grad_accum=2", "train.max_steps=4", "checkpoint.every=2"]
+    straight = tmp_path / "straight"
+    run(2, [*args, f"run.dir={straight}"], tmp_path / "logs_straight")
+    killed = tmp_path / "killed"
+    wait(launch(2, [*args, f"run.dir={killed}"], tmp_path / "logs_killed", {"BLT_FAULTS": "kill_after_step=3"}),
+         tmp_path / "logs_killed")
+    run(2, [*args, f"run.dir={killed}"], tmp_path / "logs_resumed")
+    keys = ("step", "loss", "bpb", "grad_norm", "data_digest")
+    expected = [tuple(r[k] for k in keys) for r in metrics(straight) if "loss" in r]
+    assert [tuple(r[k] for k in keys) for r in metrics(killed) if "loss" in r] == expected
+    assert len(expected) == 4 and all(np.isfinite(r[1]) for r in expected)
+    from blt_dist.export import load_export
+
+    model, cfg = load_export(straight / "export")  # consolidated from the pipeline's layer files
+    assert cfg.parallel.pipeline_stages == 2 and cfg.model.family == family
+
+
+@pytest.mark.slow
 def test_stop_signal_on_one_rank_stops_both_at_the_same_step(data, tmp_path):
     run_dir = tmp_path / "run"
     procs = launch(2, ["train", *family_args(data, "entropy"), f"run.dir={run_dir}", "train.max_steps=100000",

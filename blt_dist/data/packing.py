@@ -80,6 +80,19 @@ class Packer:
         """True until a sample plus its one position of look-ahead is buffered."""
         return self._length < self.sample_len + 1
 
+    def finish(self) -> list[dict[str, np.ndarray]]:
+        """The samples left at the end of a finite pass (evaluation), shorter ones padded.
+
+        A sentinel BOS closes the stream: the last EOS gets a (masked) target, and the BLT rule
+        sees where the last patch ends. Every buffered target is predicted exactly once."""
+        self.add(-1, np.array([self.bos_id]), np.zeros(1, dtype=np.int64), np.ones(1, dtype=bool))
+        samples = []
+        while self._length > 1:
+            samples.append(self.cut(final=True))
+        self._buffer = {name: [] for name in COLUMNS}
+        self._length = 0
+        return samples
+
     # -- output
 
     def _flat(self) -> dict[str, np.ndarray]:
@@ -88,18 +101,19 @@ class Packer:
                 self._buffer[name] = [np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)]
         return {name: parts[0] for name, parts in self._buffer.items()}
 
-    def cut(self) -> dict[str, np.ndarray]:
-        """One sample (numpy arrays). Call only when `needs_more()` is False."""
-        if self.needs_more():
+    def cut(self, final: bool = False) -> dict[str, np.ndarray]:
+        """One sample (numpy arrays). Call only when `needs_more()` is False (or from finish())."""
+        if self.needs_more() and not final:
             raise RuntimeError("cut() before enough positions are buffered")
         buf = self._flat()
         capacity = self.sample_len
+        usable = min(capacity, self._length - 1)  # positions that have a target in the buffer
         patch_lengths = None
         if self.patches_per_sample is None:
-            n = capacity
+            n = usable
         else:
             # whole patches: the k-th patch start (k <= P) at or before C ends the sample
-            starts = np.flatnonzero(buf["patch_start"][: capacity + 1])
+            starts = np.flatnonzero(buf["patch_start"][: usable + 1])
             k = min(self.patches_per_sample, len(starts) - 1)
             if k < 1:
                 raise ValueError(f"a patch is longer than the byte capacity {capacity}")

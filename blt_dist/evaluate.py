@@ -1,0 +1,203 @@
+"""`blt-dist eval`: bits per byte of a trained model, the same bytes for every family.
+
+    blt-dist eval --model RUN/export --data data/heldout [--entropy-model ENTROPY/export] [--json]
+    blt-dist eval --model RUN/export --files a.txt b.md
+
+Every document is read once, in order, encoded for the model's family (bytes; sentencepiece
+tokens with their byte counts; bytes + patches from entropy-model entropies for BLT), packed
+into the model's sample shape (data/packing.py: every target exactly once, including the tail),
+and scored. bpb = summed NLL in nats / (ln 2 x raw bytes); EOS is predicted and counted in the
+NLL for every family; BOS is given. Reductions in float64. Reported per content type and, with
+--per-document, per document.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+from blt_dist.data.packing import IGNORE, Packer
+from blt_dist.errors import UserError
+from blt_dist.loss import token_nll
+
+
+def iter_documents(data: Optional[str], files: list[str], split: Optional[str]) -> Iterator[tuple[str, str, bytes]]:
+    """(content type, source, bytes) for every document, in a fixed order."""
+    if files:
+        for name in files:
+            path = Path(name)
+            if not path.is_file():
+                raise UserError(f"{path}: no such file")
+            yield "files", str(path), path.read_bytes()
+        return
+    from blt_dist.data.shards import ByteDataset
+
+    dataset = ByteDataset(data)
+    splits = [split] if split else (["val"] if dataset.streams("val") else ["train"])
+    for name in splits:
+        for ctype, sample in dataset.documents(name):
+            yield ctype, sample["source"], sample["data"]
+
+
+class Encoder:
+    """One document -> (tokens, nbytes, patch_start) for the model's family."""
+
+    def __init__(self, cfg, entropy_model: Optional[str], tokenizer: Optional[str]):
+        from blt_dist.data.loader import ByteEncoder, PatchEncoder
+
+        self.family = cfg.model.family
+        self.entropy = None
+        if self.family == "bpe":
+            from blt_dist.data.tokenizer import ByteExactTokenizer
+
+            path = tokenizer or cfg.data.tokenizer
+            if not path:
+                raise UserError("--tokenizer: this BPE model's config names no tokenizer")
+            self.tokenizer = ByteExactTokenizer(path)
+            if self.tokenizer.vocab_size != cfg.model.vocab_size:
+                raise UserError(f"{path}: vocabulary {self.tokenizer.vocab_size} != model.vocab_size {cfg.model.vocab_size}")
+            self.bos_id, self.pad_id = self.tokenizer.bos_id, self.tokenizer.pad_id
+            return
+        self.bytes = ByteEncoder()
+        self.bos_id, self.pad_id = self.bytes.bos_id, self.bytes.pad_id
+        if self.family == "blt":
+            p = cfg.data.patching
+            self.patcher = PatchEncoder(dict(mode=p.mode, threshold=p.threshold, threshold_r=p.threshold_r,
+                                             patch_size=p.patch_size, max_patch_length=p.max_patch_length))
+            if self.patcher.rule.needs_entropies:
+                if not entropy_model:
+                    raise UserError(f"--entropy-model: this BLT patches by {p.mode}; give the entropy model's export")
+                from blt_dist.export import load_export
+
+                self.entropy, entropy_cfg = load_export(entropy_model)
+                if entropy_cfg.model.family != "entropy":
+                    raise UserError(f"{entropy_model}: a {entropy_cfg.model.family} model, not an entropy model")
+                self.window = entropy_cfg.model.attention_window
+
+    def encode(self, data: bytes):
+        if self.family == "bpe":
+            tokens, nbytes = self.tokenizer.encode_document(data)
+            return tokens, nbytes, None
+        if self.family != "blt":
+            return self.bytes.encode({"data": data}, -1)
+        sample = {"data": data}
+        if self.entropy is not None:
+            from blt_dist.data.entropies import document_entropies
+
+            sample["entropies"] = document_entropies(self.entropy, [data], self.window)[0]
+        return self.patcher.encode(sample, -1)
+
+
+def evaluate_model(model, cfg, documents: Iterator[tuple[str, str, bytes]], entropy_model=None, tokenizer=None,
+                   batch_size: int = 8, max_bytes: int = 0) -> dict:
+    """Scores every document; returns totals, per content type and per document."""
+    from blt_dist.train import model_inputs
+
+    family = cfg.model.family
+    encoder = Encoder(cfg, entropy_model, tokenizer)
+    if family == "blt":
+        packer = Packer(cfg.data.byte_capacity, bos_id=encoder.bos_id, pad_id=encoder.pad_id,
+                        patches_per_sample=cfg.data.patches_per_sample)
+    else:
+        length = cfg.data.tokens_per_sample if family == "bpe" else cfg.data.seq_len
+        packer = Packer(length, bos_id=encoder.bos_id, pad_id=encoder.pad_id)
+
+    docs: list[dict] = []
+    nll = defaultdict(float)  # per document
+    targets = defaultdict(int)
+    pending: list[dict] = []
+
+    def score(samples: list[dict]) -> None:
+        batch = {k: torch.from_numpy(np.stack([s[k] for s in samples])) for k in samples[0]}
+        with torch.no_grad():
+            logits = model(*model_inputs(batch, family, "cpu"))
+            per_token = token_nll(logits, batch["targets"]).double()
+        keep = batch["targets"] != IGNORE
+        for doc, value in zip(batch["doc_visit"][keep].tolist(), per_token[keep].tolist()):
+            nll[doc] += value
+            targets[doc] += 1
+
+    total_bytes = 0
+    for index, (ctype, source, data) in enumerate(documents):
+        if max_bytes and total_bytes >= max_bytes:
+            break
+        docs.append({"content_type": ctype, "source": source, "bytes": len(data)})
+        total_bytes += len(data)
+        packer.add(index, *encoder.encode(data))
+        while not packer.needs_more():
+            pending.append(packer.cut())
+            if len(pending) == batch_size:
+                score(pending)
+                pending = []
+    pending += packer.finish()
+    for start in range(0, len(pending), batch_size):
+        score(pending[start : start + batch_size])
+
+    per_type: dict[str, dict] = defaultdict(lambda: {"nll": 0.0, "bytes": 0, "documents": 0, "targets": 0})
+    for index, doc in enumerate(docs):
+        doc["nll"], doc["targets"] = nll[index], targets[index]
+        doc["bpb"] = doc["nll"] / (math.log(2) * doc["bytes"]) if doc["bytes"] else None
+        t = per_type[doc["content_type"]]
+        t["nll"] += doc["nll"]
+        t["bytes"] += doc["bytes"]
+        t["documents"] += 1
+        t["targets"] += doc["targets"]
+    for t in per_type.values():
+        t["bpb"] = t["nll"] / (math.log(2) * t["bytes"]) if t["bytes"] else None
+    total_nll = sum(t["nll"] for t in per_type.values())
+    return {
+        "family": family,
+        "bpb": total_nll / (math.log(2) * total_bytes) if total_bytes else None,
+        "nll_nats": total_nll,
+        "bytes": total_bytes,
+        "documents": len(docs),
+        "targets": sum(t["targets"] for t in per_type.values()),
+        "by_content_type": dict(sorted(per_type.items())),
+        "documents_detail": docs,
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="model export dir (RUN/export) or a run dir")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="byte dataset (from `blt-dist prepare`)")
+    source.add_argument("--files", nargs="+", default=[], help="raw text files, one document each")
+    parser.add_argument("--split", default=None, help="dataset split (default: val if present, else train)")
+    parser.add_argument("--entropy-model", default=None, help="entropy model export, for BLT entropy patching")
+    parser.add_argument("--tokenizer", default=None, help="sentencepiece model (default: the BPE config's)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-bytes", type=int, default=0, help="stop after this many bytes (0 = all)")
+    parser.add_argument("--per-document", action="store_true", help="include every document in --json output")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from blt_dist.export import load_export
+
+    model_dir = Path(args.model)
+    if (model_dir / "export").is_dir():
+        model_dir = model_dir / "export"
+    torch.set_grad_enabled(False)
+    model, cfg = load_export(model_dir)
+    started = time.perf_counter()
+    result = evaluate_model(model, cfg, iter_documents(args.data, args.files, args.split), args.entropy_model,
+                            args.tokenizer, args.batch_size, args.max_bytes)
+    result["seconds"] = round(time.perf_counter() - started, 2)
+    result["model"] = str(model_dir)
+    if not args.per_document:
+        result.pop("documents_detail")
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{model_dir} ({result['family']}): {result['bpb']:.4f} bits/byte over {result['bytes']:,} bytes, "
+          f"{result['documents']} documents, {result['seconds']} s")
+    for ctype, t in result["by_content_type"].items():
+        print(f"  {ctype:<14} {t['bpb']:.4f} bpb  {t['bytes']:>12,} bytes  {t['documents']:>6} documents")
+    return 0
