@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "entropies": ("blt_dist.data.entropies", "run an entropy model over byte shards -> entropy shards"),
     "calibrate": ("blt_dist.data.calibrate", "find the entropy threshold that hits a target mean patch size"),
     "tokenizer": ("blt_dist.data.tokenizer", "train a sentencepiece BPE tokenizer on byte shards"),
+    "export": ("blt_dist.export", "consolidate a (ZeRO-sharded or pipelined) checkpoint into one safetensors file"),
     "eval": ("blt_dist.evaluate", "bits per byte of a checkpoint on shards or text files"),
     "patch": ("blt_dist.data.patch_cli", "show how a text is cut into patches"),
     "generate": ("blt_dist.generate", "sample bytes from a trained model"),

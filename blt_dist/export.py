@@ -76,3 +76,33 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# `blt-dist export RUN_DIR`: a (ZeRO-sharded or pipelined) checkpoint -> one safetensors file
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("run_dir", help="a training run directory (holds config.yaml and checkpoints/)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest complete one)")
+    parser.add_argument("--out", default=None, help="export directory (default: RUN_DIR/export)")
+
+
+def run(args) -> int:
+    from blt_dist import checkpoint
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{run_dir}: not a run directory (no config.yaml)")
+    if args.step is None:
+        found = checkpoint.newest_complete(run_dir)
+        if found is None:
+            raise UserError(f"{run_dir}: no complete checkpoint to export")
+        tag_dir = found[0]
+    else:
+        tag_dir = checkpoint.checkpoint_root(run_dir) / checkpoint.tag_for(args.step)
+    cfg = load_config(run_dir / "config.yaml")
+    state = checkpoint.consolidated_state_dict(tag_dir)
+    out = save_export(state, cfg, args.out or run_dir / "export", {"step": int(tag_dir.name.split("_")[1])})
+    print(f"{tag_dir} -> {out / WEIGHTS} ({sum(t.numel() for t in state.values()) / 1e6:.2f}M parameters)")
+    return 0

@@ -83,6 +83,11 @@ def test_resume_after_kill_9_is_bit_exact(data, tmp_path, zero_stage):
     got = [tuple(r[k] for k in keys) for r in metrics(killed) if "loss" in r]
     # the killed run logged steps 1-2, the resumed one 3-4: together, bit for bit the straight run
     assert got == expected
+    from blt_dist.export import load_export
+
+    (a, _), (b, _) = load_export(straight / "export"), load_export(killed / "export")  # consolidated shards
+    tokens = torch.randint(4, 260, (2, 64))
+    assert torch.equal(a(tokens), b(tokens))
     if zero_stage == 1:  # a different world size cannot resume exactly: refused
         codes = wait(launch(1, [*args, f"run.dir={killed}", "train.max_steps=6"], tmp_path / "logs_world"),
                      tmp_path / "logs_world")
