@@ -42,6 +42,7 @@ elsewhere).
 from __future__ import annotations
 
 import argparse
+import bisect
 import dataclasses
 import hashlib
 import json
@@ -107,19 +108,23 @@ def _pieces(input_lengths: Sequence[int], chunk: int, context: int) -> list[_Pie
 
 
 def _pack_rows(pieces: list[_Piece], row_positions: int) -> list[list[int]]:
-    """First-fit decreasing: piece indices per row, no row longer than row_positions."""
+    """Best-fit decreasing: piece indices per row, no row longer than row_positions.
+
+    Pieces go longest first into the open row with the least room that still fits them (a
+    sorted list of (room, row) and a bisection: O(n log n), deterministic)."""
     rows: list[list[int]] = []
-    free: list[int] = []
+    open_rows: list[tuple[int, int]] = []  # (free positions, row number), sorted
     for index in sorted(range(len(pieces)), key=lambda k: -pieces[k].length):  # stable: deterministic
         length = pieces[index].length
-        for r, space in enumerate(free):
-            if length <= space:
-                rows[r].append(index)
-                free[r] -= length
-                break
+        at = bisect.bisect_left(open_rows, (length, -1))
+        if at < len(open_rows):
+            room, row = open_rows.pop(at)
         else:
-            rows.append([index])
-            free.append(row_positions - length)
+            room, row = row_positions, len(rows)
+            rows.append([])
+        rows[row].append(index)
+        if room - length > 0:
+            bisect.insort(open_rows, (room - length, row))
     return rows
 
 
