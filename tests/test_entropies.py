@@ -276,6 +276,13 @@ def test_only_entropy_models_and_finite_entropies(world, tmp_path):
     assert not list((tmp_path / "out2").rglob("part.json"))  # nothing published
 
 
+def test_weights_must_match_their_export_record(world, tmp_path):
+    shutil.copytree(world / "model", tmp_path / "model")
+    shutil.copy(world / "model_b" / "model.safetensors", tmp_path / "model" / "model.safetensors")
+    with pytest.raises(UserError, match="sha256 differs from the one in export.json"):
+        compute_entropy_dataset(tmp_path / "model", world / "bytes", tmp_path / "out", progress=False)
+
+
 def test_blt_loader_reads_entropy_shards(world):
     patching = dict(mode="entropy", threshold=4.0, threshold_r=None, patch_size=4, max_patch_length=8)
     spec = LoaderSpec(

@@ -499,7 +499,7 @@ def compute_entropy_dataset(
 ) -> EntropyRun:
     from tqdm import tqdm
 
-    from blt_dist.export import export_info
+    from blt_dist.export import WEIGHTS, export_info, file_sha256
 
     model_dir, data, out = Path(model_dir), Path(data), Path(out)
     this, count = part
@@ -509,16 +509,18 @@ def compute_entropy_dataset(
         raise UserError(f"--batch-positions must be positive, got {batch_positions}")
     model, cfg = load_entropy_model(model_dir)
     window = cfg.model.attention_window
+    # The dataset is tied to the weights actually used, not to what export.json claims.
+    weights_sha256 = file_sha256(model_dir / WEIGHTS)
+    if weights_sha256 != export_info(model_dir).get("weights_sha256"):
+        raise UserError(f"{model_dir / WEIGHTS}: sha256 differs from the one in export.json (weights replaced or damaged)")
     dataset = ByteDataset(data)
     job = {
         "format": ENTROPY_FORMAT,
         "byte_dataset": str(data),
         "byte_fingerprint": dataset.fingerprint,
-        "entropy_model": {
-            "weights_sha256": export_info(model_dir)["weights_sha256"],
-            "config": dataclasses.asdict(cfg.model),
-        },
+        "entropy_model": {"weights_sha256": weights_sha256, "config": dataclasses.asdict(cfg.model)},
     }
+    job = json.loads(json.dumps(job))  # as it reads back from job.json (lists, not tuples), so they compare
     _prepare_output(out, data, job, force)
 
     tasks = list_shards(dataset)
