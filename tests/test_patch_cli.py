@@ -120,11 +120,11 @@ def test_entropy_mode_with_a_real_export(tmp_path, capsys):
 
     model = save_tiny_export(tmp_path / "entropy", "entropy")
     text = "a real entropy model, a sliding window of 16 bytes, and a text longer than that"
-    expected = document_entropies(model, [text.encode()], window=16)[0]
+    expected = document_entropies(model, [text.encode()], window=16)[0].astype(np.float16).astype(np.float32)
     threshold = float(np.median(expected[1:]))
     report = run_json(capsys, text, "--mode", "entropy", "--threshold", str(threshold), "--entropy-model", str(tmp_path / "entropy"))
     shown = np.concatenate([p["entropies"] for p in report["patches"]])
-    np.testing.assert_allclose(shown, expected[1:-1], atol=1e-4)  # per byte (BOS and EOS not shown)
+    np.testing.assert_allclose(shown, expected[1:-1], atol=1e-4)  # float16 as stored; per byte (no BOS, EOS)
     starts = [p["start"] + 1 for p in report["patches"]]  # encoded positions of the first bytes
     assert set(starts) >= {i for i in range(2, len(text) + 1) if expected[i] > threshold}
     for previous, start in zip(starts, starts[1:]):

@@ -34,15 +34,16 @@ EntropyFn = Callable[[np.ndarray], np.ndarray]  # encoded ids [T] -> entropies [
 
 def load_entropy_fn(path: str) -> EntropyFn:
     """An entropy-model export (`blt-dist train` on configs/entropy/*) as a function: encoded
-    ids [T] -> entropies [T], computed exactly as `blt-dist entropies` computes them for the
-    training data (float32 here; the shards round them to float16)."""
+    ids [T] -> entropies [T], computed as `blt-dist entropies` computes them for the training
+    data and rounded to float16 as the shards store them, so the layout shown is the one the
+    loader would cut (a float32 value just above the threshold can round to one just below)."""
     from blt_dist.data.entropies import document_entropies, load_entropy_model
 
     model, cfg = load_entropy_model(path)
     window = cfg.model.attention_window
 
     def entropies(ids: np.ndarray) -> np.ndarray:
-        return document_entropies(model, [ids], window)[0]
+        return document_entropies(model, [ids], window)[0].astype(np.float16)
 
     return entropies
 
