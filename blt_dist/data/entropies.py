@@ -578,7 +578,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--batch-positions", type=int, default=DEFAULT_BATCH_POSITIONS,
         help=f"positions per forward pass (default {DEFAULT_BATCH_POSITIONS})",
     )
-    parser.add_argument("--force", action="store_true", help="delete existing output and start over")
+    parser.add_argument(
+        "--force", action="store_true",
+        help="delete existing output and start over (once, before an array: every task would delete the others' work)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
