@@ -74,11 +74,9 @@ class Encoder:
             if self.patcher.rule.needs_entropies:
                 if not entropy_model:
                     raise UserError(f"--entropy-model: this BLT patches by {p.mode}; give the entropy model's export")
-                from blt_dist.export import load_export
+                from blt_dist.data.entropies import load_entropy_model
 
-                self.entropy, entropy_cfg = load_export(entropy_model)
-                if entropy_cfg.model.family != "entropy":
-                    raise UserError(f"{entropy_model}: a {entropy_cfg.model.family} model, not an entropy model")
+                self.entropy, entropy_cfg = load_entropy_model(entropy_model)
                 self.window = entropy_cfg.model.attention_window
 
     def encode(self, data: bytes):
@@ -91,12 +89,13 @@ class Encoder:
         if self.entropy is not None:
             from blt_dist.data.entropies import document_entropies
 
-            sample["entropies"] = document_entropies(self.entropy, [data], self.window)[0]
+            # float16, as stored in entropy shards: evaluation patches exactly as training did
+            sample["entropies"] = document_entropies(self.entropy, [data], self.window)[0].astype(np.float16)
         return self.patcher.encode(sample, -1)
 
 
 def evaluate_model(model, cfg, documents: Iterator[tuple[str, str, bytes]], entropy_model=None, tokenizer=None,
-                   batch_size: int = 8, max_bytes: int = 0) -> dict:
+                   batch_size: int = 8, max_bytes_per_type: int = 0) -> dict:
     """Scores every document; returns totals, per content type and per document."""
     from blt_dist.train import model_inputs
 
@@ -125,9 +124,12 @@ def evaluate_model(model, cfg, documents: Iterator[tuple[str, str, bytes]], entr
             targets[doc] += 1
 
     total_bytes = 0
-    for index, (ctype, source, data) in enumerate(documents):
-        if max_bytes and total_bytes >= max_bytes:
-            break
+    bytes_by_type: dict[str, int] = defaultdict(int)
+    for ctype, source, data in documents:
+        if max_bytes_per_type and bytes_by_type[ctype] >= max_bytes_per_type:
+            continue  # whole documents only: a type stops after the document that crosses the cap
+        bytes_by_type[ctype] += len(data)
+        index = len(docs)
         docs.append({"content_type": ctype, "source": source, "bytes": len(data)})
         total_bytes += len(data)
         packer.add(index, *encoder.encode(data))
@@ -173,7 +175,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--entropy-model", default=None, help="entropy model export, for BLT entropy patching")
     parser.add_argument("--tokenizer", default=None, help="sentencepiece model (default: the BPE config's)")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-bytes", type=int, default=0, help="stop after this many bytes (0 = all)")
+    parser.add_argument("--max-bytes-per-type", type=int, default=0,
+                        help="score whole documents of each content type up to about this many bytes (0 = all)")
     parser.add_argument("--per-document", action="store_true", help="include every document in --json output")
     parser.add_argument("--json", action="store_true", help="print JSON")
 
@@ -188,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
     model, cfg = load_export(model_dir)
     started = time.perf_counter()
     result = evaluate_model(model, cfg, iter_documents(args.data, args.files, args.split), args.entropy_model,
-                            args.tokenizer, args.batch_size, args.max_bytes)
+                            args.tokenizer, args.batch_size, args.max_bytes_per_type)
     result["seconds"] = round(time.perf_counter() - started, 2)
     result["model"] = str(model_dir)
     if not args.per_document:

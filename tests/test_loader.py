@@ -80,7 +80,8 @@ def epoch_zero_targets(loader: Loader, num_documents: int):
         nbytes += int(batch["target_bytes"][keep][in_epoch0].sum())
         # each worker's stream is ordered: epoch 0 is done once every worker is past it
         workers = loader.state_dict()["workers"]
-        if all(w is not None and w["epoch"] >= 1 and (w["packer"]["doc_visit"] >= num_documents).all() for w in workers):
+        if all(w is not None and w["epoch"] >= 1 and min(w["buffered_visits"], default=num_documents) >= num_documents
+               for w in workers):
             return seen, nbytes
 
 

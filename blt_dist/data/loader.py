@@ -16,6 +16,10 @@ consume samples in lock-step. Packing breaks both: ranks consume different numbe
 documents per step, and a repeated document would be predicted twice. So shards are read with
 mosaicml-streaming's MDS readers (shards.SplitReader) and the order lives here.
 
+State. A (rank, worker) stream's state is a few integers: epoch, position in its document
+order, and which documents are in the packer's buffer with how much of the first is used. On
+restore those documents are read and encoded again (deterministic) instead of storing bytes.
+
 Workers. Worker w packs its own part. A torch DataLoader returns batches from its workers
 round-robin, so the sequence of batches is fixed; every batch carries its worker's state after
 producing it, and the main process keeps the latest state per worker plus which worker comes
@@ -39,7 +43,7 @@ from blt_dist.errors import UserError
 from blt_dist.vocab import BOS_ID, OFFSET, PAD_ID, encode_document
 
 ENTROPY_FORMAT = "blt-dist/entropy-shards/v1"
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -197,8 +201,21 @@ class PackedStream:
         self.epoch, self.position, self.samples = 0, 0, 0
         if state is not None:
             self.epoch, self.position, self.samples = state["epoch"], state["position"], state["samples"]
-            self.packer.load_state_dict(state["packer"])
+            self._restore_buffer(state["buffered_visits"], state["consumed"])
         self._ids = self.order.ids(self.epoch)
+
+    def _add(self, visit: int) -> None:
+        doc_id = visit % self.order.num_documents
+        _, sample = self.reader.get(doc_id)
+        self.packer.add(visit, *self.encoder.encode(sample, doc_id))
+
+    def _restore_buffer(self, visits: list[int], consumed: int) -> None:
+        """Re-reads and re-encodes the buffered documents (encoding is deterministic), then drops
+        the positions already used: the state stays a few integers instead of the buffer."""
+        for visit in visits:
+            self._add(visit)
+        if visits:
+            self.packer.drop(consumed)
 
     def next_sample(self) -> dict[str, np.ndarray]:
         while self.packer.needs_more():
@@ -207,9 +224,7 @@ class PackedStream:
                 self._ids = self.order.ids(self.epoch)
             doc_id = int(self._ids[self.position])
             self.position += 1
-            _, sample = self.reader.get(doc_id)
-            visit = self.epoch * self.order.num_documents + doc_id
-            self.packer.add(visit, *self.encoder.encode(sample, doc_id))
+            self._add(self.epoch * self.order.num_documents + doc_id)
         self.samples += 1
         return self.packer.cut()
 
@@ -218,7 +233,9 @@ class PackedStream:
         return {key: torch.from_numpy(np.stack([s[key] for s in samples])) for key in samples[0]}
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "samples": self.samples, "packer": self.packer.state_dict()}
+        visits, consumed = self.packer.buffered_documents()
+        return {"epoch": self.epoch, "position": self.position, "samples": self.samples,
+                "buffered_visits": visits, "consumed": consumed}
 
 
 class _PackedIterable(torch.utils.data.IterableDataset):
@@ -290,7 +307,7 @@ class Loader:
             "num_workers": self.num_workers,
             "batches": self.batches,
             "next_worker": self._next_worker,
-            "workers": [None if s is None else _copy_state(s) for s in self._states],
+            "workers": [None if s is None else dict(s) for s in self._states],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -312,7 +329,7 @@ class Loader:
         if changed:
             refuse("loader settings", {k: getattr(saved_spec, k) for k in changed}, {k: getattr(self.spec, k) for k in changed})
         self.close()
-        self._states = [None if s is None else _copy_state(s) for s in state["workers"]]
+        self._states = [None if s is None else dict(s) for s in state["workers"]]
         self._next_worker = state["next_worker"]
         self.batches = state["batches"]
 
@@ -321,5 +338,3 @@ def _as_is(item):
     return item
 
 
-def _copy_state(state: dict) -> dict:
-    return {**state, "packer": {k: np.array(v, copy=True) for k, v in state["packer"].items()}}

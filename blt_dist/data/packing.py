@@ -147,6 +147,23 @@ class Packer:
 
     # -- checkpointing
 
+    def buffered_documents(self) -> tuple[list[int], int]:
+        """(doc_visit of each document in the buffer, in order; positions of the first already
+        cut). Re-adding those documents and dropping that many positions rebuilds the buffer."""
+        if self._length == 0:
+            return [], 0
+        buf = self._flat()
+        visits = buf["doc_visit"]
+        firsts = np.r_[0, np.flatnonzero(visits[1:] != visits[:-1]) + 1]
+        return visits[firsts].tolist(), int(buf["doc_pos"][0])
+
+    def drop(self, n: int) -> None:
+        """Discards the first n buffered positions (used when rebuilding a buffer)."""
+        buf = self._flat()
+        for name, values in buf.items():
+            self._buffer[name] = [values[n:]]
+        self._length -= n
+
     def state_dict(self) -> dict:
         return {name: values.copy() for name, values in self._flat().items()}
 
