@@ -63,10 +63,17 @@ def _prepare(source: Path, target: Path, val_fraction: float, progress: bool) ->
 
 
 def _train(config: str, run_dir: Path, *overrides: str) -> Path:
+    """Each training run gets its own process, as it would under torchrun or Slurm: DeepSpeed
+    keeps process-group state at module level that a second run in one process would reuse."""
+    import subprocess
+    import sys
+
     if (run_dir / "export" / "model.safetensors").is_file():
         print(f"{run_dir}: finished earlier, kept")
-    else:
-        _cli("train", config, f"run.dir={run_dir}", *overrides)
+        return run_dir / "export"
+    argv = ["train", config, f"run.dir={run_dir}", *overrides]
+    if subprocess.run([sys.executable, "-m", "blt_dist.cli", *argv]).returncode != 0:
+        raise UserError(f"`blt-dist {' '.join(argv)}` failed (see above)")
     return run_dir / "export"
 
 
