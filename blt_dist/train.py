@@ -97,14 +97,20 @@ def all_reduce_sums(sums: LossSums, device) -> LossSums:
     return LossSums.from_tensor(t.cpu())
 
 
-def expected_bytes_per_sample(cfg: Config) -> float:
-    """Raw bytes one sample predicts, for turning a FLOP or byte budget into a step count."""
-    d, family = cfg.data, cfg.model.family
-    if family == "blt":
-        return min(d.byte_capacity, d.patches_per_sample * d.patching.target_mean_size)
-    if family == "bpe":
-        return d.tokens_per_sample * d.bytes_per_token
-    return float(d.seq_len)
+def measure_bytes_per_sample(spec, rank: int, world_size: int, batches: int = 64) -> float:
+    """Raw bytes one sample predicts, measured on the first batches of this rank's data (a
+    separate loader: the training loader's state is untouched). Deterministic, so a resumed run
+    derives the same step count. BLT samples hold fewer bytes than their capacity (whole patches
+    only) and a BPE token covers a data-dependent number of bytes: a guess from the config
+    would miss a FLOP budget by the difference."""
+    from blt_dist.data.loader import Loader
+
+    probe = Loader(spec, rank, world_size)
+    measured = torch.tensor([sum(int(next(probe)["target_bytes"].sum()) for _ in range(batches)),
+                             batches * spec.micro_batch_size], dtype=torch.float64)
+    if dist.is_initialized():  # every rank must derive the same step count
+        dist.all_reduce(measured)
+    return float(measured[0] / measured[1])
 
 
 def train_flops_per_byte(cfg: Config) -> float:
@@ -119,19 +125,23 @@ def params_total(cfg: Config) -> int:
     return sum(params_by_component(cfg.model).values())
 
 
-def total_steps_for(cfg: Config, flops_per_byte: float, dp_size: int) -> int:
-    """train.max_steps if set, else the step count whose expected bytes meet train.max_bytes or
-    whose FLOPs meet train.flops. The LR schedule needs this up front; the log reports the FLOPs
-    and bytes actually spent."""
+def total_steps_for(cfg: Config, flops_per_byte: float, dp_size: int, bytes_per_sample) -> tuple[int, str]:
+    """(steps, how they were derived): train.max_steps if set, else the steps whose bytes meet
+    train.max_bytes or whose training FLOPs meet train.flops, from the measured bytes per sample
+    (`bytes_per_sample()` is only called then). The LR schedule needs the count up front; the
+    log reports the FLOPs and bytes actually spent."""
     t = cfg.train
     if t.max_steps:
-        return t.max_steps
-    bytes_per_step = expected_bytes_per_sample(cfg) * t.micro_batch_size * t.grad_accum * dp_size
+        return t.max_steps, "train.max_steps"
+    if not (t.max_bytes or t.flops):
+        raise UserError("train: set one of max_steps, max_bytes or flops to define the run length")
+    per_sample = bytes_per_sample()
+    bytes_per_step = per_sample * t.micro_batch_size * t.grad_accum * dp_size
     if t.max_bytes:
-        return max(1, math.ceil(t.max_bytes / bytes_per_step))
-    if t.flops:
-        return max(1, math.ceil(t.flops / (flops_per_byte * bytes_per_step)))
-    raise UserError("train: set one of max_steps, max_bytes or flops to define the run length")
+        steps = max(1, round(t.max_bytes / bytes_per_step))
+        return steps, f"train.max_bytes={t.max_bytes:.3g} at {per_sample:.1f} measured bytes/sample"
+    steps = max(1, round(t.flops / (flops_per_byte * bytes_per_step)))
+    return steps, f"train.flops={t.flops:.3g} at {per_sample:.1f} measured bytes/sample"
 
 
 def check_memory(cfg: Config, world_size: int, device) -> None:
@@ -270,7 +280,9 @@ def _train(cfg: Config, env) -> int:
     dp_rank = engine.grid.get_data_parallel_rank() if pipelined else env.rank
     loader = Loader(LoaderSpec.from_config(cfg, family), dp_rank, dp_size, cfg.data.num_workers)
     flops_per_byte = train_flops_per_byte(cfg)
-    total_steps = total_steps_for(cfg, flops_per_byte, dp_size)
+    total_steps, length_source = total_steps_for(
+        cfg, flops_per_byte, dp_size, lambda: measure_bytes_per_sample(loader.spec, dp_rank, dp_size)
+    )
     marker_info = {
         "world_size": env.world_size,
         "global_batch": ds_config["train_batch_size"],
@@ -299,7 +311,7 @@ def _train(cfg: Config, env) -> int:
     peak, peak_source = peak_flops(cfg.train.dtype, env.device)
     log.info(
         f"{family}: {params_total(cfg) / 1e6:.2f}M params, {flops_per_byte:.3g} train FLOPs/byte, "
-        f"{total_steps} steps, {env.world_size} ranks ({env.backend}), ZeRO-{cfg.parallel.zero_stage}, {cfg.train.dtype}; "
+        f"{total_steps} steps ({length_source}), {env.world_size} ranks ({env.backend}), ZeRO-{cfg.parallel.zero_stage}, {cfg.train.dtype}; "
         f"MFU peak {peak / 1e12:.3f} TFLOP/s from {peak_source}"
         + (f"; resumed from {tag} (step {step})" if tag else "")
     )
