@@ -331,8 +331,7 @@ def _train(cfg: Config, env) -> int:
     faults = Faults(os.environ.get("BLT_FAULTS", ""))
     nonfinite_in_a_row = 0
     plain_optimizer = cfg.parallel.zero_stage == 0 and cfg.train.dtype == "fp32"
-    new_window = lambda: {"sums": LossSums(), "time": 0.0, "data_time": 0.0, "patches": 0, "steps": 0, "digest": 0, "gnorm": float("nan")}
-    window = new_window()
+    window = _new_window()
     last_saved = step if tag else -1
     while step < total_steps:
         lr = lr_at(step, total_steps, cfg.optim)
@@ -391,7 +390,7 @@ def _train(cfg: Config, env) -> int:
                 record["mean_patch_size"] = sums.bytes / max(patches, 1)
                 record["patches_per_sample"] = patches / (window["steps"] * ds_config["train_batch_size"])
             log.log(record, format_line(record))
-            window = new_window()
+            window = _new_window()
 
         # -- eval
         if cfg.data.val and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == total_steps):
@@ -419,6 +418,12 @@ def _train(cfg: Config, env) -> int:
     log.close()
     shutdown_distributed()
     return 0
+
+
+def _new_window() -> dict:
+    """What accumulates between two log lines."""
+    return {"sums": LossSums(), "time": 0.0, "data_time": 0.0, "patches": 0, "steps": 0, "digest": 0,
+            "gnorm": float("nan")}
 
 
 def _plain_step(engine, batches, family, device, plain_optimizer: bool, poison: bool) -> tuple:

@@ -35,3 +35,17 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None):
         text=True,
         timeout=600,
     )
+
+
+def write_word_documents(root: Path, words, per_type: int, word_range: tuple[int, int], tail=None, seed: int = 0,
+                         types=("prose", "code")) -> Path:
+    """Synthetic text documents root/<type>/NN.txt: random words, plus `tail(i, rng)` bytes."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    for ctype in types:
+        (root / ctype).mkdir(parents=True)
+        for i in range(per_type):
+            text = " ".join(rng.choice(words, rng.integers(*word_range))).encode()
+            (root / ctype / f"{i:02d}.txt").write_bytes(text + (tail(i, rng) if tail else b""))
+    return root

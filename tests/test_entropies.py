@@ -20,6 +20,7 @@ from blt_dist.errors import UserError
 from blt_dist.export import export_info, save_export
 from blt_dist.model import ModelConfig, build_model
 from blt_dist.vocab import BOS_ID, encode_document
+from tests.conftest import write_word_documents
 
 WINDOW = 16
 
@@ -115,12 +116,8 @@ def test_restores_training_mode_and_refuses_nonfinite():
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("entropies")
-    rng = np.random.default_rng(0)
-    for ctype in ("prose", "code"):
-        (root / "in" / ctype).mkdir(parents=True)
-        for i in range(14):
-            words = rng.choice(["alpha", "beta", "gamma", "delta", "\xe9t\xe9", "x = 1;"], rng.integers(0, 30))
-            (root / "in" / ctype / f"{i:02d}.txt").write_bytes(" ".join(words).encode() + rng.bytes(i % 3))
+    words = ["alpha", "beta", "gamma", "delta", "\xe9t\xe9", "x = 1;"]
+    write_word_documents(root / "in", words, 14, (0, 30), tail=lambda i, rng: rng.bytes(i % 3))
     prepare([root / "in"], root / "bytes", val_fraction=0.2, shard_size="700b", progress=False)
     (root / "other_in").mkdir()
     (root / "other_in" / "one.txt").write_bytes(b"a different dataset")

@@ -1,7 +1,6 @@
 """Loaders for all families: exact resume, exactly-once coverage per epoch, disjoint ranks."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from blt_dist.data.loader import Loader, LoaderSpec
@@ -10,6 +9,7 @@ from blt_dist.data.prepare import prepare
 from blt_dist.data.tokenizer import train_tokenizer
 from blt_dist.errors import UserError
 from blt_dist.vocab import encode_document
+from tests.conftest import write_word_documents
 
 WORDS = "the quick brown fox jumps over lazy dog byte latent transformer patch entropy".split()
 
@@ -17,13 +17,7 @@ WORDS = "the quick brown fox jumps over lazy dog byte latent transformer patch e
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("loader")
-    rng = np.random.default_rng(0)
-    for ctype in ("prose", "code"):
-        (root / "in" / ctype).mkdir(parents=True)
-        for i in range(23):
-            words = rng.choice(WORDS, rng.integers(0, 60))
-            text = " ".join(words).encode() + (b"\xff\x00" if i % 5 == 0 else b"")
-            (root / "in" / ctype / f"{i:02d}.txt").write_bytes(text)
+    write_word_documents(root / "in", WORDS, 23, (0, 60), tail=lambda i, rng: b"\xff\x00" if i % 5 == 0 else b"")
     prepare([root / "in"], root / "ds", val_fraction=0.0, progress=False)
     train_tokenizer(root / "ds", root / "tok.model", vocab_size=300)
     return root

@@ -13,6 +13,7 @@ import torch
 from blt_dist.checkpoint import checkpoint_root, list_checkpoints, verify
 from blt_dist.data.prepare import prepare
 from blt_dist.data.tokenizer import train_tokenizer
+from tests.conftest import write_word_documents
 from tests.distributed import launch, logs, metrics, run, wait
 
 WORDS = "the quick brown fox jumps over a lazy dog while bytes and patches flow through latent space".split()
@@ -22,12 +23,7 @@ SMALL = ["data.seq_len=128", "train.micro_batch_size=2", "log.every=1", "train.e
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
-    rng = np.random.default_rng(0)
-    for ctype in ("prose", "code"):
-        (root / "in" / ctype).mkdir(parents=True)
-        for i in range(60):
-            text = " ".join(rng.choice(WORDS, rng.integers(5, 120))).encode()
-            (root / "in" / ctype / f"{i:02d}.txt").write_bytes(text)
+    write_word_documents(root / "in", WORDS, 60, (5, 120))
     prepare([root / "in"], root / "ds", val_fraction=0.1, progress=False)
     train_tokenizer(root / "ds", root / "tok.model", vocab_size=300)
     return root
