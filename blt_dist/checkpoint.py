@@ -135,7 +135,8 @@ def save(engine, run_dir: str | Path, step: int, rank_state: dict, marker_info: 
         error = err
     if not _all_ok(error is None):
         if error is not None:
-            log(f"checkpoint {tag}: save failed on rank {rank}: {error}")
+            free = shutil.disk_usage(root).free / 1e6  # torch reports a full disk as "unexpected pos"
+            log(f"checkpoint {tag}: save failed on rank {rank}: {error} ({free:.1f} MB free on {root})")
         if rank == 0:
             shutil.rmtree(tag_dir, ignore_errors=True)
             log(f"checkpoint {tag}: not published; earlier checkpoints are untouched")

@@ -52,12 +52,12 @@ class DataConfig:
     patches_per_sample: int = 256  # BLT: fixed patch count per sample
     byte_capacity: int = 1024  # BLT: fixed byte capacity per sample (padded, masked)
     tokenizer: str = ""  # sentencepiece model for the BPE baseline
+    entropy_model: str = ""  # BLT: entropy-model export; entropy datasets made by another model are refused
     bytes_per_token: float = 4.4  # BPE: measured by `blt-dist tokenizer`; FLOPs/byte = FLOPs/token / this
     patching: PatchingConfig = field(default_factory=PatchingConfig)
     shuffle: bool = True
     shuffle_seed: int = 1234
     num_workers: int = 0
-    num_canonical_nodes: Optional[int] = None  # streaming's canonical node count (fix it for resume)
 
 
 @dataclass
@@ -268,8 +268,6 @@ def validate(cfg: Config) -> None:
     for key in ("seq_len", "tokens_per_sample", "patches_per_sample", "byte_capacity"):
         _positive(f"data.{key}", getattr(d, key))
     _positive("data.num_workers", d.num_workers, allow_zero=True)
-    if d.num_canonical_nodes is not None:
-        _positive("data.num_canonical_nodes", d.num_canonical_nodes)
 
     o = cfg.optim
     _positive("optim.lr", o.lr)

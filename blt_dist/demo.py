@@ -121,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
     budget = [f"train.flops={args.flops}", "train.max_steps=0", "train.eval_every=0"]
     with _Stage(f"train tiny BLT and tiny BPE, {args.flops:.2g} training FLOPs each"):
         blt = _train("configs/blt/tiny.yaml", runs / "blt", f"data.train={entropies}", f"data.val={entropies}",
-                     "data.patching.mode=entropy", f"data.patching.threshold={threshold}", *budget)
+                     f"data.entropy_model={entropy}", "data.patching.mode=entropy",
+                     f"data.patching.threshold={threshold}", *budget)
         bpe = _train("configs/bpe/tiny.yaml", runs / "bpe", f"data.train={shards}", f"data.val={shards}",
                      f"data.tokenizer={tokenizer}", f"data.bytes_per_token={bytes_per_token:.4f}", *budget)
 

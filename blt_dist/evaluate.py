@@ -72,10 +72,13 @@ class Encoder:
             self.patcher = PatchEncoder(dict(mode=p.mode, threshold=p.threshold, threshold_r=p.threshold_r,
                                              patch_size=p.patch_size, max_patch_length=p.max_patch_length))
             if self.patcher.rule.needs_entropies:
+                entropy_model = entropy_model or cfg.data.entropy_model
                 if not entropy_model:
                     raise UserError(f"--entropy-model: this BLT patches by {p.mode}; give the entropy model's export")
-                from blt_dist.data.entropies import load_entropy_model
+                from blt_dist.data.entropies import check_entropy_source, load_entropy_model
 
+                if (Path(cfg.data.train) / "dataset.json").is_file():  # the entropies it was trained on
+                    check_entropy_source(cfg.data.train, entropy_model)
                 self.entropy, entropy_cfg = load_entropy_model(entropy_model)
                 self.window = entropy_cfg.model.attention_window
 
@@ -172,7 +175,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--data", help="byte dataset (from `blt-dist prepare`)")
     source.add_argument("--files", nargs="+", default=[], help="raw text files, one document each")
     parser.add_argument("--split", default=None, help="dataset split (default: val if present, else train)")
-    parser.add_argument("--entropy-model", default=None, help="entropy model export, for BLT entropy patching")
+    parser.add_argument("--entropy-model", default=None,
+                        help="entropy model export, for BLT entropy patching (default: the BLT config's data.entropy_model)")
     parser.add_argument("--tokenizer", default=None, help="sentencepiece model (default: the BPE config's)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-bytes-per-type", type=int, default=0,

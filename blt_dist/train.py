@@ -256,10 +256,11 @@ def _train(cfg: Config, env) -> int:
     ds_config = deepspeed_config(cfg, env.world_size)
     dp_size = data_parallel_size(cfg, env.world_size)
     check_memory(cfg, env.world_size, env.device)
+    origin = provenance()
     if env.is_main:
         save_resolved(cfg, run_dir)
         (run_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=2) + "\n")
-        (run_dir / "provenance.json").write_text(json.dumps(provenance(), indent=2) + "\n")
+        (run_dir / "provenance.json").write_text(json.dumps(origin, indent=2) + "\n")
 
     seed_everything(cfg.run.seed)  # identical initial weights on every rank
     pipelined = cfg.parallel.pipeline_stages > 1
@@ -279,6 +280,13 @@ def _train(cfg: Config, env) -> int:
     # every stage of a pipeline reads the same batches: the loader is indexed by data-parallel rank
     dp_rank = engine.grid.get_data_parallel_rank() if pipelined else env.rank
     loader = Loader(LoaderSpec.from_config(cfg, family), dp_rank, dp_size, cfg.data.num_workers)
+    if family == "blt" and cfg.data.entropy_model:
+        from blt_dist.data.entropies import check_entropy_source
+        from blt_dist.data.loader import ENTROPY_FORMAT, dataset_format
+
+        if dataset_format(loader.spec) == ENTROPY_FORMAT:
+            for path in filter(None, (cfg.data.train, cfg.data.val)):
+                check_entropy_source(path, cfg.data.entropy_model)
     flops_per_byte = train_flops_per_byte(cfg)
     total_steps, length_source = total_steps_for(
         cfg, flops_per_byte, dp_size, lambda: measure_bytes_per_sample(loader.spec, dp_rank, dp_size)
@@ -319,7 +327,7 @@ def _train(cfg: Config, env) -> int:
     def save(at_step: int) -> bool:
         rank_state = {
             "step": at_step, "seen": seen, "loader": loader.state_dict(), "rng": checkpoint.rng_state(),
-            "wandb_id": log.wandb_id,
+            "wandb_id": log.wandb_id, "config": to_dict(cfg), "provenance": origin,
         }
         ok = checkpoint.save(engine, run_dir, at_step, rank_state, marker_info, env.rank, log=log.info)
         if ok and env.is_main:
@@ -409,7 +417,13 @@ def _train(cfg: Config, env) -> int:
                      "rerun the same command to resume")
             break
 
-    if step == total_steps and last_saved == step and env.is_main:
+    if step == total_steps and last_saved != step:
+        log.info(f"training finished at step {step}, but its final checkpoint could not be written (see above); "
+                 f"the newest checkpoint is step {last_saved}")
+        log.close()
+        shutdown_distributed()
+        return 1
+    if step == total_steps and env.is_main:
         from blt_dist.export import save_export
 
         tag_dir = checkpoint.checkpoint_root(run_dir) / checkpoint.tag_for(step)

@@ -304,3 +304,9 @@ def test_cli(world, tmp_path, capsys):
     assert "bytes/s" in out and "complete" in out and "0 already complete" in out
     with pytest.raises(SystemExit):
         parser.parse_args(common + ["--part", "3/2"])
+
+
+def test_entropy_source_check_names_both_models(world):
+    ent.check_entropy_source(world / "reference", world / "model")
+    with pytest.raises(UserError, match="come from entropy model .* but .*model_b"):
+        ent.check_entropy_source(world / "reference", world / "model_b")

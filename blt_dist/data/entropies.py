@@ -542,6 +542,21 @@ def compute_entropy_dataset(
     return EntropyRun((this, count), len(todo), len(mine) - len(todo), pending, documents, nbytes, seconds, manifest)
 
 
+def check_entropy_source(entropy_dataset: Union[str, Path], model_dir: Union[str, Path]) -> None:
+    """Refuses an entropy dataset that another entropy model produced: patches cut from one
+    model's entropies mean nothing to a BLT evaluated (or trained on) with another's."""
+    from blt_dist.export import export_info
+
+    manifest = Path(entropy_dataset) / "dataset.json"
+    recorded = ((_read_json(manifest) or {}).get("entropy_model") or {}).get("weights_sha256")
+    given = export_info(model_dir).get("weights_sha256")
+    if recorded != given:
+        raise UserError(
+            f"{entropy_dataset}: its entropies come from entropy model {str(recorded)[:16]}, but {model_dir} is "
+            f"{str(given)[:16]}; use the model that produced the dataset (or recompute the entropies)"
+        )
+
+
 def load_entropy_model(path: Union[str, Path]):
     """(model, cfg) of an entropy-model export; a UserError for any other kind of model."""
     from blt_dist.export import export_info, load_export
