@@ -97,17 +97,21 @@ def all_reduce_sums(sums: LossSums, device) -> LossSums:
     return LossSums.from_tensor(t.cpu())
 
 
-def measure_bytes_per_sample(spec, rank: int, world_size: int, batches: int = 64) -> float:
-    """Raw bytes one sample predicts, measured on the first batches of this rank's data (a
-    separate loader: the training loader's state is untouched). Deterministic, so a resumed run
-    derives the same step count. BLT samples hold fewer bytes than their capacity (whole patches
-    only) and a BPE token covers a data-dependent number of bytes: a guess from the config
-    would miss a FLOP budget by the difference."""
+def measure_bytes_per_sample(spec, rank: int, world_size: int, probe_bytes: float = 8e6, max_batches: int = 4000) -> float:
+    """Raw bytes one sample predicts, measured on this rank's own data stream (a separate loader:
+    the training loader's state is untouched) over about `probe_bytes` (documents are up to tens
+    of KB: a short probe sees only a few of them). Deterministic, so a resumed run derives the
+    same step count. BLT samples hold fewer bytes than their capacity (whole patches only) and a
+    BPE token covers a data-dependent number of bytes: a guess from the config would miss a FLOP
+    budget by the difference."""
     from blt_dist.data.loader import Loader
 
     probe = Loader(spec, rank, world_size)
-    measured = torch.tensor([sum(int(next(probe)["target_bytes"].sum()) for _ in range(batches)),
-                             batches * spec.micro_batch_size], dtype=torch.float64)
+    total, batches = 0, 0
+    while total < probe_bytes and batches < max_batches:
+        total += int(next(probe)["target_bytes"].sum())
+        batches += 1
+    measured = torch.tensor([total, batches * spec.micro_batch_size], dtype=torch.float64)
     if dist.is_initialized():  # every rank must derive the same step count
         dist.all_reduce(measured)
     return float(measured[0] / measured[1])
