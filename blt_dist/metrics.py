@@ -12,6 +12,7 @@ import math
 import os
 import resource
 import time
+import uuid
 from pathlib import Path
 from typing import Optional
 
@@ -72,7 +73,7 @@ class MetricsLogger:
         if wandb_cfg is not None and wandb_cfg.wandb and os.environ.get("WANDB_MODE", wandb_cfg.wandb_mode) != "disabled":
             import wandb
 
-            self.wandb_id = wandb_id or wandb.util.generate_id()
+            self.wandb_id = wandb_id or uuid.uuid4().hex[:8]  # our own id: it goes into every checkpoint
             self.wandb = wandb.init(
                 project=wandb_cfg.wandb_project,
                 id=self.wandb_id,

@@ -256,7 +256,6 @@ def _train(cfg: Config, env) -> int:
     # -- setup -------------------------------------------------------------------------------
     family = cfg.model.family
     run_dir = Path(cfg.run.dir)
-    log = MetricsLogger(run_dir, enabled=False)  # replaced below once we know the wandb id
     ds_config = deepspeed_config(cfg, env.world_size)
     dp_size = data_parallel_size(cfg, env.world_size)
     check_memory(cfg, env.world_size, env.device)
@@ -314,12 +313,13 @@ def _train(cfg: Config, env) -> int:
         raise UserError(f"checkpoint.resume_from: {resume_dir} holds no complete checkpoint")
     if tag is not None:
         _, _, marker = checkpoint.verify(checkpoint.checkpoint_root(resume_dir) / tag)
-        checkpoint.check_compatible(marker, {k: marker_info[k] for k in ("world_size", "pipeline_stages", "global_batch", "dataset_fingerprint")})
+        must_match = ("world_size", "pipeline_stages", "global_batch", "dataset_fingerprint")
+        checkpoint.check_compatible(marker, {k: marker_info[k] for k in must_match})
         state = checkpoint.load(engine, resume_dir, tag, env.rank)
         loader.load_state_dict(state["loader"])
         checkpoint.set_rng_state(state["rng"])
         step, seen, wandb_id = state["step"], state["seen"], state.get("wandb_id")
-    log = MetricsLogger(run_dir, env.is_main, cfg.log, to_dict(cfg), wandb_id)
+    log = MetricsLogger(run_dir, env.is_main, cfg.log, to_dict(cfg), wandb_id)  # wandb resumes its run
     peak, peak_source = peak_flops(cfg.train.dtype, env.device)
     log.info(
         f"{family}: {params_total(cfg) / 1e6:.2f}M params, {flops_per_byte:.3g} train FLOPs/byte, "

@@ -195,3 +195,14 @@ def test_disk_full_during_save_leaves_the_previous_checkpoint(data, tmp_path):
         assert [r["step"] for r in metrics(run_dir) if "loss" in r] == [1, 2, 3, 4]  # training went on
     finally:
         subprocess.run(["umount", "-l", str(mount)])
+
+
+def test_wandb_offline_run_id_survives_a_resume(data, tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["train", *family_args(data, "entropy"), f"run.dir={run_dir}", "log.wandb=true", "checkpoint.every=2"]
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    run(1, [*args, "train.max_steps=2"], tmp_path / "logs1", env)
+    run(1, [*args, "train.max_steps=4"], tmp_path / "logs2", env)
+    saved = torch.load(checkpoint_root(run_dir) / "step_00000002" / "rank_00000.pt", weights_only=False)
+    runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(name.endswith(saved["wandb_id"]) for name in runs), runs
