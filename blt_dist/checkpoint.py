@@ -106,12 +106,10 @@ def set_rng_state(state: dict) -> None:
 
 
 def _all_ok(ok: bool) -> bool:
-    """True only if every rank says ok (MIN all-reduce)."""
-    if not dist.is_initialized():
-        return ok
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int64)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+    """True only if every rank says ok."""
+    from blt_dist.parallel.engine import reduce_int
+
+    return bool(reduce_int(ok, "min"))
 
 
 def save(engine, run_dir: str | Path, step: int, rank_state: dict, marker_info: dict, rank: int, log=print) -> bool:

@@ -50,20 +50,19 @@ class Encoder:
     """One document -> (tokens, nbytes, patch_start) for the model's family."""
 
     def __init__(self, cfg, entropy_model: Optional[str], tokenizer: Optional[str]):
-        from blt_dist.data.loader import ByteEncoder, PatchEncoder
+        from blt_dist.data.loader import BPEEncoder, ByteEncoder, PatchEncoder
 
         self.family = cfg.model.family
         self.entropy = None
         if self.family == "bpe":
-            from blt_dist.data.tokenizer import ByteExactTokenizer
-
             path = tokenizer or cfg.data.tokenizer
             if not path:
                 raise UserError("--tokenizer: this BPE model's config names no tokenizer")
-            self.tokenizer = ByteExactTokenizer(path)
-            if self.tokenizer.vocab_size != cfg.model.vocab_size:
-                raise UserError(f"{path}: vocabulary {self.tokenizer.vocab_size} != model.vocab_size {cfg.model.vocab_size}")
-            self.bos_id, self.pad_id = self.tokenizer.bos_id, self.tokenizer.pad_id
+            self.bpe = BPEEncoder(path)
+            vocab = self.bpe.tokenizer.vocab_size
+            if vocab != cfg.model.vocab_size:
+                raise UserError(f"{path}: vocabulary {vocab} != model.vocab_size {cfg.model.vocab_size}")
+            self.bos_id, self.pad_id = self.bpe.bos_id, self.bpe.pad_id
             return
         self.bytes = ByteEncoder()
         self.bos_id, self.pad_id = self.bytes.bos_id, self.bytes.pad_id
@@ -84,8 +83,7 @@ class Encoder:
 
     def encode(self, data: bytes):
         if self.family == "bpe":
-            tokens, nbytes = self.tokenizer.encode_document(data)
-            return tokens, nbytes, None
+            return self.bpe.encode({"data": data}, -1)
         if self.family != "blt":
             return self.bytes.encode({"data": data}, -1)
         sample = {"data": data}

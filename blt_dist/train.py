@@ -31,6 +31,7 @@ from blt_dist.config import Config, add_config_arguments, config_from_args, save
 from blt_dist.errors import UserError
 from blt_dist.loss import LossSums, loss_and_sums
 from blt_dist.metrics import MetricsLogger, format_line, memory_gb, peak_flops
+from blt_dist.parallel.engine import reduce_int
 from blt_dist.schedule import lr_at
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
@@ -55,10 +56,7 @@ class StopRequest:
         self.signal_name = signal.Signals(signum).name
 
     def agreed(self) -> bool:
-        flag = torch.tensor([1 if self.requested else 0], dtype=torch.int64)
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return bool(reduce_int(self.requested, "max"))
 
 
 class Faults:
@@ -390,7 +388,7 @@ def _train(cfg: Config, env) -> int:
             bytes_per_s = sums.bytes / elapsed
             record = {
                 "step": step, "total_steps": total_steps, "loss": sums.mean_nll, "bpb": sums.bpb, "lr": lr,
-                "grad_norm": window["gnorm"], "data_digest": _sum_int(window["digest"], env.device),
+                "grad_norm": window["gnorm"], "data_digest": reduce_int(window["digest"]),
                 "bytes_per_s": bytes_per_s, "tflops": bytes_per_s * flops_per_byte / 1e12,
                 "mfu": bytes_per_s * flops_per_byte / env.world_size / peak if peak == peak else float("nan"),
                 "memory_gb": memory_gb(env.device), "data_fraction": window["data_time"] / elapsed,
@@ -398,7 +396,7 @@ def _train(cfg: Config, env) -> int:
                 "bytes_seen": seen["bytes"], "flops_seen": seen["flops"],
             }
             if family == "blt":
-                patches = all_reduce_sums(LossSums(0.0, window["patches"], 0), env.device).targets
+                patches = reduce_int(window["patches"])
                 record["mean_patch_size"] = sums.bytes / max(patches, 1)
                 record["patches_per_sample"] = patches / (window["steps"] * ds_config["train_batch_size"])
             log.log(record, format_line(record))
@@ -456,7 +454,7 @@ def _plain_step(engine, batches, family, device, plain_optimizer: bool, poison: 
         total = total.add(sums)
         engine.backward(loss)
         if engine.is_gradient_accumulation_boundary():
-            nonfinite = _agree_any(nonfinite)
+            nonfinite = bool(reduce_int(nonfinite, "max"))
             if nonfinite and plain_optimizer:
                 _skip_update(engine)  # DeepSpeed's ZeRO-0 fp32 path has no overflow check
                 return total, True, gnorm
@@ -476,22 +474,8 @@ def _pipeline_step(engine, batches, family) -> tuple:
 
     engine.train_batch(data_iter=iter([pipeline_batch(b, family) for b in batches]))
     sums = engine.module.loss_fn.take_sums() if engine.is_last_stage() else LossSums()
-    nonfinite = _agree_any(not math.isfinite(sums.nll))
+    nonfinite = bool(reduce_int(not math.isfinite(sums.nll), "max"))
     return sums, nonfinite, float(engine.get_global_grad_norm() or float("nan"))
-
-
-def _agree_any(flag: bool) -> bool:
-    t = torch.tensor([1 if flag else 0], dtype=torch.int64)
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
-def _sum_int(value: int, device) -> int:
-    t = torch.tensor([value], dtype=torch.int64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return int(t.item())
 
 
 def _grad_norm(engine) -> float:

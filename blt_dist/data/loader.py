@@ -68,28 +68,20 @@ class LoaderSpec:
         path = d.train if split == "train" else d.val
         if not path:
             raise UserError(f"data.{'train' if split == 'train' else 'val'}: no dataset directory set")
-        if split != "train":  # a held-out dataset prepared with --val-fraction 0 has only "train"
-            split = "val" if (ByteDataset(path, verify=False, format=_format_of(path)).streams("val")) else "train"
         common = dict(path=path, split=split, micro_batch_size=cfg.train.micro_batch_size, seed=d.shuffle_seed, shuffle=d.shuffle)
         if family == "blt":
             patching = {k: getattr(d.patching, k) for k in ("mode", "threshold", "threshold_r", "patch_size", "max_patch_length")}
-            return cls(family="blt", sample_len=d.byte_capacity, patches_per_sample=d.patches_per_sample, patching=patching, **common)
-        if family == "bpe":
+            spec = cls(family="blt", sample_len=d.byte_capacity, patches_per_sample=d.patches_per_sample, patching=patching, **common)
+        elif family == "bpe":
             if not d.tokenizer:
                 raise UserError("data.tokenizer: the BPE baseline needs a sentencepiece model (`blt-dist tokenizer`)")
-            return cls(family="bpe", sample_len=d.tokens_per_sample, tokenizer=d.tokenizer, **common)
-        return cls(family="bytes", sample_len=d.seq_len, **common)
-
-
-def _format_of(path: str) -> str:
-    import json
-    from pathlib import Path
-
-    manifest = Path(path) / "dataset.json"
-    try:
-        return json.loads(manifest.read_text()).get("format", BYTE_FORMAT)
-    except (OSError, ValueError):
-        return BYTE_FORMAT  # ByteDataset reports the real problem
+            spec = cls(family="bpe", sample_len=d.tokens_per_sample, tokenizer=d.tokenizer, **common)
+        else:
+            spec = cls(family="bytes", sample_len=d.seq_len, **common)
+        # a held-out dataset prepared with --val-fraction 0 has only "train": evaluate on that
+        if split != "train" and not ByteDataset(path, verify=False, format=dataset_format(spec)).streams("val"):
+            spec = dataclasses.replace(spec, split="train")
+        return spec
 
 
 # ---------------------------------------------------------------------------------------------

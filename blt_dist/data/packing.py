@@ -140,9 +140,7 @@ class Packer:
         }
         if patch_lengths is not None:
             sample["patch_lengths"] = patch_lengths
-        for name, values in buf.items():
-            self._buffer[name] = [values[n:]]
-        self._length -= n
+        self.drop(n)
         return sample
 
     # -- checkpointing
