@@ -28,7 +28,7 @@ def torch_forward_flops(model, *inputs) -> int:
 @pytest.mark.parametrize("latent_kv_heads", [None, 2])
 def test_dense_blt_flops_match_torch(latent_kv_heads):
     torch.manual_seed(0)
-    cfg = tiny_blt(n_kv_heads=latent_kv_heads)
+    cfg = tiny_blt(n_kv_heads=latent_kv_heads, attention="dense")  # the masked SDPA the dense count describes
     model = build_model(cfg)
     tokens, lengths, docs = random_batch(0, batch=2, capacity=40, num_patches=16)
     counted = torch_forward_flops(model, tokens, lengths, docs)
@@ -41,7 +41,7 @@ def test_dense_lm_flops_match_torch(family, kv_heads, window):
     torch.manual_seed(0)
     vocab = 260 if family == "entropy" else 500
     cfg = ModelConfig(family=family, vocab_size=vocab, dim=64, n_layers=2, n_heads=4, n_kv_heads=kv_heads,
-                      window=window)
+                      window=window, attention="dense")
     model = build_model(cfg)
     tokens = torch.randint(0, vocab, (3, 32))
     counted = torch_forward_flops(model, tokens)

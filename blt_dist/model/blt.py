@@ -22,9 +22,15 @@ empty and contributes exact zeros. Reading only the latest patch (not all earlie
 the decoder's cross-attention local, as in the reference; older patches reach byte i through
 the latent transformer.
 
+Attention (`cfg.attention`, model/attention.py): every module builds its kernels once per
+forward from the layout: windowed self-attention over bytes (a band, O(C*W)), the pooling
+(each patch's queries gather its own bytes), the decoder's read (each byte gathers the k
+vectors of its patch), and document-causal attention over patches. `dense` builds the
+[B, 1, Tq, Tk] masks instead: the reference the others are tested against.
+
 Pipeline stages: `encode` -> each of `latent` (with `latent_mask_and_rope`) -> `decode`; the
 integer layout tensors (patch_lengths, doc_ids) travel alongside and every stage rebuilds its
-masks from them. `forward` is exactly that composition.
+attention from them. `forward` is exactly that composition.
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from blt_dist.model.attention import patch_pool_attention, patch_read_attention, resolve_mode, self_attention
 from blt_dist.model.config import ModelConfig
 from blt_dist.model.hash_embeddings import HashNgramEmbeddings
 from blt_dist.model.layers import (
@@ -42,7 +49,6 @@ from blt_dist.model.layers import (
     init_linear,
     residual_std,
     rotary_cos_sin,
-    self_attention_mask,
 )
 from blt_dist.vocab import VOCAB_SIZE
 
@@ -52,6 +58,8 @@ class PatchLayout:
     """Integer views of one batch's patching, derived from patch_lengths and doc_ids."""
 
     byte_patch: torch.Tensor  # [B, C] patch index of each byte; P for padding bytes
+    patch_starts: torch.Tensor  # [B, P] position of each patch's first byte
+    patch_lengths: torch.Tensor  # [B, P] bytes in each patch; 0 for empty patches
     patch_doc: torch.Tensor  # [B, P] document of each patch; -1 for empty patches
     read_patch: torch.Tensor  # [B, C] the completed patch byte i reads in the decoder
     can_read: torch.Tensor  # [B, C] False: no completed patch in the byte's document yet
@@ -79,7 +87,7 @@ def patch_layout(patch_lengths: torch.Tensor, doc_ids: torch.Tensor) -> PatchLay
     read_patch = byte_patch - (~closes_patch).long()
     read_doc = patch_doc.gather(1, read_patch.clamp(0, num_patches - 1))
     can_read = (read_patch >= 0) & (byte_patch < num_patches) & (read_doc == doc_ids)
-    return PatchLayout(byte_patch, patch_doc, read_patch, can_read)
+    return PatchLayout(byte_patch, starts, patch_lengths.long(), patch_doc, read_patch, can_read)
 
 
 class LocalEncoder(nn.Module):
@@ -113,10 +121,10 @@ class LocalEncoder(nn.Module):
         enc, k = self.cfg.encoder, self.cfg.cross_attn_k
         batch, capacity = tokens.shape
         h = self.byte_embedding(tokens) + self.hash_embeddings(tokens, doc_ids)
-        mask = self_attention_mask(capacity, doc_ids, enc.window, tokens.device)
+        attention = self_attention(self.cfg.attention, capacity, doc_ids, enc.window, tokens.device)
         rope = rotary_cos_sin(capacity, enc.dim // enc.n_heads, self.cfg.rope_theta, tokens.device)
         for block in self.layers:
-            h = block(h, mask, rope)
+            h = block(h, attention, rope)
 
         # Max-pool each patch's byte states (padding goes to a dropped extra slot; empty patches stay 0).
         num_patches = layout.num_patches
@@ -124,10 +132,10 @@ class LocalEncoder(nn.Module):
         pooled = h.new_zeros(batch, num_patches + 1, enc.dim)
         pooled = pooled.scatter_reduce(1, index, h, reduce="amax", include_self=False)[:, :num_patches]
         queries = self.pool_query(pooled).reshape(batch, num_patches * k, enc.dim)
-        query_patch = torch.arange(num_patches, device=tokens.device).repeat_interleave(k)
         # Query slot s belongs to patch s // k and sees exactly that patch's bytes.
-        pool_mask = (layout.byte_patch[:, None, None, :] == query_patch[None, None, :, None])
-        queries = self.pool_attention(queries, h, pool_mask)
+        pooling = patch_pool_attention(self.cfg.attention, layout.byte_patch, layout.patch_starts,
+                                       layout.patch_lengths, k)
+        queries = self.pool_attention(queries, h, pooling)
         patch_states = self.patch_proj(queries.reshape(batch, num_patches, k * enc.dim))
         return patch_states, h
 
@@ -165,15 +173,13 @@ class LocalDecoder(nn.Module):
         batch, capacity, _ = byte_states.shape
         num_patches = layout.num_patches
         memory = self.patch_proj(self.latent_norm(patch_states)).reshape(batch, num_patches * k, dec.dim)
-        key_patch = torch.arange(num_patches, device=doc_ids.device).repeat_interleave(k)
-        cross_mask = (layout.read_patch[:, None, :, None] == key_patch[None, None, None, :]) \
-            & layout.can_read[:, None, :, None]
-        mask = self_attention_mask(capacity, doc_ids, dec.window, doc_ids.device)
+        reading = patch_read_attention(self.cfg.attention, layout.read_patch, layout.can_read, num_patches, k)
+        attention = self_attention(self.cfg.attention, capacity, doc_ids, dec.window, doc_ids.device)
         rope = rotary_cos_sin(capacity, dec.dim // dec.n_heads, self.cfg.rope_theta, doc_ids.device)
         h = byte_states
         for cross, block in zip(self.cross_attentions, self.layers):
-            h = cross(h, memory, cross_mask)
-            h = block(h, mask, rope)
+            h = cross(h, memory, reading)
+            h = block(h, attention, rope)
         return self.output(self.norm(h))
 
 
@@ -221,11 +227,19 @@ class BLT(nn.Module):
 
 
 def latent_mask_and_rope(cfg: ModelConfig, patch_lengths: torch.Tensor, doc_ids: torch.Tensor) -> tuple:
-    """The latent blocks' mask (causal over patches, never across documents) and rotary tables;
-    a function of the config so that pipeline stages, which hold blocks but not the BLT, rebuild
-    the same ones from the layout tensors they carry."""
+    """The latent blocks' attention (causal over patches, never across documents) and rotary
+    tables; a function of the config so that pipeline stages, which hold blocks but not the
+    BLT, rebuild the same ones from the layout tensors they carry."""
     layout = patch_layout(patch_lengths, doc_ids)
     num_patches, device = layout.num_patches, doc_ids.device
-    mask = self_attention_mask(num_patches, layout.patch_doc, cfg.attention_window, device)
+    patch_doc = layout.patch_doc
+    if resolve_mode(cfg.attention, device) != "dense":
+        # Empty patches (trailing, document -1) are never read by a byte (see patch_layout), so
+        # what the latent computes for them cannot reach a logit or a gradient. Letting them
+        # join the row's last document turns a one-document row into plain causal attention
+        # (no mask); the dense reference keeps them apart.
+        last_doc = patch_doc.gather(1, ((patch_doc >= 0).sum(1, keepdim=True) - 1).clamp(min=0))
+        patch_doc = torch.where(patch_doc >= 0, patch_doc, last_doc)
+    attention = self_attention(cfg.attention, num_patches, patch_doc, cfg.attention_window, device)
     rope = rotary_cos_sin(num_patches, cfg.dim // cfg.n_heads, cfg.rope_theta, device)
-    return mask, rope
+    return attention, rope

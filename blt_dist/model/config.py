@@ -18,6 +18,8 @@ from typing import List, Optional
 from blt_dist.vocab import VOCAB_SIZE
 
 MODEL_FAMILIES = ("entropy", "blt", "bpe")
+# How attention is computed (blt_dist/model/attention.py); every mode gives the same results.
+ATTENTION_MODES = ("auto", "dense", "blocked", "flex", "flash")
 ENTROPY_DEFAULT_WINDOW = 512  # the reference entropy model's sliding window (bytes)
 
 
@@ -54,6 +56,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     init_std: float = 0.02
+    # auto | dense (masked SDPA, the reference) | blocked (exact O(T*W) paths, any device)
+    # | flex | flash (CUDA kernels). auto = the fastest exact path for the device.
+    attention: str = "auto"
     # BLT only.
     encoder: LocalModelConfig = field(default_factory=LocalModelConfig)
     decoder: LocalModelConfig = field(default_factory=lambda: LocalModelConfig(n_layers=6))
@@ -90,6 +95,8 @@ class ModelConfig:
         if self.family not in MODEL_FAMILIES:
             bad("family", f"one of {', '.join(MODEL_FAMILIES)}, got {self.family!r}")
             return problems
+        if self.attention not in ATTENTION_MODES:
+            bad("attention", f"one of {', '.join(ATTENTION_MODES)}, got {self.attention!r}")
         _check_attention(bad, "", self.dim, self.n_layers, self.n_heads, self.window, min_layers=1)
         if self.n_kv_heads is not None and (self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads):
             bad("n_kv_heads", f"a positive divisor of n_heads={self.n_heads}, got {self.n_kv_heads}")

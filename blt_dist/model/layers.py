@@ -1,9 +1,9 @@
-"""Layers shared by every model: RMSNorm, rotary embeddings, SwiGLU, attention, masks.
+"""Layers shared by every model: RMSNorm, rotary embeddings, SwiGLU, attention blocks.
 
-Attention always goes through `scaled_dot_product_attention` with a boolean mask (True =
-may attend). That path has a CPU backward (flex attention does not) and is the tested
-reference. Masks are built from integer layout tensors (document ids, patch ids), so the
-same code handles causal, sliding-window, document-boundary and patch-local attention.
+Which keys a query may see, and how that is computed, is not decided here: blocks take an
+attention kernel built from integer layout tensors (document ids, patch ids) by
+model/attention.py, once per forward, and call it on their projected q, k, v. A boolean mask
+tensor (True = may attend) is accepted too and runs the dense reference (masked SDPA).
 """
 from __future__ import annotations
 
@@ -13,6 +13,14 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from blt_dist.model.attention import (  # noqa: F401  (masks re-exported: the reference path)
+    DenseCrossAttention,
+    DenseSelfAttention,
+    Kernel,
+    masked_sdpa,
+    self_attention_mask,
+)
 
 
 class RMSNorm(nn.Module):
@@ -51,37 +59,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 # ---------------------------------------------------------------------------------------------
-# Masks (boolean, True = attend), shaped [B or 1, 1, Tq, Tk] to broadcast over heads.
-
-
-def self_attention_mask(length: int, doc_ids: Optional[torch.Tensor], window: Optional[int],
-                        device) -> torch.Tensor:
-    """Causal, optionally windowed (query i sees keys i-window+1..i), never across documents."""
-    pos = torch.arange(length, device=device)
-    distance = pos[:, None] - pos[None, :]
-    mask = distance >= 0
-    if window is not None:
-        mask = mask & (distance < window)
-    mask = mask[None, None]
-    if doc_ids is not None:
-        mask = mask & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
-    return mask
-
-
-def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """SDPA that returns exact zeros (not NaN) for query rows with nothing to attend to.
-
-    Such rows are real: an empty (padding) patch in the encoder's pooling, or a byte with no
-    completed patch before it in the decoder. A fully-False row makes SDPA's softmax 0/0.
-    We let those rows attend everywhere (a finite result) and then select zeros, so neither
-    the output nor the gradient depends on the keys they were never allowed to see.
-    """
-    has_key = mask.any(dim=-1, keepdim=True)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | ~has_key)
-    return torch.where(has_key, out, torch.zeros((), dtype=out.dtype, device=out.device))
-
-
-# ---------------------------------------------------------------------------------------------
 # Blocks
 
 
@@ -100,8 +77,11 @@ class Attention(nn.Module):
         self.wv = nn.Linear(dim, kv_dim, bias=False)
         self.wo = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, rope: Optional[tuple] = None,
+    def forward(self, x: torch.Tensor, attention: Kernel | torch.Tensor, rope: Optional[tuple] = None,
                 kv: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`attention`: a kernel from model/attention.py, or a dense boolean mask [B, 1, Tq, Tk]."""
+        if isinstance(attention, torch.Tensor):
+            attention = DenseSelfAttention(attention) if kv is None else DenseCrossAttention(attention)
         source = x if kv is None else kv
         q = self.wq(x).unflatten(-1, (self.n_heads, self.head_dim)).transpose(1, 2)
         k = self.wk(source).unflatten(-1, (self.n_kv_heads, self.head_dim)).transpose(1, 2)
@@ -111,12 +91,7 @@ class Attention(nn.Module):
         if self.n_kv_heads != self.n_heads:
             repeat = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        if kv is None:
-            # Self-attention masks always allow the diagonal: no empty rows to guard against,
-            # and at 8k bytes the guard's extra [B, 1, T, T] masks per layer are not free.
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        else:
-            out = masked_sdpa(q, k, v, mask)
+        out = attention(q, k, v)
         return self.wo(out.transpose(1, 2).flatten(-2))
 
 
@@ -142,8 +117,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(dim, eps)
         self.feed_forward = SwiGLU(dim, ffn_hidden)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, rope: tuple) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), mask, rope)
+    def forward(self, x: torch.Tensor, attention: Kernel | torch.Tensor, rope: tuple) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), attention, rope)
         return x + self.feed_forward(self.ffn_norm(x))
 
     def init_weights(self, std: float, out_std: float) -> None:
@@ -156,7 +131,7 @@ class TransformerBlock(nn.Module):
 
 
 class CrossAttentionBlock(nn.Module):
-    """queries + attn(norm(queries), norm(memory)) with a mask; no FFN (as in the reference)."""
+    """queries + attn(norm(queries), norm(memory)); no FFN (as in the reference)."""
 
     def __init__(self, dim: int, n_heads: int, eps: float = 1e-5):
         super().__init__()
@@ -164,8 +139,8 @@ class CrossAttentionBlock(nn.Module):
         self.memory_norm = RMSNorm(dim, eps)
         self.attention = Attention(dim, n_heads)
 
-    def forward(self, queries: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return queries + self.attention(self.query_norm(queries), mask, kv=self.memory_norm(memory))
+    def forward(self, queries: torch.Tensor, memory: torch.Tensor, attention: Kernel | torch.Tensor) -> torch.Tensor:
+        return queries + self.attention(self.query_norm(queries), attention, kv=self.memory_norm(memory))
 
     def init_weights(self, std: float, out_std: float) -> None:
         self.query_norm.reset_parameters()

@@ -2,7 +2,9 @@
 
 Llama-style: token embedding, pre-norm blocks (RMSNorm, RoPE attention, SwiGLU), final norm,
 untied output head. Attention is causal, never crosses a document (`doc_ids`), and for the
-entropy model is limited to a sliding window (512 bytes by default).
+entropy model is limited to a sliding window (512 bytes by default). How it is computed
+(`cfg.attention`, model/attention.py): plain causal SDPA when every row is one document,
+a band O(T * window) with a window or short documents, the dense mask otherwise.
 
 Split for pipeline parallelism: `embed` -> each of `blocks` (with `mask_and_rope`) -> `head`.
 `forward` is exactly that composition.
@@ -14,6 +16,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from blt_dist.model.attention import self_attention
 from blt_dist.model.config import ModelConfig
 from blt_dist.model.layers import (
     RMSNorm,
@@ -21,7 +24,6 @@ from blt_dist.model.layers import (
     init_linear,
     residual_std,
     rotary_cos_sin,
-    self_attention_mask,
 )
 
 
@@ -66,15 +68,15 @@ class CausalLM(nn.Module):
         position; without doc_ids, padding at the end is harmless because attention is causal.
         """
         h = self.embed(tokens)
-        mask, rope = self.mask_and_rope(tokens.shape[1], doc_ids, tokens.device)
+        attention, rope = self.mask_and_rope(tokens.shape[1], doc_ids, tokens.device)
         for block in self.blocks:
-            h = block(h, mask, rope)
+            h = block(h, attention, rope)
         return self.head(h)
 
 
 def lm_mask_and_rope(cfg: ModelConfig, length: int, doc_ids: Optional[torch.Tensor], device) -> tuple:
-    """The blocks' attention mask and rotary tables; a function of the config so that pipeline
+    """The blocks' attention kernel and rotary tables; a function of the config so that pipeline
     stages (parallel/pipeline.py), which hold blocks but not the CausalLM, rebuild the same ones."""
-    mask = self_attention_mask(length, doc_ids, cfg.attention_window, device)
+    attention = self_attention(cfg.attention, length, doc_ids, cfg.attention_window, device)
     rope = rotary_cos_sin(length, cfg.dim // cfg.n_heads, cfg.rope_theta, device)
-    return mask, rope
+    return attention, rope

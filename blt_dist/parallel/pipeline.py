@@ -18,8 +18,9 @@ writes the tuple:
         BLTDecoderLayer  -> logits
 
 Floating tensors (h, patch_states, byte_states) carry gradients; the integer layout tensors
-travel alongside and every layer rebuilds its masks and rotary tables from them (a few
-comparisons per layer, cheaper than sending [B, 1, T, T] masks between stages). byte_states
+travel alongside and every layer rebuilds its attention kernel (model/attention.py) and
+rotary tables from them (a few comparisons per layer, cheaper than sending masks between
+stages). byte_states
 crosses every latent stage untouched so that the decoder can start from it, and its gradient
 travels back the same way. DeepSpeed 0.19 handles two grad-carrying tensors per tuple when the
 shapes are static, the dtypes are floating and every floating tensor receives a gradient
@@ -98,8 +99,8 @@ class LMBlockLayer(nn.Module):
 
     def forward(self, inputs: tuple) -> tuple:
         h, doc_ids = inputs
-        mask, rope = lm_mask_and_rope(self.cfg, h.shape[1], doc_ids, h.device)
-        return self.blocks[self.key](h, mask, rope), doc_ids
+        attention, rope = lm_mask_and_rope(self.cfg, h.shape[1], doc_ids, h.device)
+        return self.blocks[self.key](h, attention, rope), doc_ids
 
 
 class LMHeadLayer(nn.Module):
@@ -131,8 +132,8 @@ class LatentBlockLayer(nn.Module):
 
     def forward(self, inputs: tuple) -> tuple:
         patch_states, byte_states, patch_lengths, doc_ids = inputs
-        mask, rope = latent_mask_and_rope(self.cfg, patch_lengths, doc_ids)
-        return self.latent[self.key](patch_states, mask, rope), byte_states, patch_lengths, doc_ids
+        attention, rope = latent_mask_and_rope(self.cfg, patch_lengths, doc_ids)
+        return self.latent[self.key](patch_states, attention, rope), byte_states, patch_lengths, doc_ids
 
 
 class BLTDecoderLayer(nn.Module):

@@ -1,0 +1,437 @@
+"""Attention patterns and the kernels that compute them, chosen by `model.attention`.
+
+Every attention in the models is one of three patterns, described by integer layout tensors:
+
+    self-attention     causal, optionally windowed (query i sees keys i-window+1..i), never
+                       across documents (doc ids)                    encoder, decoder, latent, LMs
+    patch read         byte i reads the k vectors of the one patch it may read (or nothing)
+                                                                     decoder cross-attention
+    patch pooling      patch p's k queries read that patch's bytes (empty patch: nothing)
+                                                                     encoder cross-attention
+
+A builder below turns a pattern into a kernel: a callable `kernel(q, k, v) -> out` on
+[B, H, T, head_dim] tensors (the SDPA layout), built once per forward and shared by the layers.
+Modes (`model.attention`):
+
+    dense    [B, 1, Tq, Tk] boolean masks + SDPA. The reference: every fast path is tested
+             against it (tests/test_attention_equivalence.py). Work and memory O(T^2).
+    blocked  exact fast paths in plain torch, on any device:
+             - self-attention, every row one document and no window: SDPA `is_causal`
+               (no mask at all; the flash kernel on GPU);
+             - otherwise, with a reach R = min(window, longest document): a band. Queries in
+               blocks of b <= R attend to their own key block and the ceil((R-1)/b) before it,
+               with causal, window and document masks applied inside that [b, R + b] band:
+               O(T R) work and memory. If the band would be as wide as the row, dense.
+             - patch read: a gather of the k vectors + a softmax over k, O(C k);
+             - patch pooling: a padded gather of each patch's bytes, O(P k L).
+    flex     (CUDA) self-attention by compiled flex_attention with a block mask; the rest as
+             blocked. torch's CPU flex_attention has no backward (pytorch#148752).
+    flash    (CUDA) self-attention by flash varlen attention (documents as sequences, the
+             window as flash's left window) in half precision; the rest as blocked.
+    auto     blocked: exact, and on CPU the fastest (flex/flash stay opt-in until measured).
+
+Rows no query may attend from (an empty patch, a byte with no completed patch) give exact
+zeros with zero gradient, in every mode.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from blt_dist.errors import ConfigError
+from blt_dist.model.config import ATTENTION_MODES
+
+Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+# The band's query block: at most this many queries, so a 512-byte window is covered by 4
+# blocks + the query's own. Measured on CPU (fwd+bwd, T=4096, W=512, head dim 32): blocks of
+# 128 ran 1.5x faster than blocks of W=512 (fewer masked scores; more copies of K/V, but
+# those are head_dim wide while the scores are band wide).
+MAX_QUERY_BLOCK = 128
+
+
+def resolve_mode(mode: str, device: torch.device) -> str:
+    """The mode actually run: `auto` -> blocked; flex/flash refused off CUDA."""
+    if mode not in ATTENTION_MODES:
+        raise ConfigError("model.attention", f"one of {', '.join(ATTENTION_MODES)}, got {mode!r}")
+    if mode == "auto":
+        return "blocked"
+    if mode in ("flex", "flash") and torch.device(device).type != "cuda":
+        raise ConfigError("model.attention", f"{mode!r} needs a CUDA device (running on {device}); "
+                          f"use auto or blocked on CPU (torch's CPU flex_attention has no backward)")
+    return mode
+
+
+# ---------------------------------------------------------------------------------------------
+# The dense reference (boolean masks, True = may attend), shaped [B or 1, 1, Tq, Tk]
+
+
+def self_attention_mask(length: int, doc_ids: Optional[torch.Tensor], window: Optional[int],
+                        device) -> torch.Tensor:
+    """Causal, optionally windowed (query i sees keys i-window+1..i), never across documents."""
+    pos = torch.arange(length, device=device)
+    distance = pos[:, None] - pos[None, :]
+    mask = distance >= 0
+    if window is not None:
+        mask = mask & (distance < window)
+    mask = mask[None, None]
+    if doc_ids is not None:
+        mask = mask & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
+    return mask
+
+
+def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """SDPA that returns exact zeros (not NaN) for query rows with nothing to attend to.
+
+    Such rows are real: an empty (padding) patch in the encoder's pooling, or a byte with no
+    completed patch before it in the decoder. A fully-False row makes SDPA's softmax 0/0.
+    We let those rows attend everywhere (a finite result) and then select zeros, so neither
+    the output nor the gradient depends on the keys they were never allowed to see.
+    """
+    has_key = mask.any(dim=-1, keepdim=True)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | ~has_key)
+    return torch.where(has_key, out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+class DenseSelfAttention:
+    """SDPA with a [B, 1, T, T] mask. Self-attention masks always allow the diagonal, so no
+    row is empty (and at 8k bytes the guard's extra masks per layer would not be free)."""
+
+    def __init__(self, mask: torch.Tensor):
+        self.mask = mask
+
+    def __call__(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
+
+
+class DenseCrossAttention:
+    """masked_sdpa with a [B, 1, Tq, Tk] mask (rows may be empty)."""
+
+    def __init__(self, mask: torch.Tensor):
+        self.mask = mask
+
+    def __call__(self, q, k, v):
+        return masked_sdpa(q, k, v, self.mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Self-attention
+
+
+def self_attention(mode: str, length: int, doc_ids: Optional[torch.Tensor], window: Optional[int],
+                   device) -> Kernel:
+    """The kernel for causal self-attention over `length` positions (see the module docstring).
+
+    doc_ids [B, length] (None: one document per row); documents are contiguous runs of equal
+    ids, as the loaders make them (a row where an id comes back after another runs dense)."""
+    mode = resolve_mode(mode, device)
+    if mode == "dense":
+        return DenseSelfAttention(self_attention_mask(length, doc_ids, window, device))
+    if window is not None and window >= length:
+        window = None  # a window the row cannot exceed changes nothing
+    if doc_ids is not None and bool((doc_ids == doc_ids[:, :1]).all()):
+        doc_ids = None  # every row is one document: no document mask needed
+    if mode == "flex":
+        return FlexSelfAttention(length, doc_ids, window, device)
+    if mode == "flash" and (doc_ids is not None or window is not None):
+        return FlashSelfAttention(length, doc_ids, window, device)
+    # blocked, and flash without documents or window: is_causal SDPA is the flash kernel on GPU.
+    return blocked_self_attention(length, doc_ids, window, device)
+
+
+def blocked_self_attention(length: int, doc_ids: Optional[torch.Tensor], window: Optional[int],
+                           device) -> Kernel:
+    """is_causal SDPA, the band, or the dense mask: the cheapest exact one for this layout."""
+    if doc_ids is None and window is None:
+        return CausalSelfAttention()
+    reach = window or length  # keys a query may see, itself included
+    if doc_ids is not None:
+        longest = longest_document(doc_ids)
+        if longest is None:  # a document split into several runs: only the dense mask is exact
+            return DenseSelfAttention(self_attention_mask(length, doc_ids, window, device))
+        reach = min(reach, longest)
+    block = query_block(reach)
+    if band_width(reach, block) >= length:
+        return DenseSelfAttention(self_attention_mask(length, doc_ids, window, device))
+    return BandedSelfAttention(length, doc_ids, window, reach, block, device)
+
+
+def longest_document(doc_ids: torch.Tensor) -> Optional[int]:
+    """Length of the longest run of equal ids in any row; None if some row has an id in more
+    than one run (then the runs are not the documents the dense mask sees)."""
+    batch, length = doc_ids.shape
+    run_start = torch.ones_like(doc_ids, dtype=torch.bool)
+    run_start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    sorted_ids = doc_ids.sort(dim=1).values
+    distinct = 1 + (sorted_ids[:, 1:] != sorted_ids[:, :-1]).sum(1)
+    if not torch.equal(run_start.sum(1), distinct):
+        return None
+    run_index = run_start.flatten().long().cumsum(0) - 1  # runs numbered across the batch
+    return int(torch.bincount(run_index).max())
+
+
+def query_block(reach: int) -> int:
+    """Queries per band block: about a quarter of the reach (a power of two, 16..MAX_QUERY_BLOCK)."""
+    return max(16, min(MAX_QUERY_BLOCK, 2 ** math.ceil(math.log2(max(reach, 1))) // 4))
+
+
+def band_width(reach: int, block: int) -> int:
+    """Keys per query block: its own block and enough earlier ones to reach back `reach - 1`."""
+    return (math.ceil((reach - 1) / block) + 1) * block
+
+
+class CausalSelfAttention:
+    """One document per row, no window: plain causal SDPA, no mask built or read."""
+
+    def __call__(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+class BandedSelfAttention:
+    """Exact causal/window/document attention in O(T * reach).
+
+    The row (padded to a whole number of blocks) is cut into query blocks of `block`; block i
+    attends to keys [(i - n_back) * block, (i + 1) * block), a band of `width` keys. Inside the
+    band the mask is the dense one restricted to those keys: causal, window, same document,
+    key position >= 0 (the front padding). Padding queries (past the row) see at least
+    themselves, so no softmax row is empty; their outputs are dropped, and real queries never
+    see padding keys (they lie in the future). Blocks are folded into the batch so SDPA runs
+    its fused CPU/GPU kernels on [B * blocks, H, block, width].
+    """
+
+    def __init__(self, length: int, doc_ids: Optional[torch.Tensor], window: Optional[int], reach: int,
+                 block: int, device):
+        self.length, self.block = length, block
+        self.n_blocks = math.ceil(length / block)
+        self.n_back = math.ceil((reach - 1) / block)
+        self.width = (self.n_back + 1) * block
+        padded = self.n_blocks * block
+        query_pos = torch.arange(padded, device=device).view(self.n_blocks, block, 1)
+        key_pos = (torch.arange(self.n_blocks, device=device).view(-1, 1, 1) - self.n_back) * block \
+            + torch.arange(self.width, device=device).view(1, 1, -1)
+        distance = query_pos - key_pos
+        allowed = (distance >= 0) & (key_pos >= 0)  # [blocks, block, width]
+        if window is not None:
+            allowed = allowed & (distance < window)
+        batch = 1
+        if doc_ids is not None:
+            batch = doc_ids.shape[0]
+            query_doc = self._pad(doc_ids, 0).view(batch, self.n_blocks, block, 1)
+            key_doc = self._band(self._pad(doc_ids, self.n_back * block))  # [B, blocks, width]
+            allowed = allowed & (query_doc == key_doc[:, :, None, :])
+        self.batch = batch
+        self.allowed = allowed.reshape(batch * self.n_blocks, 1, block, self.width)
+        self._additive: dict[tuple, torch.Tensor] = {}
+
+    def _pad(self, x: torch.Tensor, front: int) -> torch.Tensor:
+        """Pads dim 1 (positions) with `front` copies of position 0 and the tail to whole blocks
+        (replicated values: the band's position checks exclude them, whatever they are)."""
+        back = self.n_blocks * self.block - self.length
+        return torch.cat([x[:, :1].expand(-1, front), x, x[:, -1:].expand(-1, back)], dim=1)
+
+    def _band(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, n_back * block + padded, ...] -> [B, blocks, width, ...]: each block's key band."""
+        bands = x.unfold(1, self.width, self.block)  # [B, blocks, ..., width]
+        return bands.movedim(-1, 2)
+
+    def mask(self, dtype: torch.dtype, batch: int) -> torch.Tensor:
+        """The band mask as an additive float tensor for `batch` rows, made once and shared by
+        the layers: SDPA would otherwise convert the boolean mask in every layer (and keep one
+        converted copy per layer for the backward)."""
+        if (dtype, batch) not in self._additive:
+            zero = torch.zeros((), dtype=dtype, device=self.allowed.device)
+            additive = torch.where(self.allowed, zero, float("-inf"))
+            if self.batch != batch:  # built without document ids: the same band for every row
+                additive = additive.repeat(batch, 1, 1, 1)
+            self._additive[(dtype, batch)] = additive
+        return self._additive[(dtype, batch)]
+
+    def __call__(self, q, k, v):
+        batch, heads, length, head_dim = q.shape
+        blocks, block, width = self.n_blocks, self.block, self.width
+        padded = blocks * block
+
+        def keys(x):  # [B, H, T, hd] -> [B * blocks, H, width, hd]
+            x = F.pad(x, (0, 0, self.n_back * block, padded - length))
+            return self._band(x.transpose(1, 2)).transpose(2, 3).reshape(batch * blocks, heads, width, head_dim)
+
+        queries = F.pad(q, (0, 0, 0, padded - length)).view(batch, heads, blocks, block, head_dim)
+        queries = queries.transpose(1, 2).reshape(batch * blocks, heads, block, head_dim)
+        out = F.scaled_dot_product_attention(queries, keys(k), keys(v), attn_mask=self.mask(q.dtype, batch))
+        out = out.view(batch, blocks, heads, block, head_dim).transpose(1, 2).reshape(batch, heads, padded, head_dim)
+        return out[:, :, :length]
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU self-attention (CUDA only; `resolve_mode` refuses them elsewhere)
+
+_compiled_flex = None
+
+
+def _flex_attention():
+    """flex_attention compiled once per process (eager flex materialises the full score matrix)."""
+    global _compiled_flex
+    if _compiled_flex is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex
+
+
+class FlexSelfAttention:
+    """Compiled flex_attention with a BlockMask of the causal/window/document rule: the kernel
+    skips fully masked blocks, so the work follows the layout. Built once per forward."""
+
+    def __init__(self, length: int, doc_ids: Optional[torch.Tensor], window: Optional[int], device):
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def allowed(b, h, q_idx, kv_idx):
+            ok = q_idx >= kv_idx
+            if window is not None:
+                ok = ok & (q_idx - kv_idx < window)
+            if doc_ids is not None:
+                ok = ok & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
+            return ok
+
+        batch = None if doc_ids is None else doc_ids.shape[0]
+        # _compile: the eager builder evaluates the rule on every (query, key) pair, O(T^2) memory.
+        self.block_mask = create_block_mask(allowed, batch, None, length, length, device=device, _compile=True)
+
+    def __call__(self, q, k, v):
+        return _flex_attention()(q, k, v, block_mask=self.block_mask)
+
+
+class FlashSelfAttention:
+    """Flash varlen attention: every document of every row is its own sequence (cu_seqlens over
+    the flattened batch), the window is flash's left window (window - 1 keys before the query).
+    Flash kernels exist for fp16/bf16 only: fp32 inputs (and a torch without varlen) take the
+    blocked path, which is exact too."""
+
+    def __init__(self, length: int, doc_ids: Optional[torch.Tensor], window: Optional[int], device):
+        self.length, self.doc_ids, self.window, self.device = length, doc_ids, window, device
+        self._fallback: Optional[Kernel] = None
+        self._sequences: Optional[tuple] = None
+
+    def sequences(self, batch: int) -> tuple[torch.Tensor, int]:
+        """(cu_seqlens int32 [N + 1], longest sequence): runs of equal doc ids, cut at row ends."""
+        if self._sequences is None:
+            doc_ids = self.doc_ids
+            if doc_ids is None:
+                doc_ids = torch.zeros(batch, self.length, dtype=torch.long, device=self.device)
+            run_start = torch.ones_like(doc_ids, dtype=torch.bool)
+            run_start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]  # column 0 starts a run in every row
+            starts = run_start.flatten().nonzero().flatten()
+            bounds = torch.cat([starts, starts.new_tensor([doc_ids.numel()])])
+            self._sequences = (bounds.to(torch.int32), int((bounds[1:] - bounds[:-1]).max()))
+        return self._sequences
+
+    def __call__(self, q, k, v):
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+        except ImportError:
+            varlen_attn = None
+        if varlen_attn is None or q.dtype not in (torch.float16, torch.bfloat16):
+            if self._fallback is None:
+                self._fallback = blocked_self_attention(self.length, self.doc_ids, self.window, self.device)
+            return self._fallback(q, k, v)
+        batch, heads, length, head_dim = q.shape
+        cu_seqlens, longest = self.sequences(batch)
+
+        def flat(x):  # [B, H, T, hd] -> [B * T, H, hd]
+            return x.transpose(1, 2).reshape(batch * length, heads, head_dim)
+
+        window = (-1, 0) if self.window is None else (self.window - 1, 0)
+        out = varlen_attn(flat(q), flat(k), flat(v), cu_seqlens, cu_seqlens, longest, longest, window_size=window)
+        return out.view(batch, length, heads, head_dim).transpose(1, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cross-attentions of the BLT
+
+
+def _softmax(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax in at least fp32 (as SDPA's kernels accumulate), whatever the autocast dtype."""
+    return scores.softmax(-1, dtype=torch.promote_types(scores.dtype, torch.float32))
+
+
+
+def patch_read_attention(mode: str, read_patch: torch.Tensor, can_read: torch.Tensor, num_patches: int,
+                         k: int) -> Kernel:
+    """Decoder cross-attention: byte i reads the k vectors of patch read_patch[i] (keys laid
+    out [B, P * k]: patch p's vectors at p*k .. p*k+k-1), or nothing where can_read is False."""
+    mode = resolve_mode(mode, read_patch.device)
+    if mode == "dense":
+        key_patch = torch.arange(num_patches, device=read_patch.device).repeat_interleave(k)
+        mask = (read_patch[:, None, :, None] == key_patch[None, None, None, :]) & can_read[:, None, :, None]
+        return DenseCrossAttention(mask)
+    return PatchReadAttention(read_patch, can_read, k)
+
+
+class PatchReadAttention:
+    """Each byte gathers its patch's k keys and values and takes a softmax over those k: O(C k)."""
+
+    def __init__(self, read_patch: torch.Tensor, can_read: torch.Tensor, k: int):
+        self.k = k
+        self.read_patch = read_patch.clamp(min=0)  # unreadable bytes gather patch 0, then get zeros
+        self.can_read = can_read[:, None, :, None]  # [B, 1, C, 1]
+        self.rows = torch.arange(read_patch.shape[0], device=read_patch.device)[:, None]
+
+    def __call__(self, q, k, v):
+        batch, heads, _, head_dim = k.shape
+        patches = k.shape[2] // self.k
+
+        def gather(x):  # [B, H, P * k, hd] -> [B, C, H, k, hd]: the vectors of each byte's patch
+            return x.view(batch, heads, patches, self.k, head_dim)[self.rows, :, self.read_patch]
+
+        scores = torch.einsum("bhcd,bchkd->bhck", q, gather(k)) * head_dim ** -0.5
+        weights = _softmax(scores).to(v.dtype)
+        out = torch.einsum("bhck,bchkd->bhcd", weights, gather(v))
+        # Bytes that may read nothing: exact zeros, and (through where) no gradient to what they gathered.
+        return torch.where(self.can_read, out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+def patch_pool_attention(mode: str, byte_patch: torch.Tensor, patch_starts: torch.Tensor,
+                         patch_lengths: torch.Tensor, k: int) -> Kernel:
+    """Encoder pooling: query slot s (patch s // k) reads exactly the bytes of its patch
+    (byte_patch == s // k; byte_patch is P for padding bytes). Empty patches read nothing."""
+    mode = resolve_mode(mode, byte_patch.device)
+    if mode == "dense":
+        num_patches = patch_lengths.shape[1]
+        query_patch = torch.arange(num_patches, device=byte_patch.device).repeat_interleave(k)
+        return DenseCrossAttention(byte_patch[:, None, None, :] == query_patch[None, None, :, None])
+    return PatchPoolAttention(patch_starts, patch_lengths, byte_patch.shape[1], k)
+
+
+class PatchPoolAttention:
+    """Each patch's k queries read its bytes, gathered as patch_start + arange(L) with L the
+    longest patch in the batch (<= max_patch_length): O(P k L), keys [B, P, L]."""
+
+    def __init__(self, patch_starts: torch.Tensor, patch_lengths: torch.Tensor, capacity: int, k: int):
+        self.k = k
+        longest = max(int(patch_lengths.max()), 1) if patch_lengths.numel() else 1
+        offsets = torch.arange(longest, device=patch_lengths.device)
+        self.byte_index = (patch_starts[..., None] + offsets).clamp(max=capacity - 1)  # [B, P, L]
+        valid = (offsets < patch_lengths[..., None]) & (patch_starts[..., None] + offsets < capacity)
+        self.nonempty = valid.any(-1)  # [B, P]
+        # An empty patch's queries attend to its (clamped, arbitrary) slots and are zeroed after,
+        # as masked_sdpa does: softmax over no keys at all would be 0/0.
+        self.valid = (valid | ~self.nonempty[..., None])[:, None, :, None, :]  # [B, 1, P, 1, L]
+        self.rows = torch.arange(patch_lengths.shape[0], device=patch_lengths.device)[:, None, None]
+
+    def __call__(self, q, k, v):
+        batch, heads, slots, head_dim = q.shape
+        patches = slots // self.k
+
+        def gather(x):  # [B, H, C, hd] -> [B, P, L, H, hd]: each patch's bytes
+            return x[self.rows, :, self.byte_index]
+
+        queries = q.view(batch, heads, patches, self.k, head_dim)
+        scores = torch.einsum("bhpqd,bplhd->bhpql", queries, gather(k)) * head_dim ** -0.5
+        scores = scores.masked_fill(~self.valid, float("-inf"))
+        weights = _softmax(scores).to(v.dtype)
+        out = torch.einsum("bhpql,bplhd->bhpqd", weights, gather(v))
+        out = torch.where(self.nonempty[:, None, :, None, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+        return out.reshape(batch, heads, slots, head_dim)

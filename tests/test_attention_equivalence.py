@@ -1,0 +1,274 @@
+"""Fast attention paths == the dense masked-SDPA reference, forward and backward, in fp32.
+
+Kernels alone (self-attention band / causal / dense fallback, the decoder's patch read, the
+encoder's pooling) on random layouts: several documents per row, padding, windows smaller
+and larger than the row, rows that are not a whole number of blocks, empty patches. Then the
+whole BLT and CausalLM under attention=dense vs attention=blocked on the same weights: same
+logits, same gradients of every parameter. GPU paths (flex, flash) are `gpu`-marked and run
+only where CUDA exists; their CPU twin is the blocked path tested here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+import torch
+
+from blt_dist.errors import ConfigError
+from blt_dist.model import build_model, patch_layout
+from blt_dist.model import attention as attn
+from blt_dist.model.config import ModelConfig
+from tests.test_model_causality import random_batch, tiny_blt
+
+ATOL = RTOL = 1e-5
+HAS_CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+def random_doc_ids(seed: int, batch: int, length: int, max_docs: int, padding: bool = True) -> torch.Tensor:
+    """Rows of contiguous documents (random lengths) and sometimes trailing padding (-1)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(batch):
+        real = rng.randint(length // 2, length) if padding else length
+        cuts = sorted(rng.sample(range(1, real), min(rng.randint(0, max_docs - 1), real - 1)))
+        row = []
+        for doc, (start, end) in enumerate(zip([0, *cuts], [*cuts, real])):
+            row += [doc] * (end - start)
+        rows.append(row + [-1] * (length - real))
+    return torch.tensor(rows)
+
+
+def qkv(batch: int, heads: int, q_len: int, k_len: int, head_dim: int = 8, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    make = lambda n: torch.randn(batch, heads, n, head_dim, generator=gen, requires_grad=True)  # noqa: E731
+    return make(q_len), make(k_len), make(k_len)
+
+
+def outputs_and_grads(kernel, q, k, v, upstream: torch.Tensor):
+    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    out = kernel(q, k, v)
+    (out * upstream).sum().backward()
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def assert_same(fast, dense, q, k, v):
+    upstream = torch.randn(q.shape[:-1] + (v.shape[-1],), generator=torch.Generator().manual_seed(1))
+    for name, a, b in zip(("out", "dq", "dk", "dv"), outputs_and_grads(fast, q, k, v, upstream),
+                          outputs_and_grads(dense, q, k, v, upstream)):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL, msg=lambda m: f"{name}: {m}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Self-attention kernels
+
+
+@pytest.mark.parametrize("length,window,max_docs,padding,expected", [
+    (50, 8, 4, True, attn.BandedSelfAttention),   # window << T, T not a multiple of the block
+    (50, 8, 1, False, attn.BandedSelfAttention),  # one document: the band without document ids
+    (77, 20, 3, True, attn.BandedSelfAttention),  # window and documents both bound the reach
+    (150, 200, 12, True, attn.BandedSelfAttention),  # window > T: short documents bound the reach
+    (201, None, 16, True, attn.BandedSelfAttention),  # no window: the longest document is the reach
+    (40, None, 1, False, attn.CausalSelfAttention),  # one document per row: is_causal, no mask
+    (40, 64, 1, False, attn.CausalSelfAttention),  # window >= T changes nothing
+    (30, None, 2, True, attn.DenseSelfAttention),  # documents as long as the row: dense fallback
+])
+def test_blocked_self_attention_matches_dense(length, window, max_docs, padding, expected):
+    for seed in range(3):
+        doc_ids = random_doc_ids(seed, 3, length, max_docs, padding)
+        if expected is attn.DenseSelfAttention:
+            doc_ids[:, : length - 2] = 0  # a long document: the band would span the row
+        fast = attn.self_attention("blocked", length, doc_ids, window, "cpu")
+        assert type(fast) is expected, (seed, type(fast))
+        dense = attn.self_attention("dense", length, doc_ids, window, "cpu")
+        assert_same(fast, dense, *qkv(3, 2, length, length, seed=seed))
+
+
+def test_band_without_doc_ids_and_batch_broadcast():
+    fast = attn.self_attention("auto", 70, None, 12, "cpu")
+    assert isinstance(fast, attn.BandedSelfAttention)
+    assert_same(fast, attn.self_attention("dense", 70, None, 12, "cpu"), *qkv(2, 3, 70, 70))
+
+
+def test_band_memory_is_linear_in_length():
+    length, window = 4096, 64
+    band = attn.self_attention("blocked", length, random_doc_ids(0, 2, length, 50), window, "cpu")
+    assert isinstance(band, attn.BandedSelfAttention)
+    assert band.allowed.numel() <= 2 * length * (window + band.block)  # dense: 2 * 4096^2
+
+
+def test_split_document_runs_dense():
+    """An id that comes back after another id is one document to the dense mask: only dense is exact."""
+    doc_ids = torch.tensor([[0] * 5 + [1] * 5 + [0] * 5 + [2] * 15])
+    fast = attn.self_attention("blocked", 30, doc_ids, 6, "cpu")
+    assert isinstance(fast, attn.DenseSelfAttention)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cross-attention kernels (decoder read, encoder pooling)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_patch_read_matches_dense(seed):
+    k = 2 + seed % 2
+    tokens, lengths, docs = random_batch(seed, batch=3, capacity=40, num_patches=16)
+    layout = patch_layout(lengths, docs)
+    fast = attn.patch_read_attention("blocked", layout.read_patch, layout.can_read, 16, k)
+    dense = attn.patch_read_attention("dense", layout.read_patch, layout.can_read, 16, k)
+    q, kk, v = qkv(3, 2, 40, 16 * k, seed=seed)
+    assert_same(fast, dense, q, kk, v)
+    # Bytes with nothing to read: exact zeros and no gradient.
+    out, dq, _, _ = outputs_and_grads(fast, q, kk, v, torch.ones(3, 2, 40, 8))
+    unread = ~layout.can_read
+    assert unread.any()
+    assert torch.equal(out.transpose(1, 2)[unread], torch.zeros_like(out.transpose(1, 2)[unread]))
+    assert torch.equal(dq.transpose(1, 2)[unread], torch.zeros_like(dq.transpose(1, 2)[unread]))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_patch_pool_matches_dense(seed):
+    k = 2 + seed % 2
+    tokens, lengths, docs = random_batch(seed, batch=3, capacity=40, num_patches=16)
+    layout = patch_layout(lengths, docs)
+    assert (lengths == 0).any()  # empty patches are part of the test
+    fast = attn.patch_pool_attention("blocked", layout.byte_patch, layout.patch_starts, layout.patch_lengths, k)
+    dense = attn.patch_pool_attention("dense", layout.byte_patch, layout.patch_starts, layout.patch_lengths, k)
+    q, kk, v = qkv(3, 2, 16 * k, 40, seed=seed)
+    assert_same(fast, dense, q, kk, v)
+    out, dq, _, _ = outputs_and_grads(fast, q, kk, v, torch.ones(3, 2, 16 * k, 8))
+    empty_slots = (lengths == 0).repeat_interleave(k, dim=1)  # [B, P * k]
+    assert torch.equal(out.transpose(1, 2)[empty_slots], torch.zeros_like(out.transpose(1, 2)[empty_slots]))
+    assert torch.equal(dq.transpose(1, 2)[empty_slots], torch.zeros_like(dq.transpose(1, 2)[empty_slots]))
+
+
+def test_pooling_of_a_batch_without_bytes():
+    lengths = torch.zeros(2, 4, dtype=torch.long)
+    docs = torch.full((2, 8), -1)
+    layout = patch_layout(lengths, docs)
+    fast = attn.patch_pool_attention("blocked", layout.byte_patch, layout.patch_starts, layout.patch_lengths, 2)
+    out = fast(*qkv(2, 2, 8, 8))
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole models on the same weights
+
+
+def logits_and_grads(model, *inputs):
+    model.zero_grad()
+    logits = model(*inputs)
+    upstream = torch.randn(logits.shape, generator=torch.Generator().manual_seed(2))
+    (logits * upstream).sum().backward()
+    return logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_models_agree(cfg: ModelConfig, *inputs, fast: str = "blocked", tol: float = ATOL, device="cpu",
+                        dtype=torch.float32):
+    """Logits elementwise within `tol`; each parameter's gradient within `tol` times its largest
+    entry. (A parameter's gradient sums thousands of terms, e.g. an embedding row over every
+    byte, in a different order on each path: fp32 rounding is relative to that scale, and a
+    small entry can differ by more than 1e-5 of itself. In fp64 both criteria hold at 1e-10.)"""
+    torch.manual_seed(0)
+    dense = build_model(dataclasses.replace(cfg, attention="dense")).to(device, dtype)
+    other = build_model(dataclasses.replace(cfg, attention=fast)).to(device, dtype)
+    other.load_state_dict(dense.state_dict())
+    inputs = [x.to(device) for x in inputs]
+    want, want_grads = logits_and_grads(dense, *inputs)
+    got, got_grads = logits_and_grads(other, *inputs)
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    assert got_grads.keys() == want_grads.keys()
+    for name, ref in want_grads.items():
+        error = (got_grads[name] - ref).abs().max().item()
+        assert error <= tol * max(ref.abs().max().item(), 1.0 if dtype == torch.float64 else 1e-3), (name, error)
+
+
+@pytest.mark.parametrize("seed,enc_window,dec_window", [(0, 6, 6), (1, 6, 64), (2, 13, 5)])
+def test_blt_blocked_equals_dense(seed, enc_window, dec_window):
+    base = tiny_blt()
+    cfg = dataclasses.replace(base, encoder=dataclasses.replace(base.encoder, window=enc_window),
+                              decoder=dataclasses.replace(base.decoder, window=dec_window))
+    tokens, lengths, docs = random_batch(seed, batch=3, capacity=40, num_patches=16)
+    assert_models_agree(cfg, tokens, lengths, docs)
+
+
+def test_blt_blocked_equals_dense_in_float64():
+    """In fp64 the paths agree to rounding: they compute the same function, not an approximation."""
+    tokens, lengths, docs = random_batch(5, batch=3, capacity=40, num_patches=16)
+    assert_models_agree(tiny_blt(), tokens, lengths, docs, tol=1e-10, dtype=torch.float64)
+
+
+def test_blt_one_document_per_row_uses_causal_latent():
+    """Trailing empty patches join the row's last document in the latent: plain causal attention."""
+    tokens, lengths, docs = random_batch(4, batch=2, capacity=40, num_patches=16)
+    docs = torch.where(docs >= 0, 0, -1)  # one document (+ padding) per row
+    cfg = tiny_blt()
+    kernel, _ = build_model(cfg).latent_mask_and_rope(lengths, docs)
+    assert isinstance(kernel, attn.CausalSelfAttention)
+    assert_models_agree(cfg, tokens, lengths, docs)
+
+
+@pytest.mark.parametrize("family,window,kv_heads,layout", [
+    ("entropy", 5, None, "docs"), ("entropy", 16, None, "none"), ("entropy", 64, None, "docs"),
+    ("bpe", None, 2, "docs"), ("bpe", None, 2, "one"), ("bpe", None, None, "none"),
+])
+def test_lm_blocked_equals_dense(family, window, kv_heads, layout):
+    vocab = 260 if family == "entropy" else 300
+    cfg = ModelConfig(family=family, vocab_size=vocab, dim=32, n_layers=2, n_heads=4, n_kv_heads=kv_heads,
+                      window=window)
+    length = 45
+    tokens = torch.randint(0, vocab, (3, length), generator=torch.Generator().manual_seed(3))
+    if layout == "none":
+        assert_models_agree(cfg, tokens)
+    else:
+        docs = random_doc_ids(5, 3, length, 6 if layout == "docs" else 1, padding=layout == "docs")
+        assert_models_agree(cfg, tokens, docs)
+
+
+# ---------------------------------------------------------------------------------------------
+# The knob
+
+
+def test_attention_knob_is_validated_with_its_key_path():
+    problems = ModelConfig(attention="fast").validate("model")
+    assert problems and problems[0][0] == "model.attention"
+    for mode in ("auto", "dense", "blocked", "flex", "flash"):
+        assert ModelConfig(attention=mode).validate("model") == []
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the CPU refusal")
+@pytest.mark.parametrize("mode", ["flex", "flash"])
+def test_gpu_modes_are_refused_on_cpu(mode):
+    model = build_model(dataclasses.replace(tiny_blt(), attention=mode))
+    with pytest.raises(ConfigError, match="model.attention.*CUDA"):
+        model(*random_batch(0))
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU paths (run where CUDA exists)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("mode", ["flex", "flash", "blocked"])
+@pytest.mark.parametrize("length,window,max_docs", [(300, 64, 5), (256, None, 4), (200, None, 1)])
+def test_gpu_self_attention_matches_dense(mode, length, window, max_docs):
+    doc_ids = random_doc_ids(0, 2, length, max_docs, padding=max_docs > 1).cuda()
+    fast = attn.self_attention(mode, length, doc_ids, window, "cuda")
+    dense = attn.self_attention("dense", length, doc_ids, window, "cuda")
+    q, k, v = (x.detach().cuda() for x in qkv(2, 4, length, length, head_dim=64))
+    # flash runs in bf16 only: compare it in bf16 against dense in fp32, loosely.
+    dtype, tol = (torch.bfloat16, 3e-2) if mode == "flash" else (torch.float32, 1e-4)
+    upstream = torch.randn(q.shape, device="cuda")
+    got = outputs_and_grads(fast, q.to(dtype), k.to(dtype), v.to(dtype), upstream.to(dtype))
+    want = outputs_and_grads(dense, q, k, v, upstream)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.float(), b, atol=tol, rtol=tol)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("mode", ["flex", "blocked"])
+def test_gpu_blt_equals_dense(mode):
+    tokens, lengths, docs = random_batch(0, batch=3, capacity=40, num_patches=16)
+    assert_models_agree(tiny_blt(), tokens, lengths, docs, fast=mode, tol=1e-4, device="cuda")
