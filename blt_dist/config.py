@@ -116,18 +116,24 @@ class LogConfig:
 
 @dataclass
 class LaunchConfig:
-    executor: str = "slurm"  # slurm | local | debug
-    partition: str = ""
+    """Slurm resources and restart policy for `blt-dist launch` / `sweep` (launch/)."""
+
+    job_name: str = ""  # default: the run directory's name
+    partition: str = ""  # "" = the cluster's default partition
     account: str = ""
     qos: str = ""
+    constraint: str = ""  # sbatch --constraint (node features)
+    exclude: str = ""  # sbatch --exclude (node list)
     nodes: int = 1
-    gpus_per_node: int = 0
-    tasks_per_node: int = 1
+    gpus_per_node: int = 0  # > 0: one task per GPU (tasks_per_node is then ignored)
+    tasks_per_node: int = 1  # CPU clusters: ranks per node
     cpus_per_task: int = 2
-    mem_gb: int = 0  # 0 = cluster default
+    mem_gb: int = 0  # 0 = the cluster's default
     time_min: int = 60
-    signal_delay_s: int = 120  # USR2 this long before the time limit -> checkpoint + requeue
-    max_requeues: int = 10
+    signal_delay_s: int = 120  # USR2 this long before the time limit -> agreed save + requeue
+    max_requeues: int = 100  # preemptions + time limits that requeue the job
+    max_retries: int = 2  # failures (a task that raises or dies) retried before the job gives up
+    require_clean: bool = False  # refuse to submit from a working tree with uncommitted changes
 
 
 @dataclass
@@ -311,11 +317,13 @@ def validate(cfg: Config) -> None:
     _choice("log.wandb_mode", cfg.log.wandb_mode, ("offline", "online", "disabled"))
 
     la = cfg.launch
-    _choice("launch.executor", la.executor, ("slurm", "local", "debug"))
     for key in ("nodes", "tasks_per_node", "cpus_per_task", "time_min"):
         _positive(f"launch.{key}", getattr(la, key))
-    for key in ("gpus_per_node", "mem_gb", "signal_delay_s", "max_requeues"):
+    for key in ("gpus_per_node", "mem_gb", "signal_delay_s", "max_requeues", "max_retries"):
         _positive(f"launch.{key}", getattr(la, key), allow_zero=True)
+    if la.signal_delay_s >= la.time_min * 60:
+        raise ConfigError("launch.signal_delay_s", f"{la.signal_delay_s} s is not shorter than the time limit "
+                          f"(launch.time_min={la.time_min}): the stop signal would come at the start")
 
     problems = cfg.model.validate("model") + check_against_data(cfg.model, cfg.data)
     if problems:

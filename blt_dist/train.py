@@ -42,36 +42,52 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
 class StopRequest:
-    """Set by SIGTERM/SIGUSR1/SIGUSR2 (Slurm preemption, scancel --signal). The flag is agreed
-    across ranks every step so that every rank saves at the same step."""
+    """Set by SIGTERM/SIGUSR1/SIGUSR2 (Slurm preemption and time limits, scancel --signal). The
+    flag is agreed across ranks every step so that every rank saves at the same step.
+
+    Creating one installs the handlers; launch/ creates it before anything slow so that a signal
+    that arrives during start-up is kept, and passes it to `train()`. `signals` lists what this
+    rank received, in order; `stopped` says the loop ended early on an agreed stop (this rank's
+    signal or another's)."""
 
     def __init__(self):
         self.requested = False
-        self.signal_name = ""
+        self.stopped = False
+        self.signals: list[str] = []
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
 
+    @property
+    def signal_name(self) -> str:
+        return self.signals[-1] if self.signals else ""
+
     def _handle(self, signum, frame):
         self.requested = True
-        self.signal_name = signal.Signals(signum).name
+        self.signals.append(signal.Signals(signum).name)
 
     def agreed(self) -> bool:
-        return bool(reduce_int(self.requested, "max"))
+        self.stopped = self.stopped or bool(reduce_int(self.requested, "max"))
+        return self.stopped
 
 
 class Faults:
-    """Fault injection for the resume and NaN tests, from BLT_FAULTS, e.g.
-    "kill_after_step=3" (SIGKILL this process, rank 0 only, right after that step) or
-    "nan_at_steps=4,5" (make those steps' loss NaN on every rank). Empty in real runs."""
+    """Fault injection for the resume, NaN and retry tests, from BLT_FAULTS, e.g.
+    "kill_after_step=3" (SIGKILL this process, rank 0 only, right after that step),
+    "raise_after_step=2" (rank 0 raises RuntimeError right after that step: a crash that is
+    not a preemption) or "nan_at_steps=4,5" (make those steps' loss NaN on every rank).
+    Empty in real runs."""
 
     def __init__(self, spec: str):
         items = dict(item.split("=", 1) for item in spec.split(";") if item)
         self.kill_after_step = int(items.get("kill_after_step", -1))
+        self.raise_after_step = int(items.get("raise_after_step", -1))
         self.nan_at_steps = {int(x) for x in items.get("nan_at_steps", "").split(",") if x}
 
     def after_step(self, step: int, rank: int) -> None:
         if step == self.kill_after_step and rank == 0:
             os.kill(os.getpid(), signal.SIGKILL)
+        if step == self.raise_after_step and rank == 0:
+            raise RuntimeError(f"BLT_FAULTS: injected failure after step {step}")
 
 
 def batch_digest(batch: dict) -> int:
@@ -223,13 +239,31 @@ def evaluate(engine, cfg: Config, family: str, device, batches: int, dp_rank: in
 # The loop
 
 
-def train(cfg: Config) -> int:
-    """Runs (or resumes) a training run; returns the process exit status."""
+def drop_metrics_after(run_dir: Path, step: int) -> int:
+    """Rewrites metrics.jsonl without the records of steps after `step` (rank 0, on resume).
+    A run killed between a log line and its next checkpoint resumes from an earlier step and
+    logs those steps again: without this they would appear twice. Returns how many were dropped."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(path)
+    return len(lines) - len(kept)
+
+
+def train(cfg: Config, stop: "StopRequest | None" = None) -> int:
+    """Runs (or resumes) a training run; returns the process exit status (0 also when an agreed
+    stop ended it early after saving: `stop.stopped` tells the two apart)."""
     from blt_dist.parallel.engine import init_distributed
 
+    stop = stop or StopRequest()  # before the slow set-up, so an early signal is not lost
     env = init_distributed(cfg.parallel.backend)
     try:
-        return _train(cfg, env)
+        return _train(cfg, env, stop)
     except BaseException:
         # no barrier here: the other ranks may not reach it; just release the process group
         if dist.is_initialized():
@@ -237,7 +271,7 @@ def train(cfg: Config) -> int:
         raise
 
 
-def _train(cfg: Config, env) -> int:
+def _train(cfg: Config, env, stop: StopRequest) -> int:
     import deepspeed
 
     from blt_dist.data.loader import Loader, LoaderSpec
@@ -317,6 +351,7 @@ def _train(cfg: Config, env) -> int:
         loader.load_state_dict(state["loader"])
         checkpoint.set_rng_state(state["rng"])
         step, seen, wandb_id = state["step"], state["seen"], state.get("wandb_id")
+    dropped = drop_metrics_after(run_dir, step) if env.is_main else 0
     log = MetricsLogger(run_dir, env.is_main, cfg.log, to_dict(cfg), wandb_id)  # wandb resumes its run
     peak, peak_source = peak_flops(cfg.train.dtype, env.device)
     log.info(
@@ -324,7 +359,10 @@ def _train(cfg: Config, env) -> int:
         f"{total_steps} steps ({length_source}), {env.world_size} ranks ({env.backend}), ZeRO-{cfg.parallel.zero_stage}, {cfg.train.dtype}; "
         f"MFU peak {peak / 1e12:.3f} TFLOP/s from {peak_source}"
         + (f"; resumed from {tag} (step {step})" if tag else "")
+        + (f"; Slurm restart {os.environ['SLURM_RESTART_COUNT']}" if "SLURM_RESTART_COUNT" in os.environ else "")
     )
+    if dropped:
+        log.info(f"metrics.jsonl: dropped {dropped} records after step {step} (logged before a crash, replayed now)")
 
     def save(at_step: int) -> bool:
         rank_state = {
@@ -337,7 +375,6 @@ def _train(cfg: Config, env) -> int:
         return ok
 
     # -- the loop ----------------------------------------------------------------------------
-    stop = StopRequest()
     faults = Faults(os.environ.get("BLT_FAULTS", ""))
     nonfinite_in_a_row = 0
     plain_optimizer = cfg.parallel.zero_stage == 0 and cfg.train.dtype == "fp32"
@@ -378,8 +415,12 @@ def _train(cfg: Config, env) -> int:
             nonfinite_in_a_row = 0
             window["sums"] = window["sums"].add(step_sums)
 
-        # -- log
-        if step % cfg.log.every == 0 or step == total_steps:
+        stop_now = stop.agreed()
+        save_now = bool(cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or stop_now or step == total_steps
+
+        # -- log (also right before every save: the bytes and FLOPs a checkpoint records, and the
+        # metrics a resumed run continues from, then include every step up to it)
+        if step % cfg.log.every == 0 or save_now:
             sums = all_reduce_sums(window["sums"], env.device)
             seen["bytes"] += sums.bytes
             seen["targets"] += sums.targets
@@ -409,9 +450,7 @@ def _train(cfg: Config, env) -> int:
                     f"step {step}/{total_steps} | val bpb {val.bpb:.4f} | val loss {val.mean_nll:.4f} ({val.bytes} bytes)")
 
         # -- checkpoint, stop
-        stop_now = stop.agreed()
-        periodic = cfg.checkpoint.every and step % cfg.checkpoint.every == 0
-        if periodic or stop_now or step == total_steps:
+        if save_now:
             if save(step):
                 last_saved = step
         if stop_now:

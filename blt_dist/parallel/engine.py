@@ -48,16 +48,37 @@ def init_distributed(backend: str = "auto") -> DistEnv:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     cuda = torch.cuda.is_available()
-    if backend == "auto":
-        backend = "nccl" if cuda else "gloo"
-    if backend == "nccl" and not cuda:
-        raise UserError("parallel.backend: nccl needs CUDA GPUs; this machine has none (use gloo or auto)")
+    backend = resolve_backend(backend, cuda)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cpu")
     if cuda:
-        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", cuda_device_index(local_rank, torch.cuda.device_count()))
+        torch.cuda.set_device(device)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return DistEnv(int(os.environ["RANK"]), local_rank, int(os.environ["WORLD_SIZE"]), device, backend)
+
+
+def resolve_backend(requested: str, cuda: bool) -> str:
+    """auto -> NCCL on GPU machines, gloo on CPU; NCCL without CUDA is a user error."""
+    if requested == "auto":
+        return "nccl" if cuda else "gloo"
+    if requested == "nccl" and not cuda:
+        raise UserError("parallel.backend: nccl needs CUDA GPUs; this machine has none (use gloo or auto)")
+    return requested
+
+
+def cuda_device_index(local_rank: int, visible_devices: int) -> int:
+    """The GPU a process drives. One process per GPU: with every GPU of the node visible (srun
+    --gpus-per-node, torchrun) local rank i drives GPU i; when the launcher binds one GPU to each
+    task (--gpus-per-task=1, --gpu-bind), that task sees a single device, index 0."""
+    if visible_devices == 1:
+        return 0
+    if local_rank >= visible_devices:
+        raise UserError(
+            f"local rank {local_rank} has no GPU: this process sees {visible_devices} CUDA devices; "
+            "run one task per GPU (launch --gpus-per-node G starts G tasks per node)"
+        )
+    return local_rank
 
 
 def reduce_int(value: int, op: str = "sum") -> int:

@@ -1,0 +1,92 @@
+"""The few Slurm commands launch/ calls (scontrol, squeue, sbatch presence), with their errors kept.
+
+Every call passes an argument list (never a shell string), so job names and paths with spaces or
+quotes reach Slurm as they are.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+from datetime import datetime
+from typing import Optional
+
+from blt_dist.errors import UserError
+
+
+def require_slurm() -> None:
+    """A clear error where there is no Slurm to submit to."""
+    missing = [tool for tool in ("sbatch", "srun", "squeue", "scontrol") if shutil.which(tool) is None]
+    if missing:
+        raise UserError(
+            f"no Slurm here ({', '.join(missing)} not found on PATH). On one machine, train with "
+            "`blt-dist train CONFIG` (or torchrun), and run sweeps with `blt-dist sweep GRID --backend local`"
+        )
+
+
+def run(args: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+
+
+def job_info(job_id: str) -> Optional[dict[str, str]]:
+    """`scontrol show job -o JOB` as a dict (None when Slurm no longer knows the job)."""
+    result = run(["scontrol", "show", "job", "-o", str(job_id)])
+    if result.returncode != 0 or not result.stdout.strip():
+        return None
+    info: dict[str, str] = {}
+    for token in result.stdout.split():
+        key, sep, value = token.partition("=")
+        if sep and key not in info:
+            info[key] = value
+    return info
+
+
+def parse_duration(text: str) -> Optional[float]:
+    """Slurm's [D-]HH:MM:SS / MM:SS / MM -> seconds (None for UNLIMITED or Partition_Limit)."""
+    if not text or not text[0].isdigit():
+        return None
+    days, _, rest = text.rpartition("-") if "-" in text else ("0", "", text)
+    parts = [int(p) for p in rest.split(":")]
+    if len(parts) == 1:  # minutes
+        parts = [0, parts[0], 0]
+    elif len(parts) == 2:  # minutes:seconds
+        parts = [0, *parts]
+    hours, minutes, seconds = parts
+    return int(days) * 86400 + hours * 3600 + minutes * 60 + seconds
+
+
+def parse_time(text: str) -> Optional[datetime]:
+    try:
+        return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S")
+    except (TypeError, ValueError):
+        return None
+
+
+def classify_stop(info: Optional[dict[str, str]], signals: list[str]) -> str:
+    """Why Slurm asked this job to stop: 'preempted', 'timeout' or 'cancelled'.
+
+    Preemption (with preempt_send_user_signal) sends the job's --signal at once and moves the
+    job's end time to now + GraceTime; a time limit sends the same signal LEAD seconds before an
+    end time that is still start + TimeLimit. scancel marks the job CANCELLED. So the end time
+    tells the first two apart; without scontrol's answer, a stop is taken as a preemption (the
+    cautious reading: it is requeued, not counted as a failure)."""
+    if info is None:
+        return "preempted"
+    if info.get("JobState", "").startswith("CANCELLED"):
+        return "cancelled"
+    start, end = parse_time(info.get("StartTime", "")), parse_time(info.get("EndTime", ""))
+    limit = parse_duration(info.get("TimeLimit", ""))
+    if start is None or end is None or limit is None:
+        return "preempted" if "SIGTERM" in signals or "SIGUSR2" in signals else "timeout"
+    moved_earlier = (start.timestamp() + limit) - end.timestamp()
+    return "preempted" if moved_earlier > 60 else "timeout"
+
+
+def requeue(job_id: str) -> tuple[bool, str]:
+    result = run(["scontrol", "requeue", str(job_id)])
+    return result.returncode == 0, (result.stderr or result.stdout).strip()
+
+
+def queue_state(job_id: str) -> Optional[str]:
+    """PENDING / RUNNING / ... while Slurm knows the job, else None."""
+    info = job_info(job_id)
+    return info.get("JobState") if info else None
