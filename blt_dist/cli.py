@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("launch.sweep", "submit a scaling sweep to Slurm"),
     "compare": ("blt_dist.compare", "BPE-vs-BLT report: bits per byte against training FLOPs"),
     "demo": ("blt_dist.demo", "the main job on the bundled default data"),
+    "bench": ("blt_dist.bench", "compute benchmarks (peaks, training bytes/s and MFU, peers, data path, memory) vs targets"),
 }
 
 # Commands whose module is not written yet, with the issue that delivers them.
