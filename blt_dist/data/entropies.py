@@ -1,7 +1,7 @@
 """`blt-dist entropies`: run a frozen entropy model over byte shards -> entropy shards.
 
     blt-dist entropies --model runs/entropy-tiny/export --data data/bytes --out data/entropies
-    blt-dist entropies ... --part $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT   # a Slurm array
+    blt-dist entropies ... --slurm --parts 8     # a Slurm array, one task per part (launch/entropy_array.py)
 
     H = document_entropies(model, [b"some text", ...], window=cfg.model.attention_window)
 
@@ -339,7 +339,7 @@ def _prepare_output(out: Path, data: Path, job: dict, force: bool) -> None:
         raise UserError(f"{out}: another run is computing entropies of {_describe(_read_json(out / JOB))} there")
 
 
-def _part_complete(out: Path, task: ShardTask) -> bool:
+def part_complete(out: Path, task: ShardTask) -> bool:
     part = task.out_dir(out)
     return (part / PART_INFO).is_file() and (part / "index.json").is_file()
 
@@ -558,7 +558,7 @@ def compute_entropy_dataset(
 
     tasks = list_shards(dataset)
     mine = [t for t in tasks if t.number % count == this]
-    todo = [t for t in mine if not _part_complete(out, t)]
+    todo = [t for t in mine if not part_complete(out, t)]
     documents = nbytes = 0
     start = time.perf_counter()
     # The bar's total is the shard files' size, a little above the document bytes it counts.
@@ -570,7 +570,7 @@ def compute_entropy_dataset(
             nbytes += record["bytes"]
         bar.total = bar.n  # end at 100%
     seconds = time.perf_counter() - start
-    pending = sum(not _part_complete(out, t) for t in tasks)
+    pending = sum(not part_complete(out, t) for t in tasks)
     manifest = _merge(out, dataset, tasks, job) if pending == 0 else None
     return EntropyRun((this, count), len(todo), len(mine) - len(todo), pending, documents, nbytes, seconds, manifest,
                       dtype)
@@ -637,9 +637,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="delete existing output and start over (once, before an array: every task would delete the others' work)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from launch.entropy_array import add_slurm_arguments
+
+    add_slurm_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.slurm:
+        from launch.entropy_array import run_slurm
+
+        return run_slurm(args)
     result = compute_entropy_dataset(
         args.model, args.data, args.out,
         part=args.part, batch_positions=args.batch_positions, force=args.force, progress=not args.no_progress,
