@@ -288,6 +288,15 @@ class FlexSelfAttention:
     def __init__(self, length: int, doc_ids: Optional[torch.Tensor], window: Optional[int], device):
         from torch.nn.attention.flex_attention import create_block_mask
 
+        allowed = self.rule(doc_ids, window)
+        batch = None if doc_ids is None else doc_ids.shape[0]
+        # _compile: the eager builder evaluates the rule on every (query, key) pair, O(T^2) memory.
+        self.block_mask = create_block_mask(allowed, batch, None, length, length, device=device, _compile=True)
+
+    @staticmethod
+    def rule(doc_ids: Optional[torch.Tensor], window: Optional[int]):
+        """flex's mask_mod: the dense mask's rule, one (query, key) pair at a time."""
+
         def allowed(b, h, q_idx, kv_idx):
             ok = q_idx >= kv_idx
             if window is not None:
@@ -296,9 +305,7 @@ class FlexSelfAttention:
                 ok = ok & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
             return ok
 
-        batch = None if doc_ids is None else doc_ids.shape[0]
-        # _compile: the eager builder evaluates the rule on every (query, key) pair, O(T^2) memory.
-        self.block_mask = create_block_mask(allowed, batch, None, length, length, device=device, _compile=True)
+        return allowed
 
     def __call__(self, q, k, v):
         return _flex_attention()(q, k, v, block_mask=self.block_mask)
