@@ -28,7 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("blt_dist.generate", "sample bytes from a trained model"),
     "flops": ("blt_dist.flops", "parameters and training FLOPs per byte per component; matched BPE shape"),
     "launch": ("launch.slurm", "submit a training run to Slurm (submitit)"),
-    "sweep": ("launch.sweep", "submit a scaling sweep to Slurm"),
+    "sweep": ("launch.sweep", "a scaling sweep (sizes x families x FLOP budgets x seeds) on Slurm or locally; results.csv"),
     "compare": ("blt_dist.compare", "BPE-vs-BLT report: bits per byte against training FLOPs"),
     "demo": ("blt_dist.demo", "the main job on the bundled default data"),
     "bench": ("blt_dist.bench", "compute benchmarks (peaks, training bytes/s and MFU, peers, data path, memory) vs targets"),
@@ -37,7 +37,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
 # Commands whose module is not written yet, with the issue that delivers them.
 NOT_BUILT: dict[str, str] = {
     "generate": "a later issue",
-    "sweep": "the Slurm launch issue",
     "compare": "the comparison-report issue",
 }
 

@@ -74,16 +74,20 @@ class Faults:
     """Fault injection for the resume, NaN and retry tests, from BLT_FAULTS, e.g.
     "kill_after_step=3" (SIGKILL this process, rank 0 only, right after that step),
     "raise_after_step=2" (rank 0 raises RuntimeError right after that step: a crash that is
-    not a preemption) or "nan_at_steps=4,5" (make those steps' loss NaN on every rank).
-    Empty in real runs."""
+    not a preemption), "nan_at_steps=4,5" (make those steps' loss NaN on every rank) or
+    "step_sleep_s=0.1" (every step takes at least that long: a pace the Slurm tests can
+    interrupt mid-run, whatever the machine's speed). Empty in real runs."""
 
     def __init__(self, spec: str):
         items = dict(item.split("=", 1) for item in spec.split(";") if item)
         self.kill_after_step = int(items.get("kill_after_step", -1))
         self.raise_after_step = int(items.get("raise_after_step", -1))
         self.nan_at_steps = {int(x) for x in items.get("nan_at_steps", "").split(",") if x}
+        self.step_sleep_s = float(items.get("step_sleep_s", 0))
 
     def after_step(self, step: int, rank: int) -> None:
+        if self.step_sleep_s:
+            time.sleep(self.step_sleep_s)
         if step == self.kill_after_step and rank == 0:
             os.kill(os.getpid(), signal.SIGKILL)
         if step == self.raise_after_step and rank == 0:
@@ -352,7 +356,14 @@ def _train(cfg: Config, env, stop: StopRequest) -> int:
         checkpoint.set_rng_state(state["rng"])
         step, seen, wandb_id = state["step"], state["seen"], state.get("wandb_id")
     dropped = drop_metrics_after(run_dir, step) if env.is_main else 0
-    log = MetricsLogger(run_dir, env.is_main, cfg.log, to_dict(cfg), wandb_id)  # wandb resumes its run
+    # wandb resumes its run: the id is in every checkpoint, and in the run dir from the first
+    # start on, so a job stopped before its first checkpoint continues the same wandb run too
+    id_file = run_dir / "wandb_id"
+    if wandb_id is None and id_file.is_file():
+        wandb_id = id_file.read_text().strip() or None
+    log = MetricsLogger(run_dir, env.is_main, cfg.log, to_dict(cfg), wandb_id)
+    if env.is_main and log.wandb_id and log.wandb_id != wandb_id:
+        id_file.write_text(log.wandb_id + "\n")
     peak, peak_source = peak_flops(cfg.train.dtype, env.device)
     log.info(
         f"{family}: {params_total(cfg) / 1e6:.2f}M params, {flops_per_byte:.3g} train FLOPs/byte, "

@@ -55,18 +55,21 @@ def resource_overrides(args: argparse.Namespace) -> list[str]:
     for flag, kind in RESOURCE_FLAGS.items():
         value = getattr(args, flag, None)
         if value is not None:
-            out.append(f"launch.{flag}={_override_value(value)}")
+            out.append(f"launch.{flag}={quote_override(value)}")
     for flag, (key, kind) in RENAMED_FLAGS.items():
         value = getattr(args, flag, None)
         if value is not None:
-            out.append(f"launch.{key}={_override_value(value)}")
+            out.append(f"launch.{key}={quote_override(value)}")
     if getattr(args, "require_clean", False):
         out.append("launch.require_clean=true")
     return out
 
 
-def _override_value(value) -> str:
-    # OmegaConf's dotlist parses values as YAML: quote strings so names like "a: b" or "1e3" stay strings
+def quote_override(value) -> str:
+    """A value for a dotted override. OmegaConf parses them as YAML: strings are quoted so that
+    names like "a: b" or "1e3" stay strings."""
+    if isinstance(value, bool):
+        return str(value).lower()
     if isinstance(value, str):
         return "'" + value.replace("'", "''") + "'"
     return str(value)

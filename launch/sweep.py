@@ -1,0 +1,387 @@
+"""`blt-dist sweep GRID.yaml [family:]key=value ... [--dry-run] [--backend slurm|local]`
+
+A scaling sweep: sizes x families x training-FLOP budgets x seeds, one run each. A run is the
+shipped config `configs/<family>/<size>.yaml` with `train.flops` set to its budget; the trainer
+turns the budget into a step count from the FLOP counter and the bytes per sample it measures
+on its data. A BPE run's shape is not read from a file either: it is the FLOP counter's match
+(blt_dist.flops.match_bpe) to the BLT config of the same size, at the BPE config's
+bytes per token. Nothing in a run's length or shape is set by hand.
+
+    RUN_DIR = <out>/<family>-<size>-<budget>-s<seed>
+
+Rerunning the same command skips finished runs (an export exists), leaves queued or running
+ones alone, resubmits the rest (they resume from their newest checkpoint), then writes
+<out>/results.csv. `--backend local` runs the same sweep here without Slurm, one run after
+another, each in its own process. `--dry-run` prints the grid with parameters, training FLOPs
+and the GPU-hours / node-hours it would cost at an assumed MFU (the grid file's `estimate`).
+
+Grid file (configs/sweeps/*.yaml):
+
+    name: tiny
+    out: runs/sweeps/tiny            # default runs/sweeps/<name>
+    sizes: [tiny]
+    families: [blt, bpe]
+    flops: [4.0e+9, 8.0e+9]          # budgets for every size; or flops_per_size: {125m: [...]}
+    seeds: [0]
+    overrides: {all: [...], blt: [...], bpe: [...]}   # dotted config overrides
+    launch: {tasks_per_node: 1, time_min: 30}         # launch.* for every run
+    launch_per_size: {3b: {nodes: 8}}                 # launch.* for one size
+    estimate: {gpu: H100, peak_tflops: 989, mfu: 0.4, gpus_per_node: 8}
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from blt_dist.config import Config, LaunchConfig, load_config, save_resolved
+from blt_dist.errors import ConfigError, UserError
+
+FAMILIES = ("blt", "bpe")
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+RESULT_COLUMNS = ("run", "family", "size", "seed", "params", "flop_budget", "flops_spent", "bytes_seen",
+                  "mean_patch_size", "final_val_bpb", "wandb_id", "status", "run_dir")
+
+
+@dataclass
+class EstimateSpec:
+    gpu: str = "H100"
+    peak_tflops: float = 989.0  # dense bf16 per GPU
+    mfu: float = 0.4  # assumed model FLOP utilisation for the GPU-hour estimate
+    gpus_per_node: int = 8
+
+
+@dataclass
+class SweepSpec:
+    name: str = ""
+    out: str = ""
+    sizes: List[str] = field(default_factory=list)
+    families: List[str] = field(default_factory=lambda: list(FAMILIES))
+    flops: List[float] = field(default_factory=list)
+    flops_per_size: Dict[str, List[float]] = field(default_factory=dict)
+    seeds: List[int] = field(default_factory=lambda: [0])
+    overrides: Dict[str, List[str]] = field(default_factory=dict)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    launch_per_size: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # size -> launch.* keys
+    estimate: EstimateSpec = field(default_factory=EstimateSpec)
+
+
+@dataclass
+class PlannedRun:
+    name: str
+    family: str
+    size: str
+    seed: int
+    budget: float
+    cfg: Config
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.run.dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# The grid
+
+
+def load_sweep(path: Path, cli_overrides: list[str] = ()) -> SweepSpec:
+    """Reads and checks a grid file; every rejection names its key path."""
+    if not path.is_file():
+        raise UserError(f"sweep file not found: {path}")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(SweepSpec), OmegaConf.load(path))
+        spec: SweepSpec = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or ""
+        message = str(err).strip().splitlines()[0]
+        if "not in struct" in message.lower() or type(err).__name__ == "ConfigKeyError":
+            parent = key.rpartition(".")[0]
+            message = "unknown key" + (f" under {parent}" if parent else f"; known keys: "
+                                       + ", ".join(f.name for f in dataclasses.fields(SweepSpec)))
+        raise ConfigError(key, f"{path}: {message}") from err
+    spec.name = spec.name or path.stem
+    spec.out = spec.out or f"runs/sweeps/{spec.name}"
+    for i, family in enumerate(spec.families):
+        if family not in FAMILIES:
+            raise ConfigError(f"families[{i}]", f"{path}: unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
+    if not spec.sizes:
+        raise ConfigError("sizes", f"{path}: no sizes")
+    for i, size in enumerate(spec.sizes):
+        missing = [f for f in spec.families if not (CONFIGS / f / f"{size}.yaml").is_file()]
+        if missing or "bpe" in spec.families and not (CONFIGS / "blt" / f"{size}.yaml").is_file():
+            known = sorted(p.stem for p in (CONFIGS / "blt").glob("*.yaml") if not p.stem.startswith("_"))
+            raise ConfigError(f"sizes[{i}]", f"{path}: unknown size {size!r}; expected one of {', '.join(known)}")
+    for section in ("flops_per_size", "launch_per_size"):
+        for key in getattr(spec, section):
+            if key not in spec.sizes:
+                raise ConfigError(f"{section}.{key}", f"{path}: {key!r} is not one of the sweep's sizes")
+    for size in spec.sizes:
+        budgets = spec.flops_per_size.get(size, spec.flops)
+        if not budgets:
+            raise ConfigError("flops", f"{path}: no FLOP budget for size {size!r} (set flops or flops_per_size.{size})")
+        for j, budget in enumerate(budgets):
+            if not (budget > 0 and math.isfinite(budget)):
+                key = f"flops_per_size.{size}[{j}]" if size in spec.flops_per_size else f"flops[{j}]"
+                raise ConfigError(key, f"{path}: expected a positive FLOP budget, got {budget}")
+    for key in spec.overrides:
+        if key != "all" and key not in FAMILIES:
+            raise ConfigError(f"overrides.{key}", f"{path}: expected 'all' or a family ({', '.join(FAMILIES)})")
+    if not 0 < spec.estimate.mfu <= 1:
+        raise ConfigError("estimate.mfu", f"{path}: expected a fraction in (0, 1], got {spec.estimate.mfu}")
+    for item in cli_overrides:
+        family, sep, rest = item.partition(":")
+        if sep and "=" in rest and "=" not in family:
+            if family not in FAMILIES:
+                raise ConfigError("", f"override {item!r}: {family!r} is not a family ({', '.join(FAMILIES)})")
+            spec.overrides.setdefault(family, []).append(rest)
+        else:
+            spec.overrides.setdefault("all", []).append(item)
+    return spec
+
+
+def _launch_overrides(launch: LaunchConfig) -> list[str]:
+    """The grid's launch section as launch.* overrides (only what differs from the defaults)."""
+    from launch.slurm import quote_override
+
+    defaults = LaunchConfig()
+    return [f"launch.{f.name}={quote_override(getattr(launch, f.name))}" for f in dataclasses.fields(LaunchConfig)
+            if getattr(launch, f.name) != getattr(defaults, f.name)]
+
+
+def _budget_name(budget: float) -> str:
+    """4e9 -> '4e9', 1.9e18 -> '1.9e18' (run directory names)."""
+    mantissa, exponent = f"{budget:.2e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def plan(spec: SweepSpec) -> list[PlannedRun]:
+    """Every run's resolved config, in grid order (size, family, budget, seed)."""
+    from blt_dist.flops import SampleShape, match_bpe
+    from launch.slurm import quote_override
+
+    out = Path(spec.out).resolve()
+    runs = []
+    for size in spec.sizes:
+        family_overrides = {f: [*spec.overrides.get("all", []), *spec.overrides.get(f, [])] for f in FAMILIES}
+        bpe_shape: list[str] = []
+        if "bpe" in spec.families:
+            blt = load_config(CONFIGS / "blt" / f"{size}.yaml", family_overrides["blt"])
+            bpe = load_config(CONFIGS / "bpe" / f"{size}.yaml", family_overrides["bpe"])
+            if bpe.model.vocab_size != blt.model.bpe_vocab_size:
+                raise ConfigError("model.vocab_size", f"BPE {size}: vocabulary {bpe.model.vocab_size} differs from the "
+                                  f"BLT twin's model.bpe_vocab_size={blt.model.bpe_vocab_size} it is matched at")
+            shape = dataclasses.replace(SampleShape.from_data(blt.data), bytes_per_token=bpe.data.bytes_per_token)
+            match = match_bpe(blt.model, shape)
+            bpe_shape = [f"model.dim={match['dim']}", f"model.n_layers={match['n_layers']}",
+                         f"model.n_heads={match['n_heads']}", f"data.tokens_per_sample={match['tokens_per_sample']}"]
+        for family in spec.families:
+            for budget in spec.flops_per_size.get(size, spec.flops):
+                for seed in spec.seeds:
+                    name = f"{family}-{size}-{_budget_name(budget)}-s{seed}"
+                    overrides = [
+                        *family_overrides[family], *(bpe_shape if family == "bpe" else []),
+                        *_launch_overrides(spec.launch),
+                        *(f"launch.{k}={quote_override(v)}" for k, v in spec.launch_per_size.get(size, {}).items()),
+                        f"train.flops={budget}", "train.max_steps=0", "train.max_bytes=0",
+                        f"run.seed={seed}", f"run.dir={out / name}", f"run.name={name}",
+                    ]
+                    cfg = load_config(CONFIGS / family / f"{size}.yaml", overrides)
+                    runs.append(PlannedRun(name, family, size, seed, budget, cfg))
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------
+# Estimates (dry run)
+
+
+def estimate(run: PlannedRun, spec: SweepSpec) -> dict:
+    """Parameters, FLOPs per byte, nominal steps and GPU/node-hours of one run."""
+    from blt_dist.flops import SampleShape, params_by_component, train_flops_per_byte
+
+    cfg = run.cfg
+    shape = SampleShape.from_data(cfg.data)
+    per_byte = train_flops_per_byte(cfg.model, shape)
+    if cfg.model.family == "blt":
+        bytes_per_sample = min(float(shape.byte_capacity), shape.patches_per_sample * shape.patch_size)
+    else:
+        bytes_per_sample = shape.tokens_per_sample * shape.bytes_per_token
+    la = cfg.launch
+    world = la.nodes * (la.gpus_per_node or la.tasks_per_node)
+    data_parallel = max(1, world // cfg.parallel.pipeline_stages)
+    bytes_per_step = bytes_per_sample * cfg.train.micro_batch_size * cfg.train.grad_accum * data_parallel
+    gpu_hours = run.budget / (spec.estimate.peak_tflops * 1e12 * spec.estimate.mfu) / 3600
+    return {
+        "params": sum(params_by_component(cfg.model).values()),
+        "flops_per_byte": per_byte,
+        "bytes": run.budget / per_byte,
+        "steps": max(1, round(run.budget / (per_byte * bytes_per_step))),
+        "gpu_hours": gpu_hours,
+        "node_hours": gpu_hours / spec.estimate.gpus_per_node,
+    }
+
+
+def format_plan(runs: list[PlannedRun], spec: SweepSpec) -> str:
+    e = spec.estimate
+    header = (f"sweep {spec.name}: {len(runs)} runs -> {Path(spec.out).resolve()}\n"
+              f"estimates assume {e.mfu:.0%} MFU of {e.peak_tflops:g} TFLOP/s per {e.gpu} (dense bf16), "
+              f"{e.gpus_per_node} GPUs per node; steps at the nominal bytes per sample (the trainer measures them)\n")
+    columns = f"{'run':<26} {'family':<6} {'size':<5} {'params':>8} {'train FLOPs':>11} {'FLOPs/byte':>10} " \
+              f"{'bytes':>9} {'steps':>8} {'GPU-h':>9} {'node-h':>8}"
+    lines = [header, columns, "-" * len(columns)]
+    total_gpu = 0.0
+    for run in runs:
+        est = estimate(run, spec)
+        total_gpu += est["gpu_hours"]
+        lines.append(f"{run.name:<26} {run.family:<6} {run.size:<5} {_si(est['params']):>8} {run.budget:>11.3g} "
+                     f"{est['flops_per_byte']:>10.3g} {_si(est['bytes']):>9} {est['steps']:>8,} "
+                     f"{est['gpu_hours']:>9.1f} {est['gpu_hours'] / e.gpus_per_node:>8.1f}")
+    lines.append(f"total: {total_gpu:,.1f} GPU-hours, {total_gpu / e.gpus_per_node:,.1f} node-hours")
+    return "\n".join(lines)
+
+
+def _si(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.3g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Status and results
+
+
+def is_finished(run_dir: Path) -> bool:
+    from blt_dist.export import WEIGHTS
+
+    return (run_dir / "export" / WEIGHTS).is_file()
+
+
+def run_status(run_dir: Path, backend: str) -> str:
+    """finished | failed | queued | running | unfinished | new."""
+    if is_finished(run_dir):
+        return "finished"
+    if backend == "slurm":
+        from launch import records
+        from launch.slurm_cli import queue_state
+
+        submission = records.read_submission(run_dir)
+        if submission and submission.get("job_ids"):
+            state = (queue_state(submission["job_ids"][-1]["job_id"]) or "").split()
+            if state and state[0] in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "CONFIGURING"):
+                return "queued"
+            if state and state[0] in ("RUNNING", "COMPLETING", "SUSPENDED", "SIGNALING"):
+                return "running"
+    if (run_dir / "FAILED").is_file():
+        return "failed"
+    return "unfinished" if (run_dir / "metrics.jsonl").is_file() else "new"
+
+
+def collect(runs: list[PlannedRun], backend: str) -> list[dict]:
+    """One row per run, from its metrics.jsonl and run directory."""
+    from blt_dist.flops import params_by_component
+
+    rows = []
+    for run in runs:
+        run_dir = run.run_dir
+        records = []
+        if (run_dir / "metrics.jsonl").is_file():
+            records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        train = [r for r in records if "loss" in r]
+        val = [r for r in records if "val_bpb" in r]
+        patches = sum((b - a) / r["mean_patch_size"] for a, b, r in
+                      zip([0] + [r["bytes_seen"] for r in train], [r["bytes_seen"] for r in train], train)
+                      if r.get("mean_patch_size"))
+        last = train[-1] if train else {}
+        wandb_file = run_dir / "wandb_id"
+        rows.append({
+            "run": run.name, "family": run.family, "size": run.size, "seed": run.seed,
+            "params": sum(params_by_component(run.cfg.model).values()), "flop_budget": run.budget,
+            "flops_spent": last.get("flops_seen", 0.0), "bytes_seen": last.get("bytes_seen", 0),
+            "mean_patch_size": round(last["bytes_seen"] / patches, 4) if patches else "",
+            "final_val_bpb": val[-1]["val_bpb"] if val else "",
+            "wandb_id": wandb_file.read_text().strip() if wandb_file.is_file() else "",
+            "status": run_status(run_dir, backend), "run_dir": str(run_dir),
+        })
+    return rows
+
+
+def write_results(rows: list[dict], out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.csv"
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends
+
+
+def run_local(run: PlannedRun) -> int:
+    """One run in its own process (DeepSpeed keeps process-group state per process)."""
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    config = save_resolved(run.cfg, run.run_dir)
+    with open(run.run_dir / "train.log", "a") as log:
+        print(f"[sweep] {run.name}: training (log: {run.run_dir / 'train.log'})", flush=True)
+        return subprocess.run([sys.executable, "-m", "blt_dist.cli", "train", str(config)],
+                              stdout=log, stderr=subprocess.STDOUT).returncode
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = __doc__.split("\n\n", 1)[1]
+    parser.add_argument("grid", type=Path, help="sweep file (configs/sweeps/*.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="[family:]key=value",
+                        help="config overrides for every run, or for one family (blt:data.train=DIR)")
+    parser.add_argument("--backend", choices=("slurm", "local"), default="slurm",
+                        help="slurm: one job per run; local: here, one run after another")
+    parser.add_argument("--dry-run", action="store_true", help="print the grid and its cost; submit nothing")
+
+
+def run(args: argparse.Namespace) -> int:
+    spec = load_sweep(args.grid, args.overrides)
+    runs = plan(spec)
+    if args.dry_run:
+        print(format_plan(runs, spec))
+        return 0
+    if args.backend == "slurm":
+        from launch.slurm import launch_run
+        from launch.slurm_cli import require_slurm
+
+        require_slurm()
+    missing = [r for r in runs if not r.cfg.data.train]
+    if missing:
+        raise UserError(f"{missing[0].name}: data.train is not set (give it in the sweep file's overrides "
+                        f"or on the command line, e.g. {missing[0].family}:data.train=DIR)")
+    submitted, failed = 0, 0
+    for planned in runs:
+        status = run_status(planned.run_dir, args.backend)
+        if status in ("finished", "queued", "running"):
+            print(f"[sweep] {planned.name}: {status}, skipped")
+            continue
+        if args.backend == "local":
+            code = run_local(planned)
+            failed += code != 0
+            print(f"[sweep] {planned.name}: " + ("finished" if code == 0 else f"failed (exit {code})"), flush=True)
+        else:
+            job_id = launch_run(planned.cfg, sys.argv[1:])
+            submitted += 1
+            print(f"[sweep] {planned.name}: {'resubmitted' if status != 'new' else 'submitted'} as job {job_id}")
+    path = write_results(collect(runs, args.backend), Path(spec.out).resolve())
+    finished = sum(is_finished(r.run_dir) for r in runs)
+    print(f"[sweep] {finished}/{len(runs)} runs finished, {submitted} submitted; results: {path}")
+    return 1 if failed else 0
