@@ -35,9 +35,11 @@ offline, once, forward only; it is reported separately when asked for (--entropy
 
 The contexts above are the *real* ones: causal average, window, patch counts, and documents
 assumed longer than the context (an upper bound when they are shorter). Dense accounting
-(`mode="dense"`) instead counts what a masked SDPA computes (every query against every key:
-m = T, P, C or P k, with R = C and n = P); that is what torch's FLOP counter sees, and the tests
-check it against torch within 2%, and the real formulas against hand computation.
+(`mode="dense"`) instead counts what the dense masked SDPA computes (every query against every
+key: m = T, P, C or P k, with R = C and n = P); that is what torch's FLOP counter sees under
+`model.attention=dense`, and the tests check it against torch within 2%, and the real formulas
+against hand computation. The fast attention paths (model/attention.py) compute close to the
+real contexts: a window's blocks a little more (whole key blocks), the cross-attentions exactly.
 
 FLOP matching: the BPE baseline for a BLT config keeps the same bytes per sample
 (tokens = R / bytes_per_token, rounded to a multiple of 8) and searches a small family of

@@ -1,6 +1,6 @@
 """Fast attention paths == the dense masked-SDPA reference, forward and backward, in fp32.
 
-Kernels alone (self-attention band / causal / dense fallback, the decoder's patch read, the
+Kernels alone (self-attention blocks / is_causal / dense fallback, the decoder's patch read, the
 encoder's pooling) on random layouts: several documents per row, padding, windows smaller
 and larger than the row, rows that are not a whole number of blocks, empty patches. Then the
 whole BLT and CausalLM under attention=dense vs attention=blocked on the same weights: same
@@ -65,37 +65,42 @@ def assert_same(fast, dense, q, k, v):
 
 
 @pytest.mark.parametrize("length,window,max_docs,padding,expected", [
-    (50, 8, 4, True, attn.BandedSelfAttention),   # window << T, T not a multiple of the block
-    (50, 8, 1, False, attn.BandedSelfAttention),  # one document: the band without document ids
-    (77, 20, 3, True, attn.BandedSelfAttention),  # window and documents both bound the reach
-    (150, 200, 12, True, attn.BandedSelfAttention),  # window > T: short documents bound the reach
-    (201, None, 16, True, attn.BandedSelfAttention),  # no window: the longest document is the reach
+    (50, 8, 4, True, attn.BlockedSelfAttention),  # window << T, T not a multiple of the block
+    (50, 8, 1, False, attn.BlockedSelfAttention),  # one document: blocks without document ids
+    (77, 20, 3, True, attn.BlockedSelfAttention),  # window and documents both limit the keys
+    (150, 200, 12, True, attn.BlockedSelfAttention),  # window > T: only documents limit them
+    (201, None, 16, True, attn.BlockedSelfAttention),  # no window, several documents
+    (90, None, 2, True, attn.BlockedSelfAttention),  # one document almost as long as the row
     (40, None, 1, False, attn.CausalSelfAttention),  # one document per row: is_causal, no mask
     (40, 64, 1, False, attn.CausalSelfAttention),  # window >= T changes nothing
-    (30, None, 2, True, attn.DenseSelfAttention),  # documents as long as the row: dense fallback
 ])
 def test_blocked_self_attention_matches_dense(length, window, max_docs, padding, expected):
     for seed in range(3):
         doc_ids = random_doc_ids(seed, 3, length, max_docs, padding)
-        if expected is attn.DenseSelfAttention:
-            doc_ids[:, : length - 2] = 0  # a long document: the band would span the row
         fast = attn.self_attention("blocked", length, doc_ids, window, "cpu")
         assert type(fast) is expected, (seed, type(fast))
+        if expected is attn.BlockedSelfAttention:
+            assert len(fast.masks) > 1  # several query blocks, the last one partial
         dense = attn.self_attention("dense", length, doc_ids, window, "cpu")
         assert_same(fast, dense, *qkv(3, 2, length, length, seed=seed))
 
 
-def test_band_without_doc_ids_and_batch_broadcast():
+def test_blocks_without_doc_ids_broadcast_over_the_batch():
     fast = attn.self_attention("auto", 70, None, 12, "cpu")
-    assert isinstance(fast, attn.BandedSelfAttention)
+    assert isinstance(fast, attn.BlockedSelfAttention)
     assert_same(fast, attn.self_attention("dense", 70, None, 12, "cpu"), *qkv(2, 3, 70, 70))
 
 
-def test_band_memory_is_linear_in_length():
-    length, window = 4096, 64
-    band = attn.self_attention("blocked", length, random_doc_ids(0, 2, length, 50), window, "cpu")
-    assert isinstance(band, attn.BandedSelfAttention)
-    assert band.allowed.numel() <= 2 * length * (window + band.block)  # dense: 2 * 4096^2
+def test_blocked_work_and_memory_follow_the_layout():
+    length, window, batch = 4096, 64, 2
+    blocked = attn.self_attention("blocked", length, random_doc_ids(0, batch, length, 50), window, "cpu")
+    masked = sum(mask.numel() for mask in blocked.masks)  # every (query, key) score it computes
+    assert masked <= batch * length * (window + 2 * blocked.block)  # dense: batch * 4096^2
+    # No window, documents of 256: a query block never reaches back past its document's start.
+    docs = torch.arange(length).div(256, rounding_mode="floor")[None]
+    blocked = attn.self_attention("blocked", length, docs, None, "cpu")
+    assert all(first * blocked.block >= (i * blocked.block) // 256 * 256 for i, first in enumerate(blocked.first_block))
+    assert sum(mask.numel() for mask in blocked.masks) <= length * (256 + blocked.block)
 
 
 def test_split_document_runs_dense():

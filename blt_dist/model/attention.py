@@ -18,10 +18,10 @@ Modes (`model.attention`):
     blocked  exact fast paths in plain torch, on any device:
              - self-attention, every row one document and no window: SDPA `is_causal`
                (no mask at all; the flash kernel on GPU);
-             - otherwise, with a reach R = min(window, longest document): a band. Queries in
-               blocks of b <= R attend to their own key block and the ceil((R-1)/b) before it,
-               with causal, window and document masks applied inside that [b, R + b] band:
-               O(T R) work and memory. If the band would be as wide as the row, dense.
+             - otherwise blocks: each query block attends only to the key blocks from the
+               first one any of its queries may see (document start, window) to its own,
+               with the dense mask applied inside that range: O(T W) work and memory with a
+               window W, O(sum of document lengths^2) with documents;
              - patch read: a gather of the k vectors + a softmax over k, O(C k);
              - patch pooling: a padded gather of each patch's bytes, O(P k L).
     flex     (CUDA) self-attention by compiled flex_attention with a block mask; the rest as
@@ -46,10 +46,9 @@ from blt_dist.model.config import ATTENTION_MODES
 
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
-# The band's query block: at most this many queries, so a 512-byte window is covered by 4
-# blocks + the query's own. Measured on CPU (fwd+bwd, T=4096, W=512, head dim 32): blocks of
-# 128 ran 1.5x faster than blocks of W=512 (fewer masked scores; more copies of K/V, but
-# those are head_dim wide while the scores are band wide).
+# Queries per block of the blocked kernel. Measured on CPU (fwd+bwd, window 512, head dim 32):
+# blocks of 128 ran 1.5x faster than blocks of 512 (less of each key range is masked; the
+# extra copies of K/V are head_dim wide while the scores are key-range wide).
 MAX_QUERY_BLOCK = 128
 
 
@@ -137,50 +136,35 @@ def self_attention(mode: str, length: int, doc_ids: Optional[torch.Tensor], wind
     if mode == "flex":
         return FlexSelfAttention(length, doc_ids, window, device)
     if mode == "flash" and (doc_ids is not None or window is not None):
-        return FlashSelfAttention(length, doc_ids, window, device)
+        if doc_ids is None or documents_are_runs(doc_ids):  # flash's sequences are runs of ids
+            return FlashSelfAttention(length, doc_ids, window, device)
     # blocked, and flash without documents or window: is_causal SDPA is the flash kernel on GPU.
     return blocked_self_attention(length, doc_ids, window, device)
 
 
 def blocked_self_attention(length: int, doc_ids: Optional[torch.Tensor], window: Optional[int],
                            device) -> Kernel:
-    """is_causal SDPA, the band, or the dense mask: the cheapest exact one for this layout."""
+    """is_causal SDPA where nothing but causality applies, else the blocked kernel."""
     if doc_ids is None and window is None:
         return CausalSelfAttention()
-    reach = window or length  # keys a query may see, itself included
-    if doc_ids is not None:
-        longest = longest_document(doc_ids)
-        if longest is None:  # a document split into several runs: only the dense mask is exact
-            return DenseSelfAttention(self_attention_mask(length, doc_ids, window, device))
-        reach = min(reach, longest)
-    block = query_block(reach)
-    if band_width(reach, block) >= length:
+    if doc_ids is not None and not documents_are_runs(doc_ids):
         return DenseSelfAttention(self_attention_mask(length, doc_ids, window, device))
-    return BandedSelfAttention(length, doc_ids, window, reach, block, device)
+    return BlockedSelfAttention(length, doc_ids, window, query_block(length), device)
 
 
-def longest_document(doc_ids: torch.Tensor) -> Optional[int]:
-    """Length of the longest run of equal ids in any row; None if some row has an id in more
-    than one run (then the runs are not the documents the dense mask sees)."""
-    batch, length = doc_ids.shape
-    run_start = torch.ones_like(doc_ids, dtype=torch.bool)
-    run_start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+def documents_are_runs(doc_ids: torch.Tensor) -> bool:
+    """True if in every row each id forms one contiguous run (as the loaders make them). An id
+    that comes back after another is one document to the dense mask, which only it computes."""
+    run_starts = 1 + (doc_ids[:, 1:] != doc_ids[:, :-1]).sum(1)
     sorted_ids = doc_ids.sort(dim=1).values
     distinct = 1 + (sorted_ids[:, 1:] != sorted_ids[:, :-1]).sum(1)
-    if not torch.equal(run_start.sum(1), distinct):
-        return None
-    run_index = run_start.flatten().long().cumsum(0) - 1  # runs numbered across the batch
-    return int(torch.bincount(run_index).max())
+    return torch.equal(run_starts, distinct)
 
 
-def query_block(reach: int) -> int:
-    """Queries per band block: about a quarter of the reach (a power of two, 16..MAX_QUERY_BLOCK)."""
-    return max(16, min(MAX_QUERY_BLOCK, 2 ** math.ceil(math.log2(max(reach, 1))) // 4))
-
-
-def band_width(reach: int, block: int) -> int:
-    """Keys per query block: its own block and enough earlier ones to reach back `reach - 1`."""
-    return (math.ceil((reach - 1) / block) + 1) * block
+def query_block(length: int) -> int:
+    """Queries per block: 128 for long rows (measured best on CPU against 32..256 at 1k-8k
+    positions, windows of 512 and none), an eighth of the row for short ones (at least 16)."""
+    return max(16, min(MAX_QUERY_BLOCK, 2 ** math.ceil(math.log2(max(length, 1))) // 8))
 
 
 class CausalSelfAttention:
@@ -190,79 +174,62 @@ class CausalSelfAttention:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
-class BandedSelfAttention:
-    """Exact causal/window/document attention in O(T * reach).
+class BlockedSelfAttention:
+    """Exact causal/window/document attention that computes only the key blocks a query block
+    may see: O(T * W) with a window W, and with documents, O(sum of document lengths^2).
 
-    The row (padded to a whole number of blocks) is cut into query blocks of `block`; block i
-    attends to keys [(i - n_back) * block, (i + 1) * block), a band of `width` keys. Inside the
-    band the mask is the dense one restricted to those keys: causal, window, same document,
-    key position >= 0 (the front padding). Padding queries (past the row) see at least
-    themselves, so no softmax row is empty; their outputs are dropped, and real queries never
-    see padding keys (they lie in the future). Blocks are folded into the batch so SDPA runs
-    its fused CPU/GPU kernels on [B * blocks, H, block, width].
+    Queries in blocks of `block`; query block i attends to key blocks first_i .. i, where
+    first_i holds the first key any of its queries may see in any row (the start of its
+    document, or of its window). With a window W that is about W / block + 1 blocks: the
+    "own block and the previous one" band of W-wide blocks, with smaller blocks so that less
+    of the band is masked. Inside that range the dense mask applies (causal, window, same
+    document). One SDPA call per query block; the key ranges are concatenations of whole key
+    blocks (q, k, v split once), so the backward accumulates per block instead of writing a
+    full-length gradient per slice.
     """
 
-    def __init__(self, length: int, doc_ids: Optional[torch.Tensor], window: Optional[int], reach: int,
-                 block: int, device):
-        self.length, self.block = length, block
-        self.n_blocks = math.ceil(length / block)
-        self.n_back = math.ceil((reach - 1) / block)
-        self.width = (self.n_back + 1) * block
-        padded = self.n_blocks * block
-        query_pos = torch.arange(padded, device=device).view(self.n_blocks, block, 1)
-        key_pos = (torch.arange(self.n_blocks, device=device).view(-1, 1, 1) - self.n_back) * block \
-            + torch.arange(self.width, device=device).view(1, 1, -1)
-        distance = query_pos - key_pos
-        allowed = (distance >= 0) & (key_pos >= 0)  # [blocks, block, width]
-        if window is not None:
-            allowed = allowed & (distance < window)
-        batch = 1
+    def __init__(self, length: int, doc_ids: Optional[torch.Tensor], window: Optional[int], block: int, device):
+        self.block = block
+        positions = torch.arange(length, device=device)
+        first_key = positions.new_zeros(1, length)
         if doc_ids is not None:
-            batch = doc_ids.shape[0]
-            query_doc = self._pad(doc_ids, 0).view(batch, self.n_blocks, block, 1)
-            key_doc = self._band(self._pad(doc_ids, self.n_back * block))  # [B, blocks, width]
-            allowed = allowed & (query_doc == key_doc[:, :, None, :])
-        self.batch = batch
-        self.allowed = allowed.reshape(batch * self.n_blocks, 1, block, self.width)
-        self._additive: dict[tuple, torch.Tensor] = {}
+            run_start = torch.ones_like(doc_ids, dtype=torch.bool)
+            run_start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+            first_key = torch.where(run_start, positions, 0).cummax(dim=1).values  # each one's document start
+        if window is not None:
+            first_key = first_key.clamp(min=positions - window + 1)
+        # first_key never decreases along a row: a block's first query has the block's lowest.
+        self.first_block = (first_key[:, ::block].amin(dim=0) // block).tolist()
+        self.masks = []  # per query block: [B or 1, 1, its queries, its keys]
+        for i, first in enumerate(self.first_block):
+            queries, keys = slice(i * block, (i + 1) * block), slice(first * block, (i + 1) * block)
+            distance = positions[queries, None] - positions[None, keys]
+            allowed = distance >= 0
+            if window is not None:
+                allowed = allowed & (distance < window)
+            allowed = allowed[None, None]
+            if doc_ids is not None:
+                allowed = allowed & (doc_ids[:, None, queries, None] == doc_ids[:, None, None, keys])
+            self.masks.append(allowed)
+        self._additive: dict[torch.dtype, list[torch.Tensor]] = {}
 
-    def _pad(self, x: torch.Tensor, front: int) -> torch.Tensor:
-        """Pads dim 1 (positions) with `front` copies of position 0 and the tail to whole blocks
-        (replicated values: the band's position checks exclude them, whatever they are)."""
-        back = self.n_blocks * self.block - self.length
-        return torch.cat([x[:, :1].expand(-1, front), x, x[:, -1:].expand(-1, back)], dim=1)
-
-    def _band(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, n_back * block + padded, ...] -> [B, blocks, width, ...]: each block's key band."""
-        bands = x.unfold(1, self.width, self.block)  # [B, blocks, ..., width]
-        return bands.movedim(-1, 2)
-
-    def mask(self, dtype: torch.dtype, batch: int) -> torch.Tensor:
-        """The band mask as an additive float tensor for `batch` rows, made once and shared by
-        the layers: SDPA would otherwise convert the boolean mask in every layer (and keep one
-        converted copy per layer for the backward)."""
-        if (dtype, batch) not in self._additive:
-            zero = torch.zeros((), dtype=dtype, device=self.allowed.device)
-            additive = torch.where(self.allowed, zero, float("-inf"))
-            if self.batch != batch:  # built without document ids: the same band for every row
-                additive = additive.repeat(batch, 1, 1, 1)
-            self._additive[(dtype, batch)] = additive
-        return self._additive[(dtype, batch)]
+    def additive_masks(self, dtype: torch.dtype) -> list[torch.Tensor]:
+        """The masks as additive float tensors, made once per dtype and shared by the layers:
+        SDPA would otherwise convert each boolean mask in every layer (and keep one converted
+        copy per layer for the backward)."""
+        if dtype not in self._additive:
+            zero = torch.zeros((), dtype=dtype, device=self.masks[0].device)
+            self._additive[dtype] = [torch.where(mask, zero, float("-inf")) for mask in self.masks]
+        return self._additive[dtype]
 
     def __call__(self, q, k, v):
-        batch, heads, length, head_dim = q.shape
-        blocks, block, width = self.n_blocks, self.block, self.width
-        padded = blocks * block
-
-        def keys(x):  # [B, H, T, hd] -> [B * blocks, H, width, hd]
-            x = F.pad(x, (0, 0, self.n_back * block, padded - length))
-            return self._band(x.transpose(1, 2)).transpose(2, 3).reshape(batch * blocks, heads, width, head_dim)
-
-        queries = F.pad(q, (0, 0, 0, padded - length)).view(batch, heads, blocks, block, head_dim)
-        queries = queries.transpose(1, 2).reshape(batch * blocks, heads, block, head_dim)
-        out = F.scaled_dot_product_attention(queries, keys(k), keys(v), attn_mask=self.mask(q.dtype, batch))
-        out = out.view(batch, blocks, heads, block, head_dim).transpose(1, 2).reshape(batch, heads, padded, head_dim)
-        return out[:, :, :length]
+        q_blocks, k_blocks, v_blocks = (x.split(self.block, dim=2) for x in (q, k, v))
+        outs = []
+        for i, (first, mask) in enumerate(zip(self.first_block, self.additive_masks(q.dtype))):
+            keys = k_blocks[i] if first == i else torch.cat(k_blocks[first:i + 1], dim=2)
+            values = v_blocks[i] if first == i else torch.cat(v_blocks[first:i + 1], dim=2)
+            outs.append(F.scaled_dot_product_attention(q_blocks[i], keys, values, attn_mask=mask))
+        return torch.cat(outs, dim=2)
 
 
 # ---------------------------------------------------------------------------------------------

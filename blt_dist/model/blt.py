@@ -23,7 +23,7 @@ the decoder's cross-attention local, as in the reference; older patches reach by
 the latent transformer.
 
 Attention (`cfg.attention`, model/attention.py): every module builds its kernels once per
-forward from the layout: windowed self-attention over bytes (a band, O(C*W)), the pooling
+forward from the layout: windowed self-attention over bytes (blocks, O(C*W)), the pooling
 (each patch's queries gather its own bytes), the decoder's read (each byte gathers the k
 vectors of its patch), and document-causal attention over patches. `dense` builds the
 [B, 1, Tq, Tk] masks instead: the reference the others are tested against.

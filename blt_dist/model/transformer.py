@@ -4,7 +4,7 @@ Llama-style: token embedding, pre-norm blocks (RMSNorm, RoPE attention, SwiGLU),
 untied output head. Attention is causal, never crosses a document (`doc_ids`), and for the
 entropy model is limited to a sliding window (512 bytes by default). How it is computed
 (`cfg.attention`, model/attention.py): plain causal SDPA when every row is one document,
-a band O(T * window) with a window or short documents, the dense mask otherwise.
+otherwise blocks that skip the keys no query may see (O(T * window) with a window).
 
 Split for pipeline parallelism: `embed` -> each of `blocks` (with `mask_and_rope`) -> `head`.
 `forward` is exactly that composition.
