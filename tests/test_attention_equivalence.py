@@ -15,10 +15,12 @@ import random
 import pytest
 import torch
 
+from blt_dist.config import load_config
 from blt_dist.errors import ConfigError
 from blt_dist.model import build_model, patch_layout
 from blt_dist.model import attention as attn
 from blt_dist.model.config import ModelConfig
+from tests.conftest import REPO
 from tests.test_model_causality import random_batch, tiny_blt
 
 ATOL = RTOL = 1e-5
@@ -237,6 +239,9 @@ def test_lm_blocked_equals_dense(family, window, kv_heads, layout):
 def test_attention_knob_is_validated_with_its_key_path():
     problems = ModelConfig(attention="fast").validate("model")
     assert problems and problems[0][0] == "model.attention"
+    with pytest.raises(ConfigError, match="model.attention: one of auto, dense, blocked, flex, flash"):
+        load_config(REPO / "configs/blt/tiny.yaml", ["model.attention=fast"])
+    assert load_config(REPO / "configs/blt/tiny.yaml", ["model.attention=dense"]).model.attention == "dense"
     for mode in ("auto", "dense", "blocked", "flex", "flash"):
         assert ModelConfig(attention=mode).validate("model") == []
 
