@@ -118,7 +118,7 @@ def test_bf16_pass_is_close_to_fp32():
     bf16 = document_entropies(model, docs, WINDOW, row_positions=64, dtype="bf16")
     alone = [document_entropies(model, [d], WINDOW, row_positions=64, dtype="bf16")[0] for d in docs]
     diff = np.abs(np.concatenate(fp32) - np.concatenate(bf16))
-    assert 0 < diff.max() < 0.1 and diff.mean() < 0.02, (diff.max(), diff.mean())  # measured 0.04, 0.008
+    assert 0 < diff.max() < 0.05 and diff.mean() < 0.01, (diff.max(), diff.mean())  # measured 0.005, 0.0008
     for k in range(len(docs)):
         np.testing.assert_allclose(alone[k], bf16[k], atol=0.1, rtol=0)  # rounding differs by row shape
     assert bf16[0].dtype == np.float32 and all(H[0] == 0.0 for H in bf16)
