@@ -21,7 +21,7 @@ Modes (`model.attention`):
              - otherwise blocks: each query block attends only to the key blocks from the
                first one any of its queries may see (document start, window) to its own,
                with the dense mask applied inside that range: O(T W) work and memory with a
-               window W, O(sum of document lengths^2) with documents;
+               window W, and with documents no key before the earliest document start;
              - patch read: a gather of the k vectors + a softmax over k, O(C k);
              - patch pooling: a padded gather of each patch's bytes, O(P k L).
     flex     (CUDA) self-attention by compiled flex_attention with a block mask; the rest as
@@ -176,7 +176,9 @@ class CausalSelfAttention:
 
 class BlockedSelfAttention:
     """Exact causal/window/document attention that computes only the key blocks a query block
-    may see: O(T * W) with a window W, and with documents, O(sum of document lengths^2).
+    may see: O(T * W) with a window W; with documents, each query block reaches back only to
+    the earliest start, over the rows, of its queries' documents (about half of dense when a
+    document fills the row, far less when they are short).
 
     Queries in blocks of `block`; query block i attends to key blocks first_i .. i, where
     first_i holds the first key any of its queries may see in any row (the start of its
