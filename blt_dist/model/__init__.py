@@ -2,8 +2,9 @@
 
     model = build_model(cfg.model)        # CausalLM (entropy, bpe) or BLT (blt)
 
-Read in this order: layers.py (norm, rotary, SwiGLU, masked attention), transformer.py (the
-LM), hash_embeddings.py, blt.py (encoder -> latent -> decoder and the causal patch rule).
+Read in this order: layers.py (norm, rotary, SwiGLU, attention blocks), attention.py (which
+keys each query sees, and the dense / blocked / GPU kernels that compute it), transformer.py
+(the LM), hash_embeddings.py, blt.py (encoder -> latent -> decoder and the causal patch rule).
 """
 from __future__ import annotations
 
