@@ -409,5 +409,6 @@ class PatchPoolAttention:
         scores = scores.masked_fill(~self.valid, float("-inf"))
         weights = _softmax(scores).to(v.dtype)
         out = torch.einsum("bhpql,bplhd->bhpqd", weights, gather(v))
-        out = torch.where(self.nonempty[:, None, :, None, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+        zero = torch.zeros((), dtype=out.dtype, device=out.device)
+        out = torch.where(self.nonempty[:, None, :, None, None], out, zero)  # empty patches: exact zeros
         return out.reshape(batch, heads, slots, head_dim)
