@@ -159,10 +159,18 @@ def submit(cfg: Config, run_dir: Path) -> str:
     """Submits the run; returns the Slurm job id. sbatch's own error is shown when it refuses."""
     import submitit
 
-    from launch.slurm_cli import require_slurm
+    from launch.slurm_cli import test_submission
     from launch.task import TrainTask
 
-    require_slurm()
+    check = records.launch_dir(run_dir) / "test-only.sbatch"
+    check.write_text(render_sbatch(cfg, run_dir))
+    try:
+        test_submission(check)
+    except UserError as err:
+        records.add_event(run_dir, "submit_failed", reason=str(err))
+        raise
+    finally:
+        check.unlink()
     executor = submitit.SlurmExecutor(folder=run_dir / "slurm", max_num_timeout=0)
     executor.update_parameters(**executor_parameters(cfg, run_dir))
     try:
@@ -187,6 +195,13 @@ def launch_run(cfg: Config, argv: list[str], dry_run: bool = False, snapshot: bo
         return None
     if not cfg.data.train:
         raise UserError("data.train: no training dataset (prepare one with `blt-dist prepare`, then data.train=DIR)")
+    for section, key in PATH_FIELDS[1:]:  # the job would only fail on them later, and be retried
+        value = getattr(getattr(cfg, section), key)
+        if value and not Path(value).exists():
+            raise UserError(f"{section}.{key}: {value} does not exist")
+    from launch.slurm_cli import require_slurm
+
+    require_slurm()  # before anything is written
     check_not_running(run_dir)
     prepare_run_dir(cfg, run_dir, argv, snapshot=snapshot)
     return submit(cfg, run_dir)

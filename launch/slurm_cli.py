@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 from datetime import datetime
+from pathlib import Path
 from typing import Optional
 
 from blt_dist.errors import UserError
@@ -25,6 +26,16 @@ def require_slurm() -> None:
 
 def run(args: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+
+
+def test_submission(script: Path) -> None:
+    """`sbatch --test-only SCRIPT`: Slurm's own verdict on a job before it is queued. An unknown
+    partition is refused by sbatch anyway, but a request no node can ever hold (more tasks or
+    memory than a node has) would otherwise be accepted and pend forever (Reason=PartitionConfig)."""
+    result = run(["sbatch", "--test-only", str(script)])
+    if result.returncode != 0:
+        lines = [line.strip() for line in (result.stderr + result.stdout).splitlines() if line.strip()]
+        raise UserError("sbatch refused the job: " + "; ".join(lines or [f"exit status {result.returncode}"]))
 
 
 def job_info(job_id: str) -> Optional[dict[str, str]]:

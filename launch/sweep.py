@@ -74,6 +74,12 @@ class SweepSpec:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     launch_per_size: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # size -> launch.* keys
     estimate: EstimateSpec = field(default_factory=EstimateSpec)
+    command_line: Dict[str, List[str]] = field(default_factory=dict)  # set from the CLI, not the file
+
+    def overrides_for(self, family: str) -> list[str]:
+        """Grid file (all, then family), then command line (all, then family)."""
+        return [*self.overrides.get("all", []), *self.overrides.get(family, []),
+                *self.command_line.get("all", []), *self.command_line.get(family, [])]
 
 
 @dataclass
@@ -99,7 +105,10 @@ def load_sweep(path: Path, cli_overrides: list[str] = ()) -> SweepSpec:
     if not path.is_file():
         raise UserError(f"sweep file not found: {path}")
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(SweepSpec), OmegaConf.load(path))
+        raw = OmegaConf.load(path)
+        if "command_line" in raw:  # a field for the CLI's overrides, not a grid file key
+            raise ConfigError("command_line", f"{path}: unknown key; put overrides under overrides.all/blt/bpe")
+        merged = OmegaConf.merge(OmegaConf.structured(SweepSpec), raw)
         spec: SweepSpec = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or ""
@@ -138,14 +147,15 @@ def load_sweep(path: Path, cli_overrides: list[str] = ()) -> SweepSpec:
             raise ConfigError(f"overrides.{key}", f"{path}: expected 'all' or a family ({', '.join(FAMILIES)})")
     if not 0 < spec.estimate.mfu <= 1:
         raise ConfigError("estimate.mfu", f"{path}: expected a fraction in (0, 1], got {spec.estimate.mfu}")
+    # The command line comes last: it wins over the grid file's overrides, family ones included.
     for item in cli_overrides:
         family, sep, rest = item.partition(":")
         if sep and "=" in rest and "=" not in family:
             if family not in FAMILIES:
                 raise ConfigError("", f"override {item!r}: {family!r} is not a family ({', '.join(FAMILIES)})")
-            spec.overrides.setdefault(family, []).append(rest)
+            spec.command_line.setdefault(family, []).append(rest)
         else:
-            spec.overrides.setdefault("all", []).append(item)
+            spec.command_line.setdefault("all", []).append(item)
     return spec
 
 
@@ -172,7 +182,7 @@ def plan(spec: SweepSpec) -> list[PlannedRun]:
     out = Path(spec.out).resolve()
     runs = []
     for size in spec.sizes:
-        family_overrides = {f: [*spec.overrides.get("all", []), *spec.overrides.get(f, [])] for f in FAMILIES}
+        family_overrides = {f: spec.overrides_for(f) for f in FAMILIES}
         bpe_shape: list[str] = []
         if "bpe" in spec.families:
             blt = load_config(CONFIGS / "blt" / f"{size}.yaml", family_overrides["blt"])

@@ -37,7 +37,7 @@ install_slurm() {
 write_config() {
     local host cpus mem_mb
     host="$(hostname -s)"
-    cpus="$(nproc)"
+    cpus="$(getconf _NPROCESSORS_ONLN)"  # not nproc: it honours OMP_NUM_THREADS
     # leave some memory to the OS; Slurm refuses a node that reports less than RealMemory
     mem_mb=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 9 / 10 ))
     mkdir -p "$state"/{spool/ctld,spool/d,log,run,munge}

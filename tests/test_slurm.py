@@ -1,0 +1,295 @@
+"""launch/ against a real Slurm: slurmctld + slurmd + munged on localhost, started once for this
+module by tools/slurm_cluster.sh and stopped by pid at the end. Preemption is Slurm's own (a job
+in the `high` partition preempts the `low` one); time limits are Slurm's own (--time, USR2@LEAD).
+
+Requeued jobs wait ~120 s before Slurm starts them again (BeginTime); the tests move their start
+time to now, as an operator would, so the module runs in minutes.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from blt_dist.data.prepare import prepare
+from blt_dist.data.tokenizer import train_tokenizer
+from launch import records
+from tests.conftest import REPO, run_cli, write_word_documents
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+WORDS = "the quick brown fox jumps over a lazy dog while bytes and patches flow through latent space".split()
+FINAL = ("completed", "gave_up", "cancelled", "requeue_failed")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    state = tmp_path_factory.mktemp("slurm")
+    env = {**os.environ, "SLURM_CTLD_PORT": "16817", "SLURM_D_PORT": "16818", "SLURM_GRACE_S": "60"}
+    started = subprocess.run(["bash", str(REPO / "tools" / "slurm_cluster.sh"), "start", str(state)], env=env,
+                             capture_output=True, text=True, timeout=600)
+    if started.returncode != 0:
+        message = f"no local Slurm: {started.stderr.strip() or started.stdout.strip()}"
+        if os.environ.get("CI"):
+            pytest.fail(message)  # CI must run these
+        pytest.skip(message)
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(state / "slurm.conf")
+    # jobs inherit the environment: DeepSpeed's shared-memory op is compiled once (~40 s), not per job
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    yield state
+    subprocess.run(["scancel", "--full", "--user", "root"], capture_output=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and squeue_ids():
+        time.sleep(1)
+    subprocess.run(["bash", str(REPO / "tools" / "slurm_cluster.sh"), "stop", str(state)], env=env, timeout=120)
+    if old is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = old
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("slurm-data")
+    write_word_documents(root / "in", WORDS, 60, (5, 120))
+    prepare([root / "in"], root / "ds", val_fraction=0.1, progress=False)
+    return root
+
+
+def squeue_ids() -> list[str]:
+    out = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
+    return out.split()
+
+
+def blt_args(data: Path, run_dir: Path, steps: int) -> list[str]:
+    return ["configs/blt/tiny.yaml", f"data.train={data / 'ds'}", f"data.val={data / 'ds'}", "data.patching.mode=space",
+            "data.byte_capacity=128", "data.patches_per_sample=48", "train.micro_batch_size=2", "log.every=1",
+            "train.eval_batches=2", f"train.max_steps={steps}", f"run.dir={run_dir}"]
+
+
+def launch(args: list[str], *flags: str, faults: str = "", extra_env: dict | None = None) -> str:
+    env = {"BLT_FAULTS": faults, "WANDB_MODE": "disabled", **(extra_env or {})}
+    result = run_cli("launch", *args, "--tasks-per-node", "2", "--cpus-per-task", "1", *flags, env=env)
+    assert result.returncode == 0, result.stderr + result.stdout
+    return result.stdout.split("submitted job ")[1].split(":")[0]
+
+
+def job_info(job_id: str) -> dict:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
+    return dict(token.partition("=")[::2] for token in out.split() if "=" in token)
+
+
+def drive(run_dir: Path, job_id: str, timeout: float = 400, on_step=None) -> dict:
+    """Waits until the run reaches a final state, releasing requeued jobs from their ~120 s
+    BeginTime hold (at least 3 s after the requeue: sooner, Slurm revokes the credential).
+    `on_step(step)` is called as training progresses (to preempt mid-run)."""
+    deadline = time.monotonic() + timeout
+    held_since = None
+    while time.monotonic() < deadline:
+        status = records.status(run_dir) or {}
+        info = job_info(job_id)
+        if status.get("state") in FINAL and info.get("JobState") not in ("RUNNING", "COMPLETING"):
+            return status
+        if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
+            held_since = held_since or time.monotonic()
+            if time.monotonic() - held_since > 3:
+                subprocess.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"], capture_output=True)
+                held_since = None
+        if on_step is not None:
+            on_step(last_step(run_dir))
+        time.sleep(0.5)
+    logs = "\n".join(p.read_text()[-3000:] for p in sorted((run_dir / "slurm").glob("*_0_log.*")))
+    raise AssertionError(f"{run_dir} did not finish in {timeout} s; status {records.status(run_dir)}\n{logs}")
+
+
+def last_step(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    steps = [json.loads(line).get("step", 0) for line in path.read_text().splitlines() if line.strip()]
+    return max(steps, default=0)
+
+
+def train_records(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "loss" in r]
+
+
+def event_names(run_dir: Path) -> list[str]:
+    return [e["event"] for e in records.events(run_dir)]
+
+
+STEPS = 40
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cluster, data, tmp_path_factory):
+    """A 2-task training through `blt-dist launch`, in a directory and under a job name with
+    spaces and quotes (passed to Slurm as they are)."""
+    started = time.monotonic()
+    run_dir = tmp_path_factory.mktemp("runs") / "run 'one' two"
+    job_id = launch(blt_args(data, run_dir, STEPS), "--time", "10", "--job-name", "blt tiny 'quoted' $HOME")
+    status = drive(run_dir, job_id)
+    return run_dir, job_id, status, time.monotonic() - started
+
+
+def test_two_task_training_completes(uninterrupted):
+    run_dir, job_id, status, seconds = uninterrupted
+    assert status["state"] == "completed", event_names(run_dir)
+    assert event_names(run_dir) == ["submitted", "start", "completed"]
+    start = records.events(run_dir)[1]
+    assert start["world_size"] == 2 and start["restart_count"] == 0
+    port = int(start["master"].rsplit(":", 1)[1])
+    assert port < 32768 and start["master"].startswith(os.uname().nodename.split(".")[0])
+    assert [r["step"] for r in train_records(run_dir)] == list(range(1, STEPS + 1))
+    assert (run_dir / "export" / "model.safetensors").is_file()
+    name = subprocess.run(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%j"], capture_output=True, text=True)
+    assert name.stdout.strip() == "blt tiny 'quoted' $HOME"
+    # what the run directory holds before the job starts
+    code = json.loads((run_dir / "code.json").read_text())
+    assert len(code["revision"]) == 40 and (run_dir / "code" / "blt_dist" / "train.py").is_file()
+    sbatch = (run_dir / "launch" / "job.sbatch").read_text()
+    assert "#SBATCH --signal=USR2@120" in sbatch and "--kill-on-bad-exit=1" in sbatch
+    assert records.read_submission(run_dir)["job_ids"][0]["job_id"] == job_id
+    assert (run_dir / "continue.sh").stat().st_mode & 0o111
+    print(f"[timing] two-task launch: {seconds:.0f} s")
+
+
+def test_real_preemption_requeues_and_resumes_bit_exactly(uninterrupted, data, tmp_path):
+    started = time.monotonic()
+    reference = train_records(uninterrupted[0])
+    run_dir = tmp_path / "preempted"
+    job_id = launch(blt_args(data, run_dir, STEPS) + ["log.wandb=true"], "--time", "10",
+                    faults="step_sleep_s=0.25", extra_env={"WANDB_MODE": "offline"})
+    preemptor = []
+
+    def preempt_mid_run(step: int) -> None:
+        if step >= 8 and not preemptor:  # a whole-node job in the high partition: Slurm preempts ours
+            out = subprocess.run(["sbatch", "--parsable", "-p", "high", "--exclusive", "-N1", "-o", "/dev/null",
+                                  "--wrap", "sleep 2"], capture_output=True, text=True)
+            assert out.returncode == 0, out.stderr
+            preemptor.append(out.stdout.strip())
+
+    status = drive(run_dir, job_id, on_step=preempt_mid_run)
+    assert status["state"] == "completed", event_names(run_dir)
+    events = records.events(run_dir)
+    assert [e["event"] for e in events] == ["submitted", "start", "preempted", "start", "completed"]
+    preempted = events[2]
+    assert 8 <= preempted["step"] < STEPS and "SIGUSR2" in preempted["signals"]
+    assert [e["restart_count"] for e in events if e["event"] == "start"] == [0, 1]
+    resumed = train_records(run_dir)
+    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))  # nothing missing, nothing twice
+    assert [(r["loss"], r["data_digest"]) for r in resumed] == [(r["loss"], r["data_digest"]) for r in reference]
+    # one wandb run across the requeue
+    wandb_id = (run_dir / "wandb_id").read_text().strip()
+    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(wandb_id) for r in runs)
+    log = "".join(p.read_text() for p in (run_dir / "slurm").glob("*_0_log.out"))
+    assert "Slurm restart 1" in log
+    print(f"[timing] preemption: {time.monotonic() - started:.0f} s; preempted at step {preempted['step']}")
+    print("[losses] step  uninterrupted  preempted+resumed")
+    for a, b in zip(reference, resumed):
+        print(f"[losses] {a['step']:>4}  {a['loss']:.6f}  {b['loss']:.6f}" + ("  <- resumed" if a["step"] == preempted["step"] + 1 else ""))
+
+
+def test_time_limit_saves_requeues_and_completes(cluster, data, tmp_path):
+    started = time.monotonic()
+    run_dir = tmp_path / "timed"
+    steps = 400  # 0.2 s each: more than one 2-minute allocation holds
+    job_id = launch(blt_args(data, run_dir, steps), "--time", "2", "--signal-lead", "60", faults="step_sleep_s=0.2")
+    status = drive(run_dir, job_id, timeout=600)
+    names = event_names(run_dir)
+    assert status["state"] == "completed", names
+    assert "timeout" in names and "preempted" not in names and "failed" not in names
+    assert [r["step"] for r in train_records(run_dir)] == list(range(1, steps + 1))
+    info = job_info(job_id)
+    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) == names.count("timeout")
+    print(f"[timing] time limit: {time.monotonic() - started:.0f} s, {names.count('timeout')} timeouts")
+
+
+def test_a_failing_job_is_retried_at_most_max_retries_times(cluster, data, tmp_path):
+    started = time.monotonic()
+    run_dir = tmp_path / "failing"
+    job_id = launch(blt_args(data, run_dir, STEPS), "--time", "10", "--max-retries", "2",
+                    faults="raise_after_step=2")
+    status = drive(run_dir, job_id)
+    assert event_names(run_dir) == ["submitted", "start", "failed", "start", "failed", "start", "gave_up"]
+    assert status["state"] == "gave_up" and "2 retries used" in status["reason"]
+    assert "srun exited with status" in (run_dir / "FAILED").read_text()
+    assert job_info(job_id)["JobState"] == "FAILED"
+    print(f"[timing] failure retries: {time.monotonic() - started:.0f} s")
+
+
+def test_entropy_array_equals_one_process(cluster, tmp_path):
+    from blt_dist.data.entropies import compute_entropy_dataset
+    from blt_dist.export import save_export
+    from tests.test_entropies import tiny_entropy_model, tree
+
+    started = time.monotonic()
+    write_word_documents(tmp_path / "in", ["alpha", "beta", "gamma", "\xe9t\xe9", "x = 1;"], 14, (0, 30))
+    prepare([tmp_path / "in"], tmp_path / "bytes", val_fraction=0.2, shard_size="700b", progress=False)
+    model, cfg = tiny_entropy_model(0)
+    save_export(model.state_dict(), cfg, tmp_path / "model")
+    compute_entropy_dataset(tmp_path / "model", tmp_path / "bytes", tmp_path / "one", progress=False, dtype="fp32")
+    args = ["entropies", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "bytes"),
+            "--out", str(tmp_path / "array"), "--dtype", "fp32", "--no-progress"]
+    # part 0 of 2 here; the array then submits only part 1, whose task completes and merges
+    assert run_cli(*args, "--part", "0/2").returncode == 0
+    result = run_cli(*args, "--slurm", "--parts", "2", "--cpus-per-task", "1", "--wait")
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert "parts 1 of 2 (1 complete, skipped)" in result.stdout
+    assert tree(tmp_path / "array") == tree(tmp_path / "one")
+    again = run_cli(*args, "--slurm", "--parts", "2")
+    assert again.returncode == 0 and "nothing submitted" in again.stdout
+    print(f"[timing] entropy array: {time.monotonic() - started:.0f} s")
+
+
+def test_tiny_sweep_writes_results_and_a_rerun_submits_nothing(cluster, data, tmp_path):
+    started = time.monotonic()
+    train_tokenizer(data / "ds", tmp_path / "tok.model", vocab_size=300)
+    out = tmp_path / "sweep"
+    args = ["sweep", "configs/sweeps/tiny.yaml", f"data.train={data / 'ds'}", f"data.val={data / 'ds'}",
+            f"bpe:data.tokenizer={tmp_path / 'tok.model'}", "bpe:model.vocab_size=300", "blt:model.bpe_vocab_size=300",
+            "data.byte_capacity=128", "data.patches_per_sample=48", "train.micro_batch_size=2",
+            "blt:data.patching.mode=space", "train.eval_batches=2"]
+    grid = tmp_path / "grid.yaml"
+    grid.write_text((REPO / "configs/sweeps/tiny.yaml").read_text().replace("out: runs/sweeps/tiny", f"out: {out}")
+                    .replace("flops: [2.0e+11, 4.0e+11]", "flops: [2.0e+9, 4.0e+9]"))
+    args[1] = str(grid)
+    first = run_cli(*args, env={"WANDB_MODE": "disabled"})
+    assert first.returncode == 0, first.stderr + first.stdout
+    assert first.stdout.count("submitted as job") == 4
+    run_dirs = sorted(p for p in out.iterdir() if p.is_dir())
+    assert [p.name for p in run_dirs] == ["blt-tiny-2e9-s0", "blt-tiny-4e9-s0", "bpe-tiny-2e9-s0", "bpe-tiny-4e9-s0"]
+    for run_dir in run_dirs:
+        job_id = records.read_submission(run_dir)["job_ids"][0]["job_id"]
+        assert drive(run_dir, job_id)["state"] == "completed"
+    jobs_before = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i"], capture_output=True, text=True).stdout
+    second = run_cli(*args, env={"WANDB_MODE": "disabled"})
+    assert second.returncode == 0, second.stderr + second.stdout
+    assert "4/4 runs finished, 0 submitted" in second.stdout
+    assert subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i"], capture_output=True, text=True).stdout == jobs_before
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [r["run"] for r in rows] == [p.name for p in run_dirs]
+    for row in rows:
+        assert row["status"] == "finished" and float(row["final_val_bpb"]) > 0
+        budget, spent = float(row["flop_budget"]), float(row["flops_spent"])
+        assert 0.5 * budget < spent < 1.5 * budget  # the step count came from the budget
+        assert (row["mean_patch_size"] != "") == (row["family"] == "blt")
+    print(f"[timing] sweep 2x2: {time.monotonic() - started:.0f} s")
+
+
+def test_unknown_partition_shows_slurms_error(cluster, data, tmp_path):
+    result = run_cli("launch", *blt_args(data, tmp_path / "bad", 2), "--partition", "nosuch", "--time", "5")
+    assert result.returncode != 0
+    assert "invalid partition" in result.stderr.lower(), result.stderr
+    impossible = run_cli("launch", *blt_args(data, tmp_path / "bad2", 2), "--tasks-per-node", "64", "--time", "5")
+    assert impossible.returncode != 0 and "sbatch refused the job" in impossible.stderr, impossible.stderr
