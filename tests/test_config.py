@@ -56,7 +56,8 @@ def test_overrides_win_over_files_and_convert_types(tmp_path):
         (["optim.beta2=1.0"], "optim.beta2", "[0, 1)"),
         (["data.patching.mode=words"], "data.patching.mode", "entropy"),
         (["log.every=0"], "log.every", "positive"),
-        (["launch.executor=k8s"], "launch.executor", "slurm"),
+        (["launch.max_retries=-1"], "launch.max_retries", "non-negative"),
+        (["launch.time_min=2", "launch.signal_delay_s=120"], "launch.signal_delay_s", "time limit"),
         (["model.family=rnn"], "model.family", "entropy"),
         (["optim.lr"], "", "key.path=value"),
     ],
@@ -95,10 +96,15 @@ def test_resolved_config_round_trips(tmp_path):
 
 
 def test_every_shipped_yaml_loads():
+    from launch.sweep import load_sweep, plan
+
     files = sorted((REPO / "configs").rglob("*.yaml"))
     assert files, "no configs shipped"
     for path in files:
         if path.name.startswith("_"):  # fragments meant to be extended, not run on their own
+            continue
+        if path.parent.name == "sweeps":  # grids of runs: each run's config must load too
+            assert plan(load_sweep(path))
             continue
         load_config(path)
 
