@@ -569,7 +569,10 @@ def compute_entropy_dataset(
         "format": ENTROPY_FORMAT,
         "byte_dataset": str(data),
         "byte_fingerprint": dataset.fingerprint,
-        "entropy_model": {"weights_sha256": weights_sha256, "config": dataclasses.asdict(cfg.model)},
+        # model.attention picks a kernel, not a function (every path is exact): it is not part of
+        # what the entropies are, so datasets made before the knob existed still match
+        "entropy_model": {"weights_sha256": weights_sha256,
+                          "config": {k: v for k, v in dataclasses.asdict(cfg.model).items() if k != "attention"}},
         # bf16 and fp32 entropies differ in the last bits, so parts computed in different
         # dtypes (an array spread over machines with and without bf16) must not be mixed.
         "compute_dtype": dtype,
