@@ -8,7 +8,14 @@ tokens with their byte counts; bytes + patches from entropy-model entropies for 
 into the model's sample shape (data/packing.py: every target exactly once, including the tail),
 and scored. bpb = summed NLL in nats / (ln 2 x raw bytes); EOS is predicted and counted in the
 NLL for every family; BOS is given. Reductions in float64. Reported per content type and, with
---per-document, per document.
+--per-document, per document; for BLT also the patch-length histogram per content type.
+
+    blt-dist eval --model RUN/export --data data/heldout --noise case:0.05 --noise swap
+
+--noise KIND[:RATE] (blt_dist/noise.py) scores the same documents again with seeded
+character-level noise and reports the noised bpb and the clean-to-noised gap. The byte limit
+picks documents on their clean bytes, so clean and noised cover the same documents, and bpb is
+counted on the noised bytes (the bytes the model predicts).
 """
 from __future__ import annotations
 
@@ -44,6 +51,28 @@ def iter_documents(data: Optional[str], files: list[str], split: Optional[str]) 
     for name in splits:
         for ctype, sample in dataset.documents(name):
             yield ctype, sample["source"], sample["data"]
+
+
+def take_per_type(documents: Iterator[tuple[str, str, bytes]], max_bytes_per_type: int) -> Iterator[tuple[str, str, bytes]]:
+    """Whole documents of each content type until about `max_bytes_per_type` (0 = all): a type
+    stops after the document that crosses the limit."""
+    bytes_by_type: dict[str, int] = defaultdict(int)
+    for ctype, source, data in documents:
+        if max_bytes_per_type and bytes_by_type[ctype] >= max_bytes_per_type:
+            continue
+        bytes_by_type[ctype] += len(data)
+        yield ctype, source, data
+
+
+def heldout_documents(data: Optional[str], files: list[str], split: Optional[str], max_bytes_per_type: int = 0,
+                      noise=None) -> Iterator[tuple[str, str, bytes]]:
+    """The scored stream: documents picked by the byte limit, then noised (a NoiseSpec) if asked."""
+    documents = take_per_type(iter_documents(data, files, split), max_bytes_per_type)
+    if noise is None:
+        return documents
+    from blt_dist.noise import noised
+
+    return noised(documents, noise)
 
 
 class Encoder:
@@ -125,15 +154,19 @@ def evaluate_model(model, cfg, documents: Iterator[tuple[str, str, bytes]], entr
             targets[doc] += 1
 
     total_bytes = 0
-    bytes_by_type: dict[str, int] = defaultdict(int)
-    for ctype, source, data in documents:
-        if max_bytes_per_type and bytes_by_type[ctype] >= max_bytes_per_type:
-            continue  # whole documents only: a type stops after the document that crosses the cap
-        bytes_by_type[ctype] += len(data)
+    patch_lengths: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(0, dtype=np.int64))  # BLT: histogram
+    for ctype, source, data in take_per_type(documents, max_bytes_per_type):
         index = len(docs)
         docs.append({"content_type": ctype, "source": source, "bytes": len(data)})
         total_bytes += len(data)
-        packer.add(index, *encoder.encode(data))
+        tokens, nbytes, patch_start = encoder.encode(data)
+        if family == "blt":
+            starts = np.flatnonzero(patch_start)
+            counts = np.bincount(np.diff(np.append(starts, len(tokens))))
+            seen = patch_lengths[ctype]
+            size = max(len(seen), len(counts))
+            patch_lengths[ctype] = np.pad(seen, (0, size - len(seen))) + np.pad(counts, (0, size - len(counts)))
+        packer.add(index, tokens, nbytes, patch_start)
         while not packer.needs_more():
             pending.append(packer.cut())
             if len(pending) == batch_size:
@@ -152,8 +185,15 @@ def evaluate_model(model, cfg, documents: Iterator[tuple[str, str, bytes]], entr
         t["bytes"] += doc["bytes"]
         t["documents"] += 1
         t["targets"] += doc["targets"]
-    for t in per_type.values():
+    for ctype, t in per_type.items():
         t["bpb"] = t["nll"] / (math.log(2) * t["bytes"]) if t["bytes"] else None
+        if family == "blt":
+            # patches of the encoded documents (BOS's own patch and EOS included), lengths in
+            # positions; mean = raw bytes per patch, as the trainer logs mean_patch_size
+            histogram = patch_lengths[ctype]
+            t["patches"] = int(histogram.sum())
+            t["patch_length_histogram"] = histogram.tolist()  # [n] = patches of length n
+            t["mean_patch_size"] = t["bytes"] / t["patches"] if t["patches"] else None
     total_nll = sum(t["nll"] for t in per_type.values())
     return {
         "family": family,
@@ -180,6 +220,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-bytes-per-type", type=int, default=0,
                         help="score whole documents of each content type up to about this many bytes (0 = all)")
     parser.add_argument("--per-document", action="store_true", help="include every document in --json output")
+    from blt_dist.noise import KINDS, noise_argument
+
+    parser.add_argument("--noise", action="append", default=[], type=noise_argument, metavar="KIND[:RATE]",
+                        help=f"also score with seeded character noise ({'|'.join(KINDS)}; RATE default 0.05) "
+                             "and report the clean-to-noised gap; repeatable")
+    parser.add_argument("--noise-seed", type=int, default=0, help="seed of the noise (with each document's index)")
     parser.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -191,18 +237,40 @@ def run(args: argparse.Namespace) -> int:
         model_dir = model_dir / "export"
     torch.set_grad_enabled(False)
     model, cfg = load_export(model_dir)
-    started = time.perf_counter()
-    result = evaluate_model(model, cfg, iter_documents(args.data, args.files, args.split), args.entropy_model,
-                            args.tokenizer, args.batch_size, args.max_bytes_per_type)
-    result["seconds"] = round(time.perf_counter() - started, 2)
+    from blt_dist.noise import parse_noise
+
+    noises = [parse_noise(text, args.noise_seed) for text in args.noise]
+
+    def score(noise=None) -> dict:
+        started = time.perf_counter()
+        documents = heldout_documents(args.data, args.files, args.split, args.max_bytes_per_type, noise)
+        out = evaluate_model(model, cfg, documents, args.entropy_model, args.tokenizer, args.batch_size)
+        out["seconds"] = round(time.perf_counter() - started, 2)
+        if not args.per_document:
+            out.pop("documents_detail")
+        return out
+
+    result = score()
     result["model"] = str(model_dir)
-    if not args.per_document:
-        result.pop("documents_detail")
+    if noises:
+        result["noised"] = {}
+        for noise in noises:
+            noisy = score(noise)
+            noisy.update(kind=noise.kind, rate=noise.rate, seed=noise.seed, gap=noisy["bpb"] - result["bpb"])
+            for ctype, t in noisy["by_content_type"].items():
+                t["gap"] = t["bpb"] - result["by_content_type"][ctype]["bpb"]
+            result["noised"][noise.name] = noisy
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
     print(f"{model_dir} ({result['family']}): {result['bpb']:.4f} bits/byte over {result['bytes']:,} bytes, "
           f"{result['documents']} documents, {result['seconds']} s")
     for ctype, t in result["by_content_type"].items():
-        print(f"  {ctype:<14} {t['bpb']:.4f} bpb  {t['bytes']:>12,} bytes  {t['documents']:>6} documents")
+        patches = f"  {t['mean_patch_size']:.2f} bytes/patch" if t.get("mean_patch_size") else ""
+        print(f"  {ctype:<14} {t['bpb']:.4f} bpb  {t['bytes']:>12,} bytes  {t['documents']:>6} documents{patches}")
+    for name, noisy in result.get("noised", {}).items():
+        print(f"noised {name} (seed {noisy['seed']}): {noisy['bpb']:.4f} bits/byte over {noisy['bytes']:,} noised bytes, "
+              f"gap {noisy['gap']:+.4f} vs clean, {noisy['seconds']} s")
+        for ctype, t in noisy["by_content_type"].items():
+            print(f"  {ctype:<14} {t['bpb']:.4f} bpb  gap {t['gap']:+.4f}  {t['bytes']:>12,} bytes")
     return 0
