@@ -5,6 +5,12 @@ set -uo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$repo/tools/install.sh" || exit 1
 cd "$repo"
+# The `slurm` tests run against a real one-node Slurm that tests/test_slurm.py starts (and stops)
+# with tools/slurm_cluster.sh. On CI, install it up front so a missing package fails loudly;
+# elsewhere the tests install it when run as root, and are skipped when they cannot.
+if [[ "${CI:-}" == "true" ]]; then
+    bash "$repo/tools/slurm_cluster.sh" install || exit 1
+fi
 # Two cores on CI: one intra-op thread per test process keeps multi-process tests from
 # oversubscribing, and makes CPU results independent of the machine's core count.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" WANDB_MODE="${WANDB_MODE:-disabled}" DS_ACCELERATOR=cpu
