@@ -328,6 +328,14 @@ class FlashSelfAttention:
 # Cross-attentions of the BLT
 
 
+def every_key_attention(q, k, v):
+    """Every query sees every key given. Incremental decoding (generation) hands the BLT's
+    cross-attentions exactly the keys a query may read (the bytes of one patch, the k vectors
+    of one patch), so no mask is needed there."""
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+
 def _softmax(scores: torch.Tensor) -> torch.Tensor:
     """Softmax in at least fp32 (as SDPA's kernels accumulate), whatever the autocast dtype."""
     return scores.softmax(-1, dtype=torch.promote_types(scores.dtype, torch.float32))

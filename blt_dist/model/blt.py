@@ -31,21 +31,38 @@ vectors of its patch), and document-causal attention over patches. `dense` build
 Pipeline stages: `encode` -> each of `latent` (with `latent_mask_and_rope`) -> `decode`; the
 integer layout tensors (patch_lengths, doc_ids) travel alongside and every stage rebuilds its
 attention from them. `forward` is exactly that composition.
+
+Incremental decoding (generation): `step(token, closes_patch, cache)` takes one byte of one
+document and whether it is the last byte of its patch (decided by the caller's patcher, which
+may read only bytes up to this one) and returns the logits `forward` gives at that byte, for
+the same layout. Per byte: the encoder's windowed self-attention from a KV cache (the hash
+n-grams need the last max(n) bytes); when the byte closes a patch, that patch is pooled from
+its bytes' encoder states and the latent transformer takes one cached step over it; then the
+decoder (KV cache, its window) reads the latest completed patch: the causal patch rule above.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from torch import nn
 
-from blt_dist.model.attention import patch_pool_attention, patch_read_attention, resolve_mode, self_attention
+from blt_dist.model.attention import (
+    every_key_attention,
+    patch_pool_attention,
+    patch_read_attention,
+    resolve_mode,
+    self_attention,
+)
 from blt_dist.model.config import ModelConfig
 from blt_dist.model.hash_embeddings import HashNgramEmbeddings
 from blt_dist.model.layers import (
     CrossAttentionBlock,
     RMSNorm,
+    StackCache,
     TransformerBlock,
+    cached_rope,
     init_linear,
     residual_std,
     rotary_cos_sin,
@@ -139,6 +156,25 @@ class LocalEncoder(nn.Module):
         patch_states = self.patch_proj(queries.reshape(batch, num_patches, k * enc.dim))
         return patch_states, h
 
+    def forward_byte(self, recent_tokens: torch.Tensor, cache: StackCache) -> torch.Tensor:
+        """The next byte's state [1, 1, d] (`forward`'s h at that position). recent_tokens
+        [1, <= max(n)]: the byte and those before it in its document (its hash n-grams)."""
+        enc = self.cfg.encoder
+        hashed = self.hash_embeddings(recent_tokens, torch.zeros_like(recent_tokens))[:, -1:]
+        h = self.byte_embedding(recent_tokens[:, -1:]) + hashed
+        rope = cached_rope(cache, 1, enc.dim // enc.n_heads, self.cfg.rope_theta, recent_tokens.device)
+        for block, layer_cache in zip(self.layers, cache.layers):
+            h = block.forward_cached(h, rope, layer_cache)
+        cache.position += 1
+        return h
+
+    def pool_patch(self, byte_states: torch.Tensor) -> torch.Tensor:
+        """One completed patch's bytes [1, L, d] -> its patch state [1, 1, D] (`forward`'s pooling)."""
+        k, dim = self.cfg.cross_attn_k, self.cfg.encoder.dim
+        queries = self.pool_query(byte_states.amax(dim=1, keepdim=True)).reshape(1, k, dim)
+        queries = self.pool_attention(queries, byte_states, every_key_attention)
+        return self.patch_proj(queries.reshape(1, 1, k * dim))
+
 
 class LocalDecoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -180,6 +216,23 @@ class LocalDecoder(nn.Module):
         for cross, block in zip(self.cross_attentions, self.layers):
             h = cross(h, memory, reading)
             h = block(h, attention, rope)
+        return self.output(self.norm(h))
+
+    def patch_memory(self, latent_states: torch.Tensor) -> torch.Tensor:
+        """Latent states [B, P, D] -> the k vectors per patch the bytes read, [B, P * k, d]."""
+        return self.patch_proj(self.latent_norm(latent_states)).reshape(latent_states.shape[0], -1, self.cfg.decoder.dim)
+
+    def forward_byte(self, byte_state: torch.Tensor, memory: Optional[torch.Tensor], cache: StackCache) -> torch.Tensor:
+        """Logits [1, 1, 260] of the next byte from its encoder state and the k vectors of the
+        one patch it may read (None: no completed patch yet, an empty read adds exact zeros)."""
+        dec = self.cfg.decoder
+        rope = cached_rope(cache, 1, dec.dim // dec.n_heads, self.cfg.rope_theta, byte_state.device)
+        h = byte_state
+        for cross, block, layer_cache in zip(self.cross_attentions, self.layers, cache.layers):
+            if memory is not None:
+                h = cross(h, memory, every_key_attention)
+            h = block.forward_cached(h, rope, layer_cache)
+        cache.position += 1
         return self.output(self.norm(h))
 
 
@@ -224,6 +277,46 @@ class BLT(nn.Module):
         for block in self.latent:
             patch_states = block(patch_states, mask, rope)
         return self.decode(patch_states, byte_states, patch_lengths, doc_ids)
+
+    # -- incremental decoding (one document, one byte at a time) --------------------------------
+
+    def new_cache(self) -> "BLTCache":
+        cfg = self.cfg
+        return BLTCache(StackCache(len(self.encoder.layers), cfg.encoder.window),
+                        StackCache(len(self.latent), cfg.attention_window),
+                        StackCache(len(self.decoder.layers), cfg.decoder.window))
+
+    def step(self, token: int, closes_patch: bool, cache: "BLTCache") -> torch.Tensor:
+        """Logits [1, 1, 260] at the next byte (id `token`), as `forward` gives them for a layout
+        in which this byte ends its patch iff `closes_patch`. The first byte of a document is
+        its BOS; a patch holds the bytes since the last one that closed a patch."""
+        device = self.encoder.byte_embedding.weight.device
+        cache.recent_tokens = (cache.recent_tokens + [int(token)])[-max(self.cfg.hash.ngram_sizes):]
+        recent = torch.tensor([cache.recent_tokens], device=device)
+        byte_state = self.encoder.forward_byte(recent, cache.encoder)
+        cache.open_patch.append(byte_state)
+        if closes_patch:
+            patch_state = self.encoder.pool_patch(torch.cat(cache.open_patch, dim=1))
+            cache.open_patch = []
+            rope = cached_rope(cache.latent, 1, self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta, device)
+            for block, layer_cache in zip(self.latent, cache.latent.layers):
+                patch_state = block.forward_cached(patch_state, rope, layer_cache)
+            cache.latent.position += 1
+            cache.memory = self.decoder.patch_memory(patch_state)
+        # A closing byte reads the patch it closes, any other the latest completed one.
+        return self.decoder.forward_byte(byte_state, cache.memory, cache.decoder)
+
+
+@dataclass
+class BLTCache:
+    """What `BLT.step` carries from one byte to the next, for one document."""
+
+    encoder: StackCache  # encoder self-attention (window encoder.window)
+    latent: StackCache  # the latent blocks over completed patches (position = patches so far)
+    decoder: StackCache  # decoder self-attention (window decoder.window)
+    recent_tokens: list = field(default_factory=list)  # the last max(n) ids: the next byte's hash n-grams
+    open_patch: list = field(default_factory=list)  # encoder states [1, 1, d] of the open patch's bytes
+    memory: Optional[torch.Tensor] = None  # [1, k, d]: the latest completed patch, as the decoder reads it
 
 
 def latent_mask_and_rope(cfg: ModelConfig, patch_lengths: torch.Tensor, doc_ids: torch.Tensor) -> tuple:

@@ -4,6 +4,11 @@ Which keys a query may see, and how that is computed, is not decided here: block
 attention kernel built from integer layout tensors (document ids, patch ids) by
 model/attention.py, once per forward, and call it on their projected q, k, v. A boolean mask
 tensor (True = may attend) is accepted too and runs the dense reference (masked SDPA).
+
+Incremental decoding (generation): `forward_cached` on Attention / TransformerBlock takes the
+new positions only and a `KVCache` holding the keys and values of the earlier ones (rotary
+already applied at their absolute positions), so each new position costs O(window) instead
+of a forward over the whole sequence. It computes what `forward` computes at those positions.
 """
 from __future__ import annotations
 
@@ -44,9 +49,11 @@ class RMSNorm(nn.Module):
 # the matmuls, works on the meta device, and needs no maximum sequence length in the config.
 
 
-def rotary_cos_sin(length: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_cos_sin(length: int, head_dim: int, theta: float, device, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tables for positions start .. start + length - 1 (start > 0: the new positions of an
+    incremental step; the rows equal those of a table built from 0)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    angles = torch.arange(length, device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    angles = torch.arange(start, start + length, device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]
     return angles.cos(), angles.sin()  # [T, head_dim / 2]
 
 
@@ -56,6 +63,51 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     x0, x1 = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
     return rotated.flatten(-2).type_as(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Key/value caches for incremental decoding
+
+
+class KVCache:
+    """One self-attention layer's keys and values [B, kv_heads, positions, head_dim] for the
+    positions decoded so far. With a window only the last `window` positions are kept: no later
+    query may see older ones (query i sees keys i-window+1..i), so memory and work per new
+    position stay O(window)."""
+
+    def __init__(self, window: Optional[int] = None):
+        self.window = window
+        self.keys: Optional[torch.Tensor] = None
+        self.values: Optional[torch.Tensor] = None
+        self.first = 0  # absolute position of the first kept key
+
+    def extend(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Appends the new positions' keys and values; returns (kept + new keys, values, the
+        absolute position of the first returned key). Trims to the window afterwards."""
+        first = self.first
+        if self.keys is not None:
+            keys, values = torch.cat([self.keys, keys], dim=2), torch.cat([self.values, values], dim=2)
+        self.keys, self.values = keys, values
+        if self.window is not None and keys.shape[2] > self.window:
+            drop = keys.shape[2] - self.window
+            self.keys, self.values = keys[:, :, drop:], values[:, :, drop:]
+            self.first = first + drop
+        return keys, values, first
+
+
+class StackCache:
+    """The caches of a stack of self-attention blocks (one KVCache per block) and the absolute
+    position of the next input: what CausalLM, the BLT's local models and its latent
+    transformer carry from one incremental step to the next."""
+
+    def __init__(self, n_layers: int, window: Optional[int]):
+        self.layers = [KVCache(window) for _ in range(n_layers)]
+        self.position = 0
+
+
+def cached_rope(cache: StackCache, length: int, head_dim: int, theta: float, device) -> tuple:
+    """Rotary tables for the next `length` positions of a cached stack."""
+    return rotary_cos_sin(length, head_dim, theta, device, start=cache.position)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,6 +146,35 @@ class Attention(nn.Module):
         out = attention(q, k, v)
         return self.wo(out.transpose(1, 2).flatten(-2))
 
+    def forward_cached(self, x: torch.Tensor, rope: tuple, cache: KVCache) -> torch.Tensor:
+        """Causal self-attention of the new positions x [B, t, D] (rope: their tables) over
+        the cached keys and themselves: `forward` with the causal/window mask of one document,
+        at those positions."""
+        q = self.wq(x).unflatten(-1, (self.n_heads, self.head_dim)).transpose(1, 2)
+        k = self.wk(x).unflatten(-1, (self.n_kv_heads, self.head_dim)).transpose(1, 2)
+        v = self.wv(x).unflatten(-1, (self.n_kv_heads, self.head_dim)).transpose(1, 2)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        new = x.shape[1]
+        k, v, first = cache.extend(k, v)
+        if self.n_kv_heads != self.n_heads:  # the cache keeps the kv heads unrepeated
+            repeat = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        window = cache.window
+        if new == 1:
+            # One query sees every kept key inside its window: no mask at all.
+            if window is not None:
+                k, v = k[:, :, -window:], v[:, :, -window:]
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            end = first + k.shape[2]
+            query_pos = torch.arange(end - new, end, device=x.device)[:, None]
+            distance = query_pos - torch.arange(first, end, device=x.device)[None, :]
+            allowed = distance >= 0
+            if window is not None:
+                allowed = allowed & (distance < window)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        return self.wo(out.transpose(1, 2).flatten(-2))
+
 
 class SwiGLU(nn.Module):
     def __init__(self, dim: int, hidden: int):
@@ -119,6 +200,11 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, attention: Kernel | torch.Tensor, rope: tuple) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), attention, rope)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+    def forward_cached(self, x: torch.Tensor, rope: tuple, cache: KVCache) -> torch.Tensor:
+        """`forward` for new positions only (see Attention.forward_cached)."""
+        x = x + self.attention.forward_cached(self.attention_norm(x), rope, cache)
         return x + self.feed_forward(self.ffn_norm(x))
 
     def init_weights(self, std: float, out_std: float) -> None:

@@ -8,6 +8,10 @@ otherwise blocks that skip the keys no query may see (O(T * window) with a windo
 
 Split for pipeline parallelism: `embed` -> each of `blocks` (with `mask_and_rope`) -> `head`.
 `forward` is exactly that composition.
+
+Generation: `forward_cached(tokens, cache)` takes only the new tokens of one document and a
+cache from `new_cache()` (keys/values per block, the last `window` positions with a window)
+and returns the logits `forward` gives at those positions of the whole sequence.
 """
 from __future__ import annotations
 
@@ -20,7 +24,9 @@ from blt_dist.model.attention import self_attention
 from blt_dist.model.config import ModelConfig
 from blt_dist.model.layers import (
     RMSNorm,
+    StackCache,
     TransformerBlock,
+    cached_rope,
     init_linear,
     residual_std,
     rotary_cos_sin,
@@ -71,6 +77,21 @@ class CausalLM(nn.Module):
         attention, rope = self.mask_and_rope(tokens.shape[1], doc_ids, tokens.device)
         for block in self.blocks:
             h = block(h, attention, rope)
+        return self.head(h)
+
+    # -- incremental decoding --------------------------------------------------------------------
+
+    def new_cache(self) -> StackCache:
+        return StackCache(len(self.blocks), self.window)
+
+    def forward_cached(self, tokens: torch.Tensor, cache: StackCache) -> torch.Tensor:
+        """tokens [B, t]: the next t tokens of each row (one document per row, started at the
+        cache's first call) -> logits [B, t, vocab], as `forward` over the whole sequence."""
+        h = self.embed(tokens)
+        rope = cached_rope(cache, tokens.shape[1], self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta, tokens.device)
+        for block, layer_cache in zip(self.blocks, cache.layers):
+            h = block.forward_cached(h, rope, layer_cache)
+        cache.position += tokens.shape[1]
         return self.head(h)
 
 
