@@ -115,8 +115,8 @@ def load_sweep(path: Path, cli_overrides: list[str] = ()) -> SweepSpec:
         message = str(err).strip().splitlines()[0]
         if "not in struct" in message.lower() or type(err).__name__ == "ConfigKeyError":
             parent = key.rpartition(".")[0]
-            message = "unknown key" + (f" under {parent}" if parent else f"; known keys: "
-                                       + ", ".join(f.name for f in dataclasses.fields(SweepSpec)))
+            known = [f.name for f in dataclasses.fields(SweepSpec) if f.name != "command_line"]
+            message = "unknown key" + (f" under {parent}" if parent else "; known keys: " + ", ".join(known))
         raise ConfigError(key, f"{path}: {message}") from err
     spec.name = spec.name or path.stem
     spec.out = spec.out or f"runs/sweeps/{spec.name}"

@@ -11,14 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from blt_dist.config import load_config
 from blt_dist.errors import ConfigError, UserError
 from blt_dist.parallel.engine import cuda_device_index, resolve_backend
 from blt_dist.train import drop_metrics_after
 from launch import records
 from launch.slurm_cli import classify_stop, parse_duration
 from launch.slurm_env import expand_nodelist, master_port, task_env, tasks_on_node
-from tests.conftest import REPO, run_cli
+from tests.conftest import run_cli
 
 # ---------------------------------------------------------------------------------------------
 # Environment of one task

@@ -10,9 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -45,10 +43,7 @@ def cluster(tmp_path_factory):
     # jobs inherit the environment: DeepSpeed's shared-memory op is compiled once (~40 s), not per job
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     yield state
-    subprocess.run(["scancel", "--full", "--user", "root"], capture_output=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and squeue_ids():
-        time.sleep(1)
+    # the script cancels what is left and waits for it before it stops the daemons
     subprocess.run(["bash", str(REPO / "tools" / "slurm_cluster.sh"), "stop", str(state)], env=env, timeout=120)
     if old is None:
         os.environ.pop("SLURM_CONF", None)
@@ -62,11 +57,6 @@ def data(tmp_path_factory):
     write_word_documents(root / "in", WORDS, 60, (5, 120))
     prepare([root / "in"], root / "ds", val_fraction=0.1, progress=False)
     return root
-
-
-def squeue_ids() -> list[str]:
-    out = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
-    return out.split()
 
 
 def blt_args(data: Path, run_dir: Path, steps: int) -> list[str]:

@@ -115,6 +115,15 @@ start() {
 stop() {
     [[ -n "$state" && -d "$state" ]] || die "usage: slurm_cluster.sh stop STATE_DIR"
     local name pidfile pid
+    # Jobs first: their processes (slurmstepd, srun, tasks) outlive slurmd if it is stopped under them.
+    if pid_alive "$state/run/slurmctld.pid"; then
+        export SLURM_CONF="$state/slurm.conf"
+        scancel --full --user "$(id -un)" 2>/dev/null || true
+        for _ in $(seq 1 120); do
+            [[ -z "$(squeue -h -o %i 2>/dev/null)" ]] && break
+            sleep 0.5
+        done
+    fi
     for name in slurmd slurmctld munged; do
         pidfile="$state/run/$name.pid"
         pid_alive "$pidfile" || continue
