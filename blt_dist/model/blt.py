@@ -220,7 +220,8 @@ class LocalDecoder(nn.Module):
 
     def patch_memory(self, latent_states: torch.Tensor) -> torch.Tensor:
         """Latent states [B, P, D] -> the k vectors per patch the bytes read, [B, P * k, d]."""
-        return self.patch_proj(self.latent_norm(latent_states)).reshape(latent_states.shape[0], -1, self.cfg.decoder.dim)
+        vectors = self.patch_proj(self.latent_norm(latent_states))
+        return vectors.reshape(latent_states.shape[0], -1, self.cfg.decoder.dim)
 
     def forward_byte(self, byte_state: torch.Tensor, memory: Optional[torch.Tensor], cache: StackCache) -> torch.Tensor:
         """Logits [1, 1, 260] of the next byte from its encoder state and the k vectors of the

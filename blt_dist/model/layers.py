@@ -49,7 +49,8 @@ class RMSNorm(nn.Module):
 # the matmuls, works on the meta device, and needs no maximum sequence length in the config.
 
 
-def rotary_cos_sin(length: int, head_dim: int, theta: float, device, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_cos_sin(length: int, head_dim: int, theta: float, device,
+                   start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Tables for positions start .. start + length - 1 (start > 0: the new positions of an
     incremental step; the rows equal those of a table built from 0)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
