@@ -1,6 +1,6 @@
 """Model code: pure PyTorch modules, no distributed code (see DESIGN.md).
 
-    model = build_model(cfg.model)        # CausalLM (entropy, bpe) or BLT (blt)
+    model = build_model(cfg.model)        # CausalLM (entropy, bpe, byte) or BLT (blt)
 
 Read in this order: layers.py (norm, rotary, SwiGLU, attention blocks), attention.py (which
 keys each query sees, and the dense / blocked / GPU kernels that compute it), transformer.py

@@ -1,9 +1,17 @@
-"""Model section of the config tree: one dataclass for the three model families.
+"""Model section of the config tree: one dataclass for the four model families.
+
+    entropy  small causal byte LM with a sliding window (drives BLT patching)
+    blt      Byte Latent Transformer
+    bpe      causal LM over sentencepiece tokens (FLOP-matched baseline)
+    byte     causal LM over every byte with full causal attention over the sample
+             (FLOP-matched baseline: the naive tokenizer-free model BLT is built to beat)
 
 The top-level shape fields (`dim`, `n_layers`, `n_heads`, ...) describe the *main* transformer:
-the whole LM for `entropy` and `bpe`, and the latent (global) transformer over patches for
+the whole LM for `entropy`, `bpe` and `byte`, and the latent (global) transformer over patches for
 `blt`. That is also the size a config is named after (configs/blt/1b.yaml and
-configs/bpe/1b.yaml both have a ~1B-parameter main transformer). The BLT-only sections
+configs/bpe/1b.yaml both have a ~1B-parameter main transformer), except for `byte`:
+configs/byte/1b.yaml is named after the BLT it is FLOP-matched to, and running every layer on
+every byte, it is far smaller at the same FLOPs per byte. The BLT-only sections
 (`encoder`, `decoder`, `hash`, `cross_attn_k`) are ignored by the LM families.
 
 `validate` returns (key path, what was expected) pairs; the config loader turns the first
@@ -17,7 +25,8 @@ from typing import List, Optional
 
 from blt_dist.vocab import VOCAB_SIZE
 
-MODEL_FAMILIES = ("entropy", "blt", "bpe")
+MODEL_FAMILIES = ("entropy", "blt", "bpe", "byte")
+BYTE_VOCAB_FAMILIES = ("entropy", "blt", "byte")  # models over the 260-entry byte vocabulary
 # How attention is computed (blt_dist/model/attention.py); every mode gives the same results.
 ATTENTION_MODES = ("auto", "dense", "blocked", "flex", "flash")
 ENTROPY_DEFAULT_WINDOW = 512  # the reference entropy model's sliding window (bytes)
@@ -43,14 +52,14 @@ class HashEmbeddingConfig:
 
 @dataclass
 class ModelConfig:
-    family: str = "blt"  # entropy | blt | bpe
+    family: str = "blt"  # entropy | blt | bpe | byte
     vocab_size: int = VOCAB_SIZE  # 260 for byte models; the sentencepiece vocabulary for bpe
     # The main transformer (LM, or BLT's latent transformer over patches).
     dim: int = 256
     n_layers: int = 4
     n_heads: int = 4
     n_kv_heads: Optional[int] = None  # grouped-query attention; None = n_heads
-    window: Optional[int] = None  # sliding window; None = family default (entropy 512, else full)
+    window: Optional[int] = None  # sliding window; None = family default (entropy 512, else full causal)
     ffn_multiplier: float = 1.0  # SwiGLU hidden = round_up(multiplier * 8/3 * dim, ffn_multiple_of)
     ffn_multiple_of: int = 64
     norm_eps: float = 1e-5
@@ -105,7 +114,7 @@ class ModelConfig:
             if not (value > 0 and math.isfinite(value)):
                 bad(key, f"a positive number, got {value!r}")
 
-        if self.family in ("entropy", "blt") and self.vocab_size != VOCAB_SIZE:
+        if self.family in BYTE_VOCAB_FAMILIES and self.vocab_size != VOCAB_SIZE:
             bad("vocab_size", f"{VOCAB_SIZE} (256 bytes + 4 specials) for family {self.family}, got {self.vocab_size}")
         if self.family == "bpe" and self.vocab_size < 8:
             bad("vocab_size", f"the tokenizer's vocabulary size (>= 8), got {self.vocab_size}")
