@@ -1,6 +1,7 @@
-"""Parameters and training FLOPs per byte, per component; FLOP-matched BPE baselines.
+"""Parameters and training FLOPs per byte, per component; FLOP-matched BPE and byte-level baselines.
 
     blt-dist flops configs/blt/1b.yaml [overrides...] [--json] [--entropy-model CONFIG]
+    blt-dist flops configs/blt/1b.yaml --tokenizer M.model   # BPE matched at M's measured bytes/token
     blt-dist flops configs/bpe/1b.yaml --blt-template configs/blt/1b.yaml   # the reverse match
 
 Derivation (forward pass, one multiply-add = 2 FLOPs, embedding lookups free, norms/softmax/
@@ -13,7 +14,7 @@ rotary/residual adds ignored as in the BLT paper and in torch.utils.flop_counter
     causal context      m(T, w) = mean over positions i < T of min(i + 1, w)
                                 = (T + 1) / 2 without a window (the paper's (m+1)/2).
 
-LM over T tokens (entropy model, BPE):  T * [L block(d, m(T, w)) + linear(d, V)],
+LM over T tokens (entropy model, byte-level baseline, BPE):  T * [L block(d, m(T, w)) + linear(d, V)],
 per byte divided by the bytes it covers (T for bytes; T * bytes_per_token for BPE).
 
 BLT over one sample: C byte slots, P patch slots, mean patch size s, k queries per patch.
@@ -44,8 +45,16 @@ real contexts: a window's blocks a little more (whole key blocks), the cross-att
 FLOP matching: the BPE baseline for a BLT config keeps the same bytes per sample
 (tokens = R / bytes_per_token, rounded to a multiple of 8) and searches a small family of
 shapes (widths below, head dim 64, or 32 under width 256; any depth) for training FLOPs per byte
-within 5% of the BLT's, preferring the width closest to the BLT's latent width. The reverse
+within 5% of the BLT's, preferring the width closest to the BLT's latent width. bytes_per_token
+is an assumption (4.4, Llama 3) unless measured: `--tokenizer M.model` reads the value
+`blt-dist tokenizer` measured (M.json). The byte-level baseline (`match_byte`) is one LM over the
+same bytes per sample, full causal attention, preferring the BLT's local width. The reverse
 (`match_blt`) searches the BLT latent shape for a BPE config, keeping the local models.
+
+Per batch (`batch_train_flops`, the trainer's accounting): the same formulas at the bytes,
+patches or tokens each sample really holds (useful FLOPs), and at every slot of the static
+shapes (executed FLOPs: padding costs the same matmuls). The gap is the padding a BLT pays for
+holding whole patches only; fixed-length LM samples are always full.
 """
 from __future__ import annotations
 
@@ -54,7 +63,8 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass
-from typing import Optional
+from pathlib import Path
+from typing import NamedTuple, Optional, Sequence
 
 from blt_dist.errors import UserError
 from blt_dist.model.config import ModelConfig
@@ -62,7 +72,7 @@ from blt_dist.vocab import VOCAB_SIZE
 
 BLT_COMPONENTS = ("encoder", "encoder_cross_attention", "global", "decoder_cross_attention", "decoder", "head")
 LM_COMPONENTS = ("transformer", "head")
-SHAPE_WIDTHS = (64, 96, 128, 192, 256, 384, 512, 640, 768, 896, 1024, 1280, 1536, 1792, 2048, 2304,
+SHAPE_WIDTHS = (32, 48, 64, 96, 128, 192, 256, 384, 512, 640, 768, 896, 1024, 1280, 1536, 1792, 2048, 2304,
                 2560, 3072, 3584, 4096, 5120)
 MATCH_TOLERANCE = 0.05
 TRAIN_MULTIPLIER = 3  # forward + backward (2x forward)
@@ -117,22 +127,33 @@ def lm_forward_flops(m: ModelConfig, tokens: int, mode: str = "real") -> dict[st
 
 def blt_forward_flops(m: ModelConfig, shape: SampleShape, mode: str = "real") -> tuple[dict[str, float], float]:
     """Forward FLOPs of one BLT sample by component, and the real bytes it covers (R)."""
+    if mode == "real":
+        real_bytes = min(float(shape.byte_capacity), shape.patches_per_sample * shape.patch_size)
+        return blt_flops_at(m, real_bytes, real_bytes / shape.patch_size), real_bytes
+    if mode == "dense":
+        R, n = float(shape.byte_capacity), float(shape.patches_per_sample)
+        return _blt_components(m, R, n, enc_ctx=R, dec_ctx=R, lat_ctx=n, pool_keys=R, dec_keys=n * m.cross_attn_k), R
+    raise ValueError(f"mode must be 'real' or 'dense', got {mode!r}")
+
+
+def blt_flops_at(m: ModelConfig, real_bytes: float, real_patches: float) -> dict[str, float]:
+    """Real-context forward FLOPs of one BLT sample holding `real_bytes` byte positions cut into
+    `real_patches` patches (the per-sample counter at R and n; a batch's own counts per sample)."""
+    R, n = float(real_bytes), float(real_patches)
+    if R <= 0 or n <= 0:
+        return dict.fromkeys(BLT_COMPONENTS, 0.0)
+    return _blt_components(
+        m, R, n, enc_ctx=causal_context(R, m.encoder.window), dec_ctx=causal_context(R, m.decoder.window),
+        lat_ctx=causal_context(n, m.attention_window), pool_keys=R / n, dec_keys=float(m.cross_attn_k),
+    )
+
+
+def _blt_components(m: ModelConfig, R: float, n: float, enc_ctx: float, dec_ctx: float, lat_ctx: float,
+                    pool_keys: float, dec_keys: float) -> dict[str, float]:
+    """The formulas of the module docstring for R bytes, n patches and the given contexts."""
     d, D, k = m.encoder.dim, m.dim, m.cross_attn_k
     enc, dec = m.encoder, m.decoder
-    if mode == "real":
-        s = shape.patch_size
-        R = min(float(shape.byte_capacity), shape.patches_per_sample * s)
-        n = R / s
-        enc_ctx, dec_ctx = causal_context(R, enc.window), causal_context(R, dec.window)
-        lat_ctx = causal_context(n, m.attention_window)
-        pool_keys, dec_keys = s, float(k)
-    elif mode == "dense":
-        R, n = float(shape.byte_capacity), float(shape.patches_per_sample)
-        enc_ctx = dec_ctx = R
-        lat_ctx, pool_keys, dec_keys = n, R, n * k
-    else:
-        raise ValueError(f"mode must be 'real' or 'dense', got {mode!r}")
-    flops = {
+    return {
         "encoder": R * enc.n_layers * block_flops(d, enc.n_heads, enc.n_heads, m.ffn_hidden(d), enc_ctx),
         "encoder_cross_attention": n * (linear(d, k * d) + 2 * k * linear(d, d) + linear(k * d, D))
         + R * 2 * linear(d, d) + n * k * 4.0 * d * pool_keys,
@@ -142,19 +163,29 @@ def blt_forward_flops(m: ModelConfig, shape: SampleShape, mode: str = "real") ->
         "decoder": R * dec.n_layers * block_flops(d, dec.n_heads, dec.n_heads, m.ffn_hidden(d), dec_ctx),
         "head": R * linear(d, VOCAB_SIZE),
     }
-    return flops, R
+
+
+def positions_per_sample(m: ModelConfig, shape: SampleShape) -> int:
+    """Positions of an LM's static sample: tokens for BPE, bytes for the byte LMs."""
+    return shape.tokens_per_sample if m.family == "bpe" else shape.seq_len
+
+
+def bytes_per_sample(m: ModelConfig, shape: SampleShape) -> float:
+    """Raw bytes one sample covers at the shape's assumed compression (patch size, bytes/token)."""
+    if m.family == "blt":
+        return min(float(shape.byte_capacity), shape.patches_per_sample * shape.patch_size)
+    if m.family == "bpe":
+        return shape.tokens_per_sample * shape.bytes_per_token
+    return float(shape.seq_len)
 
 
 def forward_flops_per_byte(m: ModelConfig, shape: SampleShape) -> dict[str, float]:
     """Real-context forward FLOPs per byte, by component."""
     if m.family == "blt":
         flops, real_bytes = blt_forward_flops(m, shape)
-    elif m.family == "bpe":
-        flops = lm_forward_flops(m, shape.tokens_per_sample)
-        real_bytes = shape.tokens_per_sample * shape.bytes_per_token
     else:
-        flops = lm_forward_flops(m, shape.seq_len)
-        real_bytes = shape.seq_len
+        flops = lm_forward_flops(m, positions_per_sample(m, shape))
+        real_bytes = bytes_per_sample(m, shape)
     return {name: value / real_bytes for name, value in flops.items()}
 
 
@@ -166,8 +197,35 @@ def dense_forward_flops(m: ModelConfig, shape: SampleShape) -> float:
     """What torch's FLOP counter should see for one sample's forward (math SDPA backend)."""
     if m.family == "blt":
         return sum(blt_forward_flops(m, shape, mode="dense")[0].values())
-    tokens = shape.tokens_per_sample if m.family == "bpe" else shape.seq_len
-    return sum(lm_forward_flops(m, tokens, mode="dense").values())
+    return sum(lm_forward_flops(m, positions_per_sample(m, shape), mode="dense").values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-batch accounting (the trainer): what a batch really holds, not the assumed shape
+
+
+class BatchFlops(NamedTuple):
+    useful: float  # training FLOPs of the positions and patches that hold data
+    executed: float  # training FLOPs of every slot of the static shapes, padding included
+
+
+def batch_train_flops(m: ModelConfig, shape: SampleShape, positions: Sequence[float],
+                      patches: Optional[Sequence[float]] = None) -> BatchFlops:
+    """Training FLOPs of one batch from its real counts per sample: `positions[i]` filled
+    positions of sample i (bytes for BLT and the byte LMs, BOS/EOS included; tokens for BPE) and,
+    for BLT, `patches[i]` its patches. Useful FLOPs apply the per-sample formulas at those counts
+    (a sample filled as the shape assumes gives exactly the per-sample number); executed FLOPs
+    apply them to every byte and patch slot, since padding runs through the same matmuls and
+    attention. BLT samples hold whole patches only, so they are rarely full."""
+    if m.family == "blt":
+        if patches is None or len(patches) != len(positions):
+            raise ValueError("a BLT batch needs one patch count per sample")
+        useful = sum(sum(blt_flops_at(m, r, n).values()) for r, n in zip(positions, patches))
+        full = sum(blt_flops_at(m, shape.byte_capacity, shape.patches_per_sample).values())
+    else:
+        useful = sum(sum(lm_forward_flops(m, t).values()) for t in positions)
+        full = sum(lm_forward_flops(m, positions_per_sample(m, shape)).values())
+    return BatchFlops(TRAIN_MULTIPLIER * useful, TRAIN_MULTIPLIER * full * len(positions))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,10 +302,11 @@ def bpe_shape(template: ModelConfig, width: int, depth: int, vocab_size: int) ->
 
 
 def match_bpe(blt: ModelConfig, shape: SampleShape) -> dict:
-    """The BPE baseline whose training FLOPs per byte match the BLT's (same bytes per sample)."""
+    """The BPE baseline whose training FLOPs per byte match the BLT's (same bytes per sample),
+    at the shape's bytes_per_token (pass the tokenizer's measured value: at an assumed one the
+    baseline's real cost per byte is off by their ratio)."""
     target = train_flops_per_byte(blt, shape)
-    real_bytes = min(float(shape.byte_capacity), shape.patches_per_sample * shape.patch_size)
-    tokens = max(8, int(round(real_bytes / shape.bytes_per_token / 8)) * 8)
+    tokens = max(8, int(round(bytes_per_sample(blt, shape) / shape.bytes_per_token / 8)) * 8)
     bpe_sample = dataclasses.replace(shape, tokens_per_sample=tokens)
 
     def flops_for(width, depth):
@@ -260,6 +319,34 @@ def match_bpe(blt: ModelConfig, shape: SampleShape) -> dict:
     return {
         "dim": width, "n_layers": depth, "n_heads": model.n_heads, "vocab_size": model.vocab_size,
         "tokens_per_sample": tokens, "bytes_per_token": shape.bytes_per_token,
+        "params_total": sum(by_component.values()), "params_named": named_params(model, by_component),
+        "train_flops_per_byte": flops, "flop_ratio_to_blt": flops / target,
+    }
+
+
+def byte_shape(template: ModelConfig, width: int, depth: int) -> ModelConfig:
+    return dataclasses.replace(template, family="byte", vocab_size=VOCAB_SIZE, dim=width, n_layers=depth,
+                               n_heads=shape_heads(width), n_kv_heads=None, window=None)
+
+
+def match_byte(blt: ModelConfig, shape: SampleShape) -> dict:
+    """The byte-level LM whose training FLOPs per byte match the BLT's: one transformer over
+    the same bytes per sample (seq_len = R, a multiple of 8), full causal attention. It prefers
+    the BLT's local width: running every layer on every byte, it is the size of a byte-level
+    model, and at the latent width it would be a few layers deep."""
+    target = train_flops_per_byte(blt, shape)
+    seq_len = max(8, int(round(bytes_per_sample(blt, shape) / 8)) * 8)
+    byte_sample = dataclasses.replace(shape, seq_len=seq_len)
+
+    def flops_for(width, depth):
+        return train_flops_per_byte(byte_shape(blt, width, depth), byte_sample)
+
+    width, depth = _search(target, flops_for, blt.encoder.dim)
+    model = byte_shape(blt, width, depth)
+    by_component = params_by_component(model)
+    flops = train_flops_per_byte(model, byte_sample)
+    return {
+        "dim": width, "n_layers": depth, "n_heads": model.n_heads, "seq_len": seq_len,
         "params_total": sum(by_component.values()), "params_named": named_params(model, by_component),
         "train_flops_per_byte": flops, "flop_ratio_to_blt": flops / target,
     }
@@ -286,9 +373,32 @@ def match_blt(bpe: ModelConfig, bpe_sample: SampleShape, blt_template: ModelConf
 # Report and CLI
 
 
-def report(cfg, entropy_cfg=None, blt_template=None) -> dict:
-    """Everything `blt-dist flops --json` prints, for a loaded Config."""
+def measured_compression(tokenizer: str) -> dict:
+    """What `blt-dist tokenizer` measured for M.model, from the M.json it writes beside it."""
+    path = Path(tokenizer)
+    info_path = path.with_suffix(".json")
+    if not info_path.is_file():
+        raise UserError(f"--tokenizer: {info_path} not found (`blt-dist tokenizer --out {path}` writes it with the "
+                        "measured bytes per token); or give the value as data.bytes_per_token=X")
+    info = json.loads(info_path.read_text())
+    if not info.get("bytes_per_token", 0) > 0 or not info.get("vocab_size", 0) >= 8:
+        raise UserError(f"--tokenizer: {info_path} has no measured bytes_per_token and vocab_size")
+    return {"bytes_per_token": float(info["bytes_per_token"]), "vocab_size": int(info["vocab_size"]),
+            "source": f"{info_path} ({info.get('measured_on', 'measured')})"}
+
+
+def report(cfg, entropy_cfg=None, blt_template=None, tokenizer: Optional[str] = None) -> dict:
+    """Everything `blt-dist flops --json` prints, for a loaded Config. With `tokenizer` (a BLT or
+    BPE config), BPE costs per byte are taken at its measured bytes per token, not the config's."""
     m, shape = cfg.model, SampleShape.from_data(cfg.data)
+    compression = {"bytes_per_token": shape.bytes_per_token, "source": "data.bytes_per_token (as configured)"}
+    if tokenizer:
+        if m.family not in ("blt", "bpe"):
+            raise UserError(f"--tokenizer: for a BLT or BPE config, got family {m.family!r}")
+        compression = measured_compression(tokenizer)
+        shape = dataclasses.replace(shape, bytes_per_token=compression["bytes_per_token"])
+        if m.family == "blt":  # the matched baseline uses this tokenizer's vocabulary
+            m = dataclasses.replace(m, bpe_vocab_size=compression["vocab_size"])
     by_component = params_by_component(m)
     per_byte = forward_flops_per_byte(m, shape)
     out = {
@@ -300,8 +410,11 @@ def report(cfg, entropy_cfg=None, blt_template=None) -> dict:
         "forward_flops_per_byte": sum(per_byte.values()),
         "train_flops_per_byte": TRAIN_MULTIPLIER * sum(per_byte.values()),
     }
+    if m.family == "bpe":
+        out["bytes_per_token"] = compression
     if m.family == "blt":
-        out["matched_bpe"] = match_bpe(m, shape)
+        out["matched_bpe"] = {**match_bpe(m, shape), "bytes_per_token_source": compression["source"]}
+        out["matched_byte"] = match_byte(m, shape)
     if m.family == "bpe" and blt_template is not None:
         out["matched_blt"] = match_blt(m, shape, blt_template.model, SampleShape.from_data(blt_template.data))
     if entropy_cfg is not None:
@@ -338,6 +451,16 @@ def format_report(r: dict) -> str:
                      f"vocab={b['vocab_size']} tokens_per_sample={b['tokens_per_sample']} "
                      f"params={_human(b['params_total'])} train FLOPs/byte={_human(b['train_flops_per_byte'])} "
                      f"(x{b['flop_ratio_to_blt']:.3f})")
+    if "matched_bpe" in r:
+        lines.append(f"  at {r['matched_bpe']['bytes_per_token']:.3f} bytes/token from "
+                     f"{r['matched_bpe']['bytes_per_token_source']}")
+    if "matched_byte" in r:
+        b = r["matched_byte"]
+        lines.append(f"matched byte-level: dim={b['dim']} n_layers={b['n_layers']} n_heads={b['n_heads']} "
+                     f"seq_len={b['seq_len']} params={_human(b['params_total'])} "
+                     f"train FLOPs/byte={_human(b['train_flops_per_byte'])} (x{b['flop_ratio_to_blt']:.3f})")
+    if "bytes_per_token" in r:
+        lines.append(f"at {r['bytes_per_token']['bytes_per_token']:.3f} bytes/token from {r['bytes_per_token']['source']}")
     if "matched_blt" in r:
         b = r["matched_blt"]
         lines.append(f"matched BLT latent: dim={b['dim']} n_layers={b['n_layers']} n_heads={b['n_heads']} "
@@ -350,13 +473,16 @@ def format_report(r: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="model config YAML (configs/{entropy,blt,bpe}/*.yaml)")
+    parser.add_argument("config", help="model config YAML (configs/{entropy,blt,bpe,byte}/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.patching.target_mean_size=6")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--entropy-model", metavar="CONFIG",
                         help="also report this entropy model's forward FLOPs/byte (offline cost, off by default)")
     parser.add_argument("--blt-template", metavar="CONFIG",
                         help="for a BPE config: BLT config whose local models to keep when matching a BLT latent shape")
+    parser.add_argument("--tokenizer", metavar="M.model",
+                        help="BPE costs at this tokenizer's measured bytes per token (and, matching from a BLT, "
+                             "its vocabulary), read from the M.json `blt-dist tokenizer` wrote beside it")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -367,6 +493,6 @@ def run(args: argparse.Namespace) -> int:
     blt_template = load_config(args.blt_template) if args.blt_template else None
     if blt_template is not None and blt_template.model.family != "blt":
         raise UserError(f"--blt-template: expected a BLT config, got family {blt_template.model.family!r}")
-    r = report(cfg, entropy_cfg, blt_template)
+    r = report(cfg, entropy_cfg, blt_template, args.tokenizer)
     print(json.dumps(r, indent=2) if args.json else format_report(r))
     return 0

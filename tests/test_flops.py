@@ -1,5 +1,6 @@
 """FLOP counter: dense accounting against torch's counter, real-context terms against hand
-computation, matching, and the `flops` command."""
+computation, matching (BPE, byte-level, at a tokenizer's measured compression), per-batch
+accounting, and the `flops` command."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from blt_dist import flops
 from blt_dist.config import load_config
+from blt_dist.errors import UserError
 from blt_dist.model import build_model
 from blt_dist.model.config import HashEmbeddingConfig, LocalModelConfig, ModelConfig
 from tests.conftest import REPO
@@ -143,3 +145,98 @@ def test_flops_command_json_and_table(capsys):
 
     table = _run_cli(capsys, str(REPO / "configs/bpe/tiny.yaml"), "--blt-template", str(REPO / "configs/blt/tiny.yaml"))
     assert "training FLOPs/byte" in table and "matched BLT latent" in table
+
+
+def test_flops_command_matches_the_byte_level_baseline(capsys):
+    report = json.loads(_run_cli(capsys, str(REPO / "configs/blt/tiny.yaml"), "--json"))
+    byte = report["matched_byte"]
+    assert abs(byte["flop_ratio_to_blt"] - 1) <= flops.MATCH_TOLERANCE and byte["seq_len"] == 512
+    model = flops.byte_shape(load_config(REPO / "configs/blt/tiny.yaml").model, byte["dim"], byte["n_layers"])
+    assert model.family == "byte" and model.attention_window is None and model.vocab_size == 260
+    assert "matched byte-level: dim=" in _run_cli(capsys, str(REPO / "configs/blt/tiny.yaml"))
+
+
+def test_flops_with_a_tokenizer_matches_at_its_measured_bytes_per_token(tmp_path, capsys):
+    blt_config, bpe_config = str(REPO / "configs/blt/tiny.yaml"), str(REPO / "configs/bpe/tiny.yaml")
+    # `blt-dist tokenizer --out M.model` writes M.json beside the model; only the JSON is read
+    (tmp_path / "tok.json").write_text(json.dumps({"vocab_size": 4096, "bytes_per_token": 2.84,
+                                                   "measured_on": "val split, 1000 bytes"}))
+    tokenizer = str(tmp_path / "tok.model")
+    assumed = json.loads(_run_cli(capsys, blt_config, "--json"))
+    measured = json.loads(_run_cli(capsys, blt_config, "--json", "--tokenizer", tokenizer))
+    assert assumed["matched_bpe"]["bytes_per_token"] == 4.4 and assumed["matched_bpe"]["tokens_per_sample"] == 120
+    bpe = measured["matched_bpe"]
+    assert bpe["bytes_per_token"] == 2.84 and "tok.json" in bpe["bytes_per_token_source"]
+    assert bpe["tokens_per_sample"] == 184  # 512 bytes / 2.84, a multiple of 8
+    assert abs(bpe["flop_ratio_to_blt"] - 1) <= flops.MATCH_TOLERANCE
+    assert measured["train_flops_per_byte"] == assumed["train_flops_per_byte"]  # the BLT itself is unchanged
+    # The shipped tiny BPE, shaped for 4.4 bytes/token, really costs ~1.59x the BLT per byte at 2.84.
+    shipped = json.loads(_run_cli(capsys, bpe_config, "--json", "--tokenizer", tokenizer))
+    assert shipped["bytes_per_token"]["bytes_per_token"] == 2.84
+    assert shipped["train_flops_per_byte"] / assumed["train_flops_per_byte"] == pytest.approx(1.59, abs=0.01)
+
+    parser = argparse.ArgumentParser()
+    flops.add_arguments(parser)
+    with pytest.raises(UserError, match="missing.json not found"):
+        flops.run(parser.parse_args([blt_config, "--tokenizer", str(tmp_path / "missing.model")]))
+    with pytest.raises(UserError, match="BLT or BPE config"):
+        flops.run(parser.parse_args([str(REPO / "configs/entropy/tiny.yaml"), "--tokenizer", tokenizer]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-batch accounting
+
+
+@pytest.mark.parametrize("config", ["blt/tiny", "bpe/tiny", "byte/tiny", "entropy/tiny"])
+def test_a_full_batch_costs_the_per_sample_number(config):
+    cfg = load_config(REPO / "configs" / f"{config}.yaml")
+    m, shape = cfg.model, flops.SampleShape.from_data(cfg.data)
+    per_sample = flops.train_flops_per_byte(m, shape) * flops.bytes_per_sample(m, shape)
+    if m.family == "blt":  # filled as the shape assumes: R bytes in R / s patches
+        real_bytes = flops.bytes_per_sample(m, shape)
+        batch = flops.batch_train_flops(m, shape, [real_bytes] * 3, [real_bytes / shape.patch_size] * 3)
+    else:
+        batch = flops.batch_train_flops(m, shape, [flops.positions_per_sample(m, shape)] * 3)
+    assert batch.useful == pytest.approx(3 * per_sample, rel=1e-12)
+    if m.family != "blt":
+        assert batch.executed == batch.useful  # fixed-length samples are always full
+    else:
+        # every slot filled (C bytes in P patches) is the executed cost, and the upper bound
+        full = flops.batch_train_flops(m, shape, [shape.byte_capacity] * 3, [shape.patches_per_sample] * 3)
+        assert full.useful == full.executed == batch.executed > batch.useful
+
+
+def test_batch_flops_by_hand():
+    # A byte LM (d=64, 2 layers, SwiGLU 192, full causal attention), 16-position samples: one full
+    # (context (16+1)/2 = 8.5), one with 8 positions filled (context 4.5).
+    lm = ModelConfig(family="byte", dim=64, n_layers=2, n_heads=4)
+    shape = flops.SampleShape(seq_len=16)
+
+    def lm_sample(t, ctx):
+        return t * (2 * (4 * 2 * 64 * 64 + 4 * 64 * ctx + 3 * 2 * 64 * 192) + 2 * 64 * 260)
+
+    batch = flops.batch_train_flops(lm, shape, [16, 8])
+    assert batch.useful == 3 * (lm_sample(16, 8.5) + lm_sample(8, 4.5))
+    assert batch.executed == 3 * 2 * lm_sample(16, 8.5)
+
+    # The BLT of test_real_blt_flops_by_hand: one sample of 24 bytes in 6 patches (its hand
+    # figures), one of 12 bytes in 3 patches, 24 byte and 8 patch slots each.
+    blt = ModelConfig(
+        family="blt", dim=32, n_layers=1, n_heads=2,
+        encoder=LocalModelConfig(dim=16, n_layers=1, n_heads=2, window=4),
+        decoder=LocalModelConfig(dim=16, n_layers=1, n_heads=2, window=4),
+        cross_attn_k=2, hash=HashEmbeddingConfig(buckets=10),
+    )
+    shape = flops.SampleShape(byte_capacity=24, patches_per_sample=8, patch_size=4.0)
+    first = 24 * sum(flops.forward_flops_per_byte(blt, shape).values())
+    # 12 bytes: window context (1+2+3+4 + 8*4)/12 = 3.5; 3 patches of 4 bytes: latent context 2.
+    local_block = 4 * 2 * 16 * 16 + 4 * 16 * 3.5 + 3 * 2 * 16 * 64
+    pool = 3 * (2 * 16 * 32 + 2 * 2 * 2 * 16 * 16 + 2 * 32 * 32) + 12 * 2 * 2 * 16 * 16 + 3 * 2 * 4 * 16 * 4
+    latent = 3 * (4 * 2 * 32 * 32 + 4 * 32 * 2 + 3 * 2 * 32 * 128)
+    cross = 3 * 2 * 32 * 32 + (6 * 2 * 2 * 16 * 16 + 12 * 2 * 2 * 16 * 16 + 12 * 4 * 16 * 2)
+    second = 12 * local_block + pool + latent + cross + 12 * local_block + 12 * 2 * 16 * 260
+    batch = flops.batch_train_flops(blt, shape, [24, 12], [6, 3])
+    assert batch.useful == pytest.approx(3 * (first + second), rel=1e-12)
+    assert batch.executed == pytest.approx(3 * 2 * sum(flops.blt_flops_at(blt, 24, 8).values()), rel=1e-12)
+    with pytest.raises(ValueError, match="patch count"):
+        flops.batch_train_flops(blt, shape, [24, 12])

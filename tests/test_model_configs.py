@@ -1,5 +1,5 @@
 """Every shipped model config: loads, builds on the meta device, has the size its name says,
-and each BLT/BPE pair is FLOP-matched. Bad model configs are rejected with the key path."""
+and each BLT/BPE and BLT/byte pair is FLOP-matched. Bad model configs are rejected with the key path."""
 from __future__ import annotations
 
 import argparse
@@ -14,12 +14,12 @@ from tests.conftest import REPO
 
 SIZES = {"125m": 125e6, "350m": 350e6, "1b": 1e9, "3b": 3e9}
 ENTROPY_SIZES = {"tiny": (0.9e6, 1.1e6), "small": (10e6, 20e6), "100m": (90e6, 110e6)}
-SHIPPED = [f"entropy/{n}" for n in ENTROPY_SIZES] + [f"{f}/{n}" for f in ("blt", "bpe") for n in ("tiny", *SIZES)]
+SHIPPED = [f"entropy/{n}" for n in ENTROPY_SIZES] + [f"{f}/{n}" for f in ("blt", "bpe", "byte") for n in ("tiny", *SIZES)]
 
 
 def test_every_config_file_is_shipped():
     found = {str(p.relative_to(REPO / "configs").with_suffix(""))
-             for family in ("entropy", "blt", "bpe") for p in (REPO / "configs" / family).glob("[!_]*.yaml")}
+             for family in ("entropy", "blt", "bpe", "byte") for p in (REPO / "configs" / family).glob("[!_]*.yaml")}
     assert found == set(SHIPPED)
 
 
@@ -42,6 +42,9 @@ def test_config_builds_on_meta_with_the_size_its_name_says(name, capsys):
         assert low <= named <= high, named
     elif size == "tiny":
         assert report["params_total"] < 5e6  # trains in minutes on two CPU cores
+    elif family == "byte":
+        # named after its BLT twin (test below); at equal FLOPs per byte it is far smaller
+        assert named < SIZES[size], (name, named)
     else:
         assert abs(named / SIZES[size] - 1) <= 0.10, (name, named)
     if family == "blt":
@@ -67,6 +70,22 @@ def test_bpe_config_is_the_flop_matched_twin_of_the_blt_config(size):
     assert bpe.train.flops == blt.train.flops and bpe.train.max_steps == blt.train.max_steps
 
 
+@pytest.mark.parametrize("size", ["tiny", *SIZES])
+def test_byte_config_is_the_flop_matched_twin_of_the_blt_config(size):
+    blt = load_config(REPO / "configs/blt" / f"{size}.yaml")
+    byte = load_config(REPO / "configs/byte" / f"{size}.yaml")
+    blt_flops = flops.train_flops_per_byte(blt.model, flops.SampleShape.from_data(blt.data))
+    byte_flops = flops.train_flops_per_byte(byte.model, flops.SampleShape.from_data(byte.data))
+    assert abs(byte_flops / blt_flops - 1) <= flops.MATCH_TOLERANCE, (size, byte_flops, blt_flops)
+    matched = flops.match_byte(blt.model, flops.SampleShape.from_data(blt.data))
+    assert (byte.model.dim, byte.model.n_layers, byte.model.n_heads, byte.data.seq_len) == \
+        (matched["dim"], matched["n_layers"], matched["n_heads"], matched["seq_len"])
+    # full causal attention over the sample: no window, not even the entropy model's default
+    assert byte.model.window is None and byte.model.attention_window is None
+    assert byte.model.vocab_size == 260
+    assert byte.train.flops == blt.train.flops and byte.train.max_steps == blt.train.max_steps
+
+
 @pytest.mark.parametrize("config,override,key", [
     ("blt/tiny", "model.n_heads=3", "model.n_heads"),
     ("blt/tiny", "model.encoder.n_heads=3", "model.encoder.n_heads"),
@@ -80,6 +99,8 @@ def test_bpe_config_is_the_flop_matched_twin_of_the_blt_config(size):
     ("entropy/tiny", "model.n_kv_heads=3", "model.n_kv_heads"),
     ("bpe/tiny", "model.n_layers=0", "model.n_layers"),
     ("bpe/tiny", "model.family=rnn", "model.family"),
+    ("byte/tiny", "model.vocab_size=300", "model.vocab_size"),
+    ("byte/tiny", "model.n_heads=5", "model.n_heads"),
 ])
 def test_bad_model_values_are_rejected_with_the_key_path(config, override, key):
     with pytest.raises(ConfigError) as err:
