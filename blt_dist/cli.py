@@ -36,7 +36,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 # Commands whose module is not written yet, with the issue that delivers them.
 NOT_BUILT: dict[str, str] = {
-    "compare": "the comparison-report issue",
 }
 
 

@@ -53,7 +53,8 @@ def iter_documents(data: Optional[str], files: list[str], split: Optional[str]) 
             yield ctype, sample["source"], sample["data"]
 
 
-def take_per_type(documents: Iterator[tuple[str, str, bytes]], max_bytes_per_type: int) -> Iterator[tuple[str, str, bytes]]:
+def take_per_type(documents: Iterator[tuple[str, str, bytes]],
+                  max_bytes_per_type: int) -> Iterator[tuple[str, str, bytes]]:
     """Whole documents of each content type until about `max_bytes_per_type` (0 = all): a type
     stops after the document that crosses the limit."""
     bytes_by_type: dict[str, int] = defaultdict(int)
@@ -269,8 +270,8 @@ def run(args: argparse.Namespace) -> int:
         patches = f"  {t['mean_patch_size']:.2f} bytes/patch" if t.get("mean_patch_size") else ""
         print(f"  {ctype:<14} {t['bpb']:.4f} bpb  {t['bytes']:>12,} bytes  {t['documents']:>6} documents{patches}")
     for name, noisy in result.get("noised", {}).items():
-        print(f"noised {name} (seed {noisy['seed']}): {noisy['bpb']:.4f} bits/byte over {noisy['bytes']:,} noised bytes, "
-              f"gap {noisy['gap']:+.4f} vs clean, {noisy['seconds']} s")
+        print(f"noised {name} (seed {noisy['seed']}): {noisy['bpb']:.4f} bits/byte over {noisy['bytes']:,} "
+              f"noised bytes, gap {noisy['gap']:+.4f} vs clean, {noisy['seconds']} s")
         for ctype, t in noisy["by_content_type"].items():
             print(f"  {ctype:<14} {t['bpb']:.4f} bpb  gap {t['gap']:+.4f}  {t['bytes']:>12,} bytes")
     return 0

@@ -1,0 +1,216 @@
+"""`blt-dist compare`: the report on two small runs, the statistics and tie rule, bad input.
+
+The runs are built directly (randomly initialised tiny BLT and BPE saved with save_export, plus a
+metrics.jsonl of the trainer's shape) so the tests take seconds; tests/test_train.py covers
+how `blt-dist train` writes the same files.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from blt_dist import compare as cmp
+from blt_dist.cli import main as cli_main
+from blt_dist.config import load_config, save_resolved
+from blt_dist.data.prepare import prepare
+from blt_dist.data.tokenizer import train_tokenizer
+from blt_dist.errors import UserError
+from blt_dist.export import save_export
+from blt_dist.model import build_model
+from tests.conftest import write_word_documents
+
+WORDS = "the quick brown fox jumps over a lazy dog while bytes and patches flow through latent space".split()
+BUDGET = 1e9
+PLOTS = ("bpb_vs_flops.png", "training_curves.png", "bpb_by_content_type.png", "patch_sizes.png", "noise_gap.png")
+
+
+def make_run(run_dir: Path, config: str, overrides: list[str], seed: int = 0,
+             flops_per_step: float = BUDGET / 3) -> Path:
+    """A finished run as the trainer leaves it: config.yaml, metrics.jsonl, export/."""
+    cfg = load_config(config, [*overrides, f"run.dir={run_dir}", f"run.seed={seed}", f"train.flops={BUDGET}",
+                               "train.max_steps=0"])
+    torch.manual_seed(seed)
+    model = build_model(cfg.model)
+    save_resolved(cfg, run_dir)
+    save_export(model.state_dict(), cfg, run_dir / "export", {"step": 3})
+    records = []
+    for step in (1, 2, 3):
+        record = {"step": step, "total_steps": 3, "loss": 6.0 - step, "bpb": 8.0 - step, "lr": 1e-3,
+                  "bytes_seen": 1000 * step, "flops_seen": flops_per_step * step}
+        if cfg.model.family == "blt":
+            record["mean_patch_size"] = 3.0 + step / 10
+        records.append(record)
+    records.append({"step": 3, "val_bpb": 5.5, "val_loss": 3.8, "val_bytes": 900})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    write_word_documents(root / "in", WORDS, 40, (5, 60))
+    prepare([root / "in"], root / "ds", val_fraction=0.2, progress=False)
+    train_tokenizer(root / "ds", root / "tok.model", vocab_size=300)
+    write_word_documents(root / "in2", WORDS, 6, (5, 30), seed=1)
+    prepare([root / "in2"], root / "other", val_fraction=0.5, progress=False)
+    data = [f"data.train={root / 'ds'}", f"data.val={root / 'ds'}"]
+    blt = data + ["data.patching.mode=space", "data.byte_capacity=128", "data.patches_per_sample=48"]
+    bpe = data + [f"data.tokenizer={root / 'tok.model'}", "model.vocab_size=300", "data.tokens_per_sample=32"]
+    runs = root / "runs"
+    make_run(runs / "blt", "configs/blt/tiny.yaml", blt)
+    make_run(runs / "bpe", "configs/bpe/tiny.yaml", bpe, flops_per_step=1.02 * BUDGET / 3)
+    return SimpleNamespace(root=root, runs=runs, blt=blt, bpe=bpe)
+
+
+def test_report_on_two_runs_with_noise_plots_and_cache(setup, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "report"
+    status = cli_main(["compare", str(setup.runs), "--out", str(out), "--noise", "swap:0.1", "--eval-bytes", "3000"])
+    assert status == 0
+    printed = capsys.readouterr().out
+    report = (out / "report.md").read_text()
+    assert report.strip() in printed
+    for name in PLOTS:
+        assert (out / name).stat().st_size > 1000, name
+        assert f"]({name})" in report
+    for needle in ("## Runs", "## Bits per byte, clean", "## Bits per byte, noised `swap:0.1`", "## Who wins",
+                   "### BLT vs BPE, 1e+09 training FLOPs", "*gzip -9*", "*bz2 -9*", "*xz -9e*",
+                   "## Against the compressors",
+                   "Clean-to-noised gap `swap:0.1`"):
+        assert needle in report, needle
+    table = [line for line in report.splitlines() if line.startswith("| blt |")]
+    assert table and "| blt | blt | - | 0 |" in table[0]
+
+    # the rerun reads every score from the cache: evaluating anything again would fail
+    def no_eval(*args, **kwargs):
+        raise AssertionError("scored again despite the cache")
+
+    monkeypatch.setattr("blt_dist.evaluate.evaluate_model", no_eval)
+    monkeypatch.setattr("blt_dist.compressors.compressor_bpb", no_eval)
+    assert cli_main(["compare", str(setup.runs), "--out", str(out), "--noise", "swap:0.1", "--eval-bytes", "3000"]) == 0
+    assert (out / "report.md").read_text() == report
+
+
+def test_every_run_is_scored_on_the_same_bytes(setup, tmp_path):
+    runs, _ = cmp.find_runs([setup.runs])
+    heldout = cmp.resolve_heldout(runs, None, 2000)
+    assert heldout.path == str(setup.root / "ds")
+    records = {r.name: cmp.evaluate_run(r, heldout) for r in runs}
+    cmp.check_comparable(records)
+    docs = {name: [d[:3] for d in rec["per_document"]] for name, rec in records.items()}
+    assert docs["blt"] == docs["bpe"] and len(docs["blt"]) >= 2
+    blt = records["blt"]["by_content_type"]
+    assert set(blt) == {"code", "prose"} and all(t["patches"] > 0 and t["mean_patch_size"] > 1 for t in blt.values())
+    # the sum of the histogram's patch lengths covers every encoded position: bytes + BOS + EOS
+    for t in blt.values():
+        lengths = np.arange(len(t["patch_length_histogram"]))
+        assert (lengths * t["patch_length_histogram"]).sum() == t["bytes"] + 2 * t["documents"]
+
+
+def test_sweep_directory_gives_sizes_and_budgets(setup, tmp_path):
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    with open(sweep / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["run", "family", "size", "seed", "flop_budget", "status", "run_dir"])
+        writer.writeheader()
+        for name in ("blt", "bpe"):
+            writer.writerow({"run": name, "family": name, "size": "tiny", "seed": 0, "flop_budget": BUDGET,
+                             "status": "finished", "run_dir": str(setup.runs / name)})
+        writer.writerow({"run": "bpe-late", "family": "bpe", "size": "tiny", "seed": 1, "flop_budget": BUDGET,
+                         "status": "queued", "run_dir": str(sweep / "bpe-late")})
+    runs, skipped = cmp.find_runs([sweep])
+    assert [(r.name, r.size, r.budget) for r in runs] == [("blt", "tiny", BUDGET), ("bpe", "tiny", BUDGET)]
+    assert len(skipped) == 1 and "bpe-late: no config.yaml, no metrics.jsonl, no export/" in skipped[0]
+
+
+def _fake_row(family: str, record: dict, seed: int = 0, budget: float = BUDGET):
+    cfg = SimpleNamespace(model=SimpleNamespace(family=family), run=SimpleNamespace(seed=seed),
+                          train=SimpleNamespace(flops=budget))
+    return cmp.Row(cmp.Run(f"{family}{seed}", Path(f"/x/{family}{seed}"), cfg, []), record)
+
+
+def _record(bits: list[float], nbytes: list[int], types=None) -> dict:
+    types = types or ["prose"] * len(bits)
+    return {"identity": {"noise": None}, "per_document": [[t, f"d{i}", n, b * math.log(2)]
+                                                           for i, (t, n, b) in enumerate(zip(types, nbytes, bits))],
+            "bpb": sum(bits) / sum(nbytes)}
+
+
+def test_ratio_estimator_standard_error_by_hand():
+    e = cmp.ratio_estimate(_record([1.0, 2.0, 3.0], [1, 1, 2]))
+    assert e.value == 1.5
+    # z = (bits - 1.5 bytes) / 4 = (-0.125, 0.125, 0); SE^2 = 3/2 * sum z^2
+    assert e.se == pytest.approx(math.sqrt(1.5 * 2 * 0.125 ** 2))
+    assert cmp.ratio_estimate(_record([1.0], [4])).se == math.inf  # one document: unknown, never a win
+
+
+def test_identical_runs_tie_and_a_clear_difference_wins():
+    rng = np.random.default_rng(0)
+    nbytes = rng.integers(100, 1000, 40).tolist()
+    bits = (np.array(nbytes) * rng.uniform(2.0, 3.0, 40)).tolist()
+    record = _record(bits, nbytes)
+    same = cmp.comparisons([_fake_row("blt", record), _fake_row("bpe", record)], ["prose"], [])
+    assert same and all(c["winner"] == "tie" and c["difference"] == 0 for c in same)
+    better = _record([b * 0.9 for b in bits], nbytes)
+    found = cmp.comparisons([_fake_row("blt", better), _fake_row("bpe", record)], ["prose"], [])
+    assert all(c["winner"] == "blt" for c in found)
+    # +-5% per document, alternating: no shift beyond what the documents' spread explains, a tie
+    jitter = _record([b * (1.05 if i % 2 else 0.95) for i, b in enumerate(bits)], nbytes)
+    assert all(c["winner"] == "tie" for c in cmp.comparisons([_fake_row("blt", jitter), _fake_row("bpe", record)],
+                                                             ["prose"], []))
+    # different budgets are not compared head to head
+    assert cmp.comparisons([_fake_row("blt", better), _fake_row("bpe", record, budget=3 * BUDGET)], ["prose"], []) == []
+
+
+def test_seed_spread_widens_the_uncertainty():
+    nbytes = [500] * 20
+    base = [1000.0 + 10 * i for i in range(20)]
+    lo, hi = _record([b * 0.97 for b in base], nbytes), _record([b * 1.01 for b in base], nbytes)
+    ref = _record(base, nbytes)
+    one_seed = cmp.comparisons([_fake_row("blt", lo), _fake_row("bpe", ref)], ["prose"], [])
+    assert one_seed[0]["winner"] == "blt"  # a clean 3% everywhere: outside the document SE
+    seeds = cmp.comparisons([_fake_row("blt", lo, 0), _fake_row("blt", hi, 1), _fake_row("bpe", ref)], ["prose"], [])
+    assert seeds[0]["seeds"] == (2, 1) and seeds[0]["winner"] == "tie"  # seeds disagree by 4%: inside the spread
+
+
+def test_mismatched_heldout_sets_are_refused(setup, tmp_path):
+    other = [f"data.train={setup.root / 'other'}", f"data.val={setup.root / 'other'}",
+             "data.patching.mode=space", "data.byte_capacity=128", "data.patches_per_sample=48"]
+    make_run(tmp_path / "runs" / "blt-other", "configs/blt/tiny.yaml", other)
+    runs, _ = cmp.find_runs([setup.runs, tmp_path / "runs"])
+    with pytest.raises(UserError, match="validated on different held-out sets.*pass --heldout"):
+        cmp.resolve_heldout(runs, None, 2000)
+    # records of different byte limits (or held-out fingerprints) are never averaged
+    blt = next(r for r in runs if r.name == "blt")
+    heldout = cmp.resolve_heldout([blt], None, 2000)
+    a = cmp.evaluate_run(blt, heldout)
+    b = cmp.evaluate_run(blt, cmp.Heldout(heldout.path, heldout.fingerprint, 1000))
+    with pytest.raises(UserError, match="different held-out sets"):
+        cmp.check_comparable({"a": a, "b": b})
+
+
+def test_no_finished_runs_is_a_clear_error(tmp_path, capsys):
+    assert cli_main(["compare", str(tmp_path)]) == 1
+    assert "no finished runs to compare" in capsys.readouterr().err
+    unfinished = tmp_path / "runs" / "blt"
+    unfinished.mkdir(parents=True)
+    (unfinished / "config.yaml").write_text("model: {family: blt}\n")
+    (unfinished / "metrics.jsonl").write_text("")
+    with pytest.raises(UserError, match=r"blt: no export/ \(unfinished\?\)"):
+        cmp.find_runs([tmp_path / "runs"])
+    with pytest.raises(UserError, match="no such directory"):
+        cmp.find_runs([tmp_path / "nope"])
+
+
+def test_compressors_only(setup, tmp_path, capsys):
+    out = tmp_path / "c"
+    assert cli_main(["compare", "--compressors-only", "--heldout", str(setup.root / "ds"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "*xz -9e*" in printed and "*gzip -9*" in printed and "## Who wins" not in printed
+    assert cli_main(["compare", "--compressors-only"]) == 1
