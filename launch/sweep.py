@@ -3,9 +3,12 @@
 A scaling sweep: sizes x families x training-FLOP budgets x seeds, one run each. A run is the
 shipped config `configs/<family>/<size>.yaml` with `train.flops` set to its budget; the trainer
 turns the budget into a step count from the FLOP counter and the bytes per sample it measures
-on its data. A BPE run's shape is not read from a file either: it is the FLOP counter's match
-(blt_dist.flops.match_bpe) to the BLT config of the same size, at the BPE config's
-bytes per token. Nothing in a run's length or shape is set by hand.
+on its data. A BPE or byte-level run's shape is not read from a file either: it is the FLOP
+counter's match (blt_dist.flops.match_bpe, match_byte) to the BLT config of the same size, the
+BPE one at the BPE config's data.bytes_per_token. Give that the tokenizer's measured value
+(`blt-dist tokenizer` prints it; bpe:data.bytes_per_token=2.84): at an assumed value the
+baseline's real cost per byte differs from the BLT's by their ratio. Nothing in a run's length
+or shape is set by hand.
 
     RUN_DIR = <out>/<family>-<size>-<budget>-s<seed>
 
@@ -20,10 +23,10 @@ Grid file (configs/sweeps/*.yaml):
     name: tiny
     out: runs/sweeps/tiny            # default runs/sweeps/<name>
     sizes: [tiny]
-    families: [blt, bpe]
+    families: [blt, bpe, byte]
     flops: [4.0e+9, 8.0e+9]          # budgets for every size; or flops_per_size: {125m: [...]}
     seeds: [0]
-    overrides: {all: [...], blt: [...], bpe: [...]}   # dotted config overrides
+    overrides: {all: [...], blt: [...], bpe: [...], byte: [...]}   # dotted config overrides
     launch: {tasks_per_node: 1, time_min: 30}         # launch.* for every run
     launch_per_size: {3b: {nodes: 8}}                 # launch.* for one size
     estimate: {gpu: H100, peak_tflops: 989, mfu: 0.4, gpus_per_node: 8}
@@ -47,7 +50,8 @@ from omegaconf.errors import OmegaConfBaseException
 from blt_dist.config import Config, LaunchConfig, load_config, save_resolved
 from blt_dist.errors import ConfigError, UserError
 
-FAMILIES = ("blt", "bpe")
+FAMILIES = ("blt", "bpe", "byte")
+MATCHED_FAMILIES = ("bpe", "byte")  # shaped by the FLOP counter from the BLT of the same size
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RESULT_COLUMNS = ("run", "family", "size", "seed", "params", "flop_budget", "flops_spent", "bytes_seen",
                   "mean_patch_size", "final_val_bpb", "wandb_id", "status", "run_dir")
@@ -127,7 +131,8 @@ def load_sweep(path: Path, cli_overrides: list[str] = ()) -> SweepSpec:
         raise ConfigError("sizes", f"{path}: no sizes")
     for i, size in enumerate(spec.sizes):
         missing = [f for f in spec.families if not (CONFIGS / f / f"{size}.yaml").is_file()]
-        if missing or "bpe" in spec.families and not (CONFIGS / "blt" / f"{size}.yaml").is_file():
+        matched = any(f in MATCHED_FAMILIES for f in spec.families)
+        if missing or matched and not (CONFIGS / "blt" / f"{size}.yaml").is_file():
             known = sorted(p.stem for p in (CONFIGS / "blt").glob("*.yaml") if not p.stem.startswith("_"))
             raise ConfigError(f"sizes[{i}]", f"{path}: unknown size {size!r}; expected one of {', '.join(known)}")
     for section in ("flops_per_size", "launch_per_size"):
@@ -176,30 +181,37 @@ def _budget_name(budget: float) -> str:
 
 def plan(spec: SweepSpec) -> list[PlannedRun]:
     """Every run's resolved config, in grid order (size, family, budget, seed)."""
-    from blt_dist.flops import SampleShape, match_bpe
+    from blt_dist.flops import SampleShape, match_bpe, match_byte
     from launch.slurm import quote_override
 
     out = Path(spec.out).resolve()
     runs = []
     for size in spec.sizes:
         family_overrides = {f: spec.overrides_for(f) for f in FAMILIES}
-        bpe_shape: list[str] = []
-        if "bpe" in spec.families:
+        matched_shape: dict[str, list[str]] = {}  # family -> the overrides that give it its shape
+        if any(f in MATCHED_FAMILIES for f in spec.families):
             blt = load_config(CONFIGS / "blt" / f"{size}.yaml", family_overrides["blt"])
+        if "bpe" in spec.families:
             bpe = load_config(CONFIGS / "bpe" / f"{size}.yaml", family_overrides["bpe"])
             if bpe.model.vocab_size != blt.model.bpe_vocab_size:
                 raise ConfigError("model.vocab_size", f"BPE {size}: vocabulary {bpe.model.vocab_size} differs from the "
                                   f"BLT twin's model.bpe_vocab_size={blt.model.bpe_vocab_size} it is matched at")
+            # the BPE config's bytes per token (overrides included: a measured value is used)
             shape = dataclasses.replace(SampleShape.from_data(blt.data), bytes_per_token=bpe.data.bytes_per_token)
             match = match_bpe(blt.model, shape)
-            bpe_shape = [f"model.dim={match['dim']}", f"model.n_layers={match['n_layers']}",
-                         f"model.n_heads={match['n_heads']}", f"data.tokens_per_sample={match['tokens_per_sample']}"]
+            matched_shape["bpe"] = [f"model.dim={match['dim']}", f"model.n_layers={match['n_layers']}",
+                                    f"model.n_heads={match['n_heads']}",
+                                    f"data.tokens_per_sample={match['tokens_per_sample']}"]
+        if "byte" in spec.families:
+            match = match_byte(blt.model, SampleShape.from_data(blt.data))
+            matched_shape["byte"] = [f"model.dim={match['dim']}", f"model.n_layers={match['n_layers']}",
+                                     f"model.n_heads={match['n_heads']}", f"data.seq_len={match['seq_len']}"]
         for family in spec.families:
             for budget in spec.flops_per_size.get(size, spec.flops):
                 for seed in spec.seeds:
                     name = f"{family}-{size}-{_budget_name(budget)}-s{seed}"
                     overrides = [
-                        *family_overrides[family], *(bpe_shape if family == "bpe" else []),
+                        *family_overrides[family], *matched_shape.get(family, []),
                         *_launch_overrides(spec.launch),
                         *(f"launch.{k}={quote_override(v)}" for k, v in spec.launch_per_size.get(size, {}).items()),
                         f"train.flops={budget}", "train.max_steps=0", "train.max_bytes=0",
@@ -216,19 +228,16 @@ def plan(spec: SweepSpec) -> list[PlannedRun]:
 
 def estimate(run: PlannedRun, spec: SweepSpec) -> dict:
     """Parameters, FLOPs per byte, nominal steps and GPU/node-hours of one run."""
-    from blt_dist.flops import SampleShape, params_by_component, train_flops_per_byte
+    from blt_dist.flops import SampleShape, bytes_per_sample, params_by_component, train_flops_per_byte
 
     cfg = run.cfg
     shape = SampleShape.from_data(cfg.data)
     per_byte = train_flops_per_byte(cfg.model, shape)
-    if cfg.model.family == "blt":
-        bytes_per_sample = min(float(shape.byte_capacity), shape.patches_per_sample * shape.patch_size)
-    else:
-        bytes_per_sample = shape.tokens_per_sample * shape.bytes_per_token
+    sample_bytes = bytes_per_sample(cfg.model, shape)
     la = cfg.launch
     world = la.nodes * (la.gpus_per_node or la.tasks_per_node)
     data_parallel = max(1, world // cfg.parallel.pipeline_stages)
-    bytes_per_step = bytes_per_sample * cfg.train.micro_batch_size * cfg.train.grad_accum * data_parallel
+    bytes_per_step = sample_bytes * cfg.train.micro_batch_size * cfg.train.grad_accum * data_parallel
     gpu_hours = run.budget / (spec.estimate.peak_tflops * 1e12 * spec.estimate.mfu) / 3600
     return {
         "params": sum(params_by_component(cfg.model).values()),

@@ -234,29 +234,39 @@ def test_bad_sweep_files_name_the_key(tmp_path, changes, key):
         load_sweep(write_grid(tmp_path, **changes))
 
 
-def test_sweep_plan_matches_bpe_with_the_flop_counter(tmp_path):
-    from blt_dist.flops import SampleShape, match_bpe, train_flops_per_byte
+def test_sweep_plan_matches_bpe_and_byte_with_the_flop_counter(tmp_path):
+    import dataclasses
+
+    from blt_dist.flops import SampleShape, match_bpe, match_byte, train_flops_per_byte
     from launch.sweep import load_sweep, plan
 
-    spec = load_sweep(write_grid(tmp_path, flops=[2e9, 4e9], seeds=[0, 1]), ["blt:data.byte_capacity=256"])
+    grid = write_grid(tmp_path, flops=[2e9, 4e9], seeds=[0, 1], families=["blt", "bpe", "byte"])
+    # the tokenizer's measured bytes per token, given for the BPE family only
+    spec = load_sweep(grid, ["blt:data.byte_capacity=256", "bpe:data.bytes_per_token=2.84"])
     runs = plan(spec)
-    assert [r.name for r in runs][:3] == ["blt-tiny-2e9-s0", "blt-tiny-2e9-s1", "blt-tiny-4e9-s0"] and len(runs) == 8
+    assert [r.name for r in runs][:3] == ["blt-tiny-2e9-s0", "blt-tiny-2e9-s1", "blt-tiny-4e9-s0"] and len(runs) == 12
     blt = next(r for r in runs if r.family == "blt").cfg
     bpe = next(r for r in runs if r.family == "bpe").cfg
+    byte = next(r for r in runs if r.family == "byte").cfg
     assert blt.data.byte_capacity == 256 and bpe.train.flops == 2e9 and bpe.train.max_steps == 0
-    match = match_bpe(blt.model, SampleShape.from_data(blt.data))
+    assert bpe.data.bytes_per_token == 2.84 and blt.data.bytes_per_token == 4.4
+    match = match_bpe(blt.model, dataclasses.replace(SampleShape.from_data(blt.data), bytes_per_token=2.84))
     assert (bpe.model.dim, bpe.model.n_layers, bpe.data.tokens_per_sample) == (
-        match["dim"], match["n_layers"], match["tokens_per_sample"])
-    ratio = train_flops_per_byte(bpe.model, SampleShape.from_data(bpe.data)) / train_flops_per_byte(
-        blt.model, SampleShape.from_data(blt.data))
-    assert abs(ratio - 1) < 0.05
+        match["dim"], match["n_layers"], match["tokens_per_sample"]) and bpe.data.tokens_per_sample == 88  # 256 / 2.84
+    match = match_byte(blt.model, SampleShape.from_data(blt.data))
+    assert (byte.model.family, byte.model.dim, byte.model.n_layers, byte.data.seq_len) == (
+        "byte", match["dim"], match["n_layers"], 256) and byte.train.flops == 2e9
+    blt_cost = train_flops_per_byte(blt.model, SampleShape.from_data(blt.data))
+    for baseline in (bpe, byte):
+        assert abs(train_flops_per_byte(baseline.model, SampleShape.from_data(baseline.data)) / blt_cost - 1) < 0.05
 
 
 def test_sweep_dry_run_prints_the_grid_and_its_cost():
     result = run_cli("sweep", "configs/sweeps/scaling.yaml", "--dry-run")
     assert result.returncode == 0, result.stderr
-    assert "32 runs" in result.stdout and "40% MFU" in result.stdout and "GPU-hours" in result.stdout
+    assert "48 runs" in result.stdout and "40% MFU" in result.stdout and "GPU-hours" in result.stdout
     assert "blt-3b-1.05e21-s1" in result.stdout and "bpe-125m-1.9e18-s0" in result.stdout
+    assert "byte-1b-4.8e20-s0" in result.stdout
 
 
 @pytest.mark.slow
