@@ -239,6 +239,7 @@ class Generation:
     seconds: float  # generation only (after the prompt)
 
 
+@torch.inference_mode()  # no autograd bookkeeping: most of a tiny model's step is overhead
 def generate(decoder, prompt: bytes, max_bytes: int, sampling: Sampling) -> Generation:
     """Prompt, then sample until EOS or max_bytes."""
     if max_bytes < 0:

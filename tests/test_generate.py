@@ -327,3 +327,11 @@ def test_blt_entropy_model_missing_or_different_is_an_error(exports, tmp_path, c
 
     # Space patching needs no entropy model.
     assert main(["generate", "--model", str(exports["blt_space"]), "--prompt", "hi", "--max-bytes", "4"]) == 0
+
+
+def test_bench_row_measures_both_sides():
+    from blt_dist.bench import cached_generation_speed
+
+    g = cached_generation_speed(16, timed_lengths=2)
+    assert g["bytes"] == 16 and g["cached_bytes_per_s"] > 0 and g["full_bytes_per_s"] > 0 and g["speedup"] > 0
+    assert 1 <= g["mean_patch"] <= 16
