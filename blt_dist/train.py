@@ -115,6 +115,14 @@ def all_reduce_sums(sums: LossSums, device) -> LossSums:
     return LossSums.from_tensor(t.cpu())
 
 
+def all_reduce_floats(values: list[float], device) -> list[float]:
+    """Sums over every rank (float64: FLOP counts overflow what reduce_int's int64 holds)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.cpu().tolist()
+
+
 def measure_bytes_per_sample(spec, rank: int, world_size: int, probe_bytes: float = 8e6, max_batches: int = 4000) -> float:
     """Raw bytes one sample predicts, measured on this rank's own data stream (a separate loader:
     the training loader's state is untouched) over about `probe_bytes` (documents are up to tens
@@ -139,6 +147,17 @@ def train_flops_per_byte(cfg: Config) -> float:
     from blt_dist.flops import SampleShape, train_flops_per_byte as counter
 
     return counter(cfg.model, SampleShape.from_data(cfg.data))
+
+
+def batch_flops(cfg: Config, batch: dict):
+    """(useful, executed) training FLOPs of one micro-batch from what its samples really hold:
+    filled byte slots (or tokens) and, for BLT, patches; executed counts every slot, padding
+    included (flops.batch_train_flops). The assumed mean patch size plays no part."""
+    from blt_dist.flops import SampleShape, batch_train_flops
+
+    positions = (batch["doc_ids"] >= 0).sum(dim=1).tolist()  # padding has doc id -1
+    patches = (batch["patch_lengths"] > 0).sum(dim=1).tolist() if cfg.model.family == "blt" else None
+    return batch_train_flops(cfg.model, SampleShape.from_data(cfg.data), positions, patches)
 
 
 def params_total(cfg: Config) -> int:
@@ -341,7 +360,7 @@ def _train(cfg: Config, env, stop: StopRequest) -> int:
     seed_everything(cfg.run.seed + env.rank)  # per-rank streams for anything random from here on
 
     # -- auto-resume -------------------------------------------------------------------------
-    step, seen = 0, {"bytes": 0, "targets": 0, "flops": 0.0}
+    step, seen = 0, {"bytes": 0, "targets": 0, "flops": 0.0, "flops_executed": 0.0}
     wandb_id = None
     resume_dir = Path(cfg.checkpoint.resume_from) if cfg.checkpoint.resume_from else run_dir
     tag = checkpoint.choose_for_resume(resume_dir, env.is_main) if cfg.checkpoint.resume else None
@@ -354,7 +373,7 @@ def _train(cfg: Config, env, stop: StopRequest) -> int:
         state = checkpoint.load(engine, resume_dir, tag, env.rank)
         loader.load_state_dict(state["loader"])
         checkpoint.set_rng_state(state["rng"])
-        step, seen, wandb_id = state["step"], state["seen"], state.get("wandb_id")
+        step, seen, wandb_id = state["step"], {**seen, **state["seen"]}, state.get("wandb_id")
     dropped = drop_metrics_after(run_dir, step) if env.is_main else 0
     # wandb resumes its run: the id is in every checkpoint, and in the run dir from the first
     # start on, so a job stopped before its first checkpoint continues the same wandb run too
@@ -390,6 +409,8 @@ def _train(cfg: Config, env, stop: StopRequest) -> int:
     nonfinite_in_a_row = 0
     plain_optimizer = cfg.parallel.zero_stage == 0 and cfg.train.dtype == "fp32"
     window = _new_window()
+    # pipeline stages all read the same batches: count each data-parallel batch on one of them
+    counts_batches = not pipelined or engine.is_last_stage()
     last_saved = step if tag else -1
     while step < total_steps:
         lr = lr_at(step, total_steps, cfg.optim)
@@ -398,8 +419,14 @@ def _train(cfg: Config, env, stop: StopRequest) -> int:
         data_started = time.perf_counter()
         batches = [next(loader) for _ in range(cfg.train.grad_accum)]
         window["data_time"] += time.perf_counter() - data_started
+        step_useful = step_executed = 0.0  # training FLOPs of this step's batches
         for batch in batches:
             window["digest"] = (window["digest"] + batch_digest(batch)) % (1 << 62)
+            if not counts_batches:
+                continue
+            useful, executed = batch_flops(cfg, batch)
+            step_useful, step_executed = step_useful + useful, step_executed + executed
+            window["filled"] += int((batch["doc_ids"] >= 0).sum())
             if family == "blt":
                 window["patches"] += int((batch["patch_lengths"] > 0).sum())
         poison = step + 1 in faults.nan_at_steps
@@ -425,6 +452,9 @@ def _train(cfg: Config, env, stop: StopRequest) -> int:
         else:
             nonfinite_in_a_row = 0
             window["sums"] = window["sums"].add(step_sums)
+            # FLOPs seen, like bytes seen, are those of the steps that updated the model
+            window["flops"] += step_useful
+            window["flops_executed"] += step_executed
 
         stop_now = stop.agreed()
         save_now = bool(cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or stop_now or step == total_steps
@@ -433,24 +463,34 @@ def _train(cfg: Config, env, stop: StopRequest) -> int:
         # metrics a resumed run continues from, then include every step up to it)
         if step % cfg.log.every == 0 or save_now:
             sums = all_reduce_sums(window["sums"], env.device)
+            useful, executed = all_reduce_floats([window["flops"], window["flops_executed"]], env.device)
             seen["bytes"] += sums.bytes
             seen["targets"] += sums.targets
-            seen["flops"] += sums.bytes * flops_per_byte
+            seen["flops"] += useful
+            seen["flops_executed"] += executed
             elapsed = max(window["time"], 1e-9)
             bytes_per_s = sums.bytes / elapsed
+            # MFU counts the useful FLOPs (the model's work on real bytes: comparable across
+            # families); mfu_executed counts every slot the static shapes run, padding included
+            # (the hardware's view). Both over the matmul peak of every rank together.
+            job_peak = env.world_size * peak
+            samples = window["steps"] * ds_config["train_batch_size"]
             record = {
                 "step": step, "total_steps": total_steps, "loss": sums.mean_nll, "bpb": sums.bpb, "lr": lr,
                 "grad_norm": window["gnorm"], "data_digest": reduce_int(window["digest"]),
-                "bytes_per_s": bytes_per_s, "tflops": bytes_per_s * flops_per_byte / 1e12,
-                "mfu": bytes_per_s * flops_per_byte / env.world_size / peak if peak == peak else float("nan"),
+                "bytes_per_s": bytes_per_s, "tflops": useful / elapsed / 1e12,
+                "mfu": useful / elapsed / job_peak if peak == peak else float("nan"),
+                "mfu_executed": executed / elapsed / job_peak if peak == peak else float("nan"),
+                "padding_fraction": 1 - useful / executed if executed else float("nan"),
                 "memory_gb": memory_gb(env.device), "data_fraction": window["data_time"] / elapsed,
                 "eta_s": elapsed / window["steps"] * (total_steps - step),
-                "bytes_seen": seen["bytes"], "flops_seen": seen["flops"],
+                "bytes_seen": seen["bytes"], "flops_seen": seen["flops"], "flops_executed_seen": seen["flops_executed"],
             }
             if family == "blt":
                 patches = reduce_int(window["patches"])
                 record["mean_patch_size"] = sums.bytes / max(patches, 1)
-                record["patches_per_sample"] = patches / (window["steps"] * ds_config["train_batch_size"])
+                record["patches_per_sample"] = patches / samples
+                record["byte_slots_per_sample"] = reduce_int(window["filled"]) / samples
             log.log(record, format_line(record))
             window = _new_window()
 
@@ -488,8 +528,8 @@ def _train(cfg: Config, env, stop: StopRequest) -> int:
 
 def _new_window() -> dict:
     """What accumulates between two log lines."""
-    return {"sums": LossSums(), "time": 0.0, "data_time": 0.0, "patches": 0, "steps": 0, "digest": 0,
-            "gnorm": float("nan")}
+    return {"sums": LossSums(), "time": 0.0, "data_time": 0.0, "patches": 0, "filled": 0, "steps": 0, "digest": 0,
+            "gnorm": float("nan"), "flops": 0.0, "flops_executed": 0.0}
 
 
 def _plain_step(engine, batches, family, device, plain_optimizer: bool, poison: bool) -> tuple:
@@ -557,4 +597,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not cfg.data.train:
         raise UserError("data.train: no training dataset (prepare one with `blt-dist prepare`, then data.train=DIR)")
-    return train(cfg)
+    status = train(cfg)
+    # Every file is written and closed and the process group is destroyed. What is left is the
+    # interpreter's own teardown, in which gloo/DeepSpeed threads still alive in static objects
+    # occasionally abort the process ("terminate called without an active exception", seen on
+    # a ZeRO-3 rank under load): a finished run must not exit as a crash, so skip that teardown.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
