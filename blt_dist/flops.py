@@ -460,7 +460,8 @@ def format_report(r: dict) -> str:
                      f"seq_len={b['seq_len']} params={_human(b['params_total'])} "
                      f"train FLOPs/byte={_human(b['train_flops_per_byte'])} (x{b['flop_ratio_to_blt']:.3f})")
     if "bytes_per_token" in r:
-        lines.append(f"at {r['bytes_per_token']['bytes_per_token']:.3f} bytes/token from {r['bytes_per_token']['source']}")
+        compression = r["bytes_per_token"]
+        lines.append(f"at {compression['bytes_per_token']:.3f} bytes/token from {compression['source']}")
     if "matched_blt" in r:
         b = r["matched_blt"]
         lines.append(f"matched BLT latent: dim={b['dim']} n_layers={b['n_layers']} n_heads={b['n_heads']} "

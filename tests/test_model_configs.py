@@ -14,7 +14,8 @@ from tests.conftest import REPO
 
 SIZES = {"125m": 125e6, "350m": 350e6, "1b": 1e9, "3b": 3e9}
 ENTROPY_SIZES = {"tiny": (0.9e6, 1.1e6), "small": (10e6, 20e6), "100m": (90e6, 110e6)}
-SHIPPED = [f"entropy/{n}" for n in ENTROPY_SIZES] + [f"{f}/{n}" for f in ("blt", "bpe", "byte") for n in ("tiny", *SIZES)]
+SHIPPED = [f"entropy/{n}" for n in ENTROPY_SIZES] + [f"{f}/{n}" for f in ("blt", "bpe", "byte")
+                                                     for n in ("tiny", *SIZES)]
 
 
 def test_every_config_file_is_shipped():
