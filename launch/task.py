@@ -94,6 +94,10 @@ def after_srun(run_dir: Path, srun_status: int) -> int:
     this_run = state.get("job_id") == job_id and state.get("restart_count") == restart
     if this_run and state.get("event") in (*records.STOP_REASONS, "cancelled", "gave_up", "requeue_failed"):
         return 0  # the task stopped on purpose and has requeued (or not) itself; srun saw it killed
+    if this_run and state.get("event") == "completed":
+        # the run finished and exported; a task then died in the interpreter's teardown
+        print(f"[launch] run completed; srun exited with status {srun_status} after it (not retried)", flush=True)
+        return 0
     max_retries = load_config(run_dir / "config.yaml").launch.max_retries
     failures = records.count(run_dir, "failed")
     reason = f"srun exited with status {srun_status} (see {run_dir / 'slurm'} for the task logs)"
