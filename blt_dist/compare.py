@@ -27,7 +27,8 @@ z_i = (bits_i - R bytes_i) / sum(bytes), SE^2 = m/(m-1) sum z_i^2 over the m doc
 Families are scored on the same documents, so a difference is paired: z_i of one run minus
 z_i of the other, which cancels what makes a document hard for everyone. Several seeds of the
 same (family, size, budget) are averaged, and their spread enters as var(seeds)/seeds. A
-difference within 2 SE (about 95%) is a tie. Runs are compared at equal training FLOPs: the
+difference within 2 SE (about 95%) is a tie; with fewer than 5 documents in a content type the
+SE cannot be trusted and no winner is called ("n/a"). Runs are compared at equal training FLOPs: the
 sweep's budget, else train.flops, else the FLOPs spent, grouped within 10%.
 
 Output: REPORT/report.md (also printed) and PNGs: bpb_vs_flops.png, training_curves.png,
@@ -52,6 +53,7 @@ from blt_dist.errors import UserError
 
 CACHE_VERSION = 1  # bump when what an eval record holds or means changes
 TIE_SE = 2.0  # a difference within this many standard errors is a tie
+MIN_DOCUMENTS = 5  # below this the SE is itself too uncertain to call a winner: "n/a"
 BUDGET_TOLERANCE = 0.10  # runs whose budgets differ by less than this are at "equal FLOPs"
 FAMILY_ORDER = ("blt", "bpe", "byte", "entropy")
 
@@ -121,7 +123,11 @@ def _missing(run_dir: Path) -> list[str]:
 def _load_run(run_dir: Path, size: str = "", budget: Optional[float] = None) -> Run:
     from blt_dist.config import load_config
 
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    path = run_dir / "metrics.jsonl"
+    try:
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not JSON lines ({err})") from None
     return Run(run_dir.name, run_dir, load_config(run_dir / "config.yaml"), records, size, budget)
 
 
@@ -404,8 +410,9 @@ def cell_estimate(estimates: list[Estimate]) -> Estimate:
 
 
 def verdict(difference: Estimate, names: tuple[str, str]) -> str:
-    """'A' / 'B' (lower bpb wins) or 'tie' when |difference| <= 2 SE. difference = A - B."""
-    if not math.isfinite(difference.value):
+    """'A' / 'B' (lower bpb wins), 'tie' when |difference| <= 2 SE, 'n/a' on too few documents.
+    difference = A - B."""
+    if not math.isfinite(difference.value) or difference.documents < MIN_DOCUMENTS:
         return "n/a"
     if difference.value == 0 or abs(difference.value) <= TIE_SE * difference.se:
         return "tie"
@@ -508,7 +515,8 @@ def comparisons(rows: list[Row], content_types: list[str], noise_names: list[str
                     ea, eb = _family_estimate(rows_a, measure, ctype), _family_estimate(rows_b, measure, ctype)
                     diff = ea - eb
                     out.append({"size": size, "budget": budget, "a": a, "b": b, "seeds": (len(rows_a), len(rows_b)),
-                                "measure": measure, "content_type": ctype or "all", "value_a": ea.value,
+                                "measure": measure, "content_type": ctype or "all", "documents": diff.documents,
+                                "value_a": ea.value,
                                 "value_b": eb.value, "difference": diff.value, "se": diff.se,
                                 "winner": verdict(diff, (a, b))})
     return out
@@ -529,6 +537,9 @@ def _verdict_sentence(pair: list[dict], measure: str) -> str:
     ties = [c["content_type"] for c in pair if c["winner"] == "tie"]
     if ties:
         parts.append(f"tie on {', '.join(ties)}")
+    uncalled = [f"{c['content_type']} ({c['documents']} documents)" for c in pair if c["winner"] == "n/a"]
+    if uncalled:
+        parts.append(f"not called on {', '.join(uncalled)}: fewer than {MIN_DOCUMENTS} documents")
     return "; ".join(parts) + "."
 
 
@@ -576,7 +587,8 @@ def build_report(rows: list[Row], compressors: dict, heldout: Heldout, noises: l
             record = r.noised[measure] if measure else r.clean
             total = ratio_estimate(record)
             cells = [_bpb(record["by_content_type"].get(c, {}).get("bpb")) for c in content_types]
-            body.append([r.label, *cells, f"{total.value:.3f} ± {total.se:.3f}"]
+            body.append([r.label, *cells, f"{total.value:.3f} ± {total.se:.3f}" if math.isfinite(total.se)
+                         else f"{total.value:.3f}"]
                         + ([f"{record['bpb'] - r.clean['bpb']:+.3f}"] if measure else []))
         clean_compressors = compressors["clean"]
         for name, c in compressors[measure or "clean"].items():
@@ -611,7 +623,7 @@ def _verdicts(rows: list[Row], content_types: list[str], noise_names: list[str])
     lines = ["## Who wins", "",
              f"At equal training FLOPs (within {BUDGET_TOLERANCE:.0%}) and size, lower bpb wins; a difference within "
              f"{TIE_SE:g} standard errors (paired over documents, plus the seed-to-seed spread where a family has "
-             "several seeds) is a tie.", ""]
+             f"several seeds) is a tie; on fewer than {MIN_DOCUMENTS} documents no winner is called (n/a).", ""]
     found = comparisons(rows, content_types, noise_names)
     if not found:
         lines += ["No two families share a training budget and size: nothing is compared head to head "
@@ -631,10 +643,11 @@ def _verdicts(rows: list[Row], content_types: list[str], noise_names: list[str])
                                            else f"Clean-to-noised gap `{measure[4:]}` (smaller is more robust)")
             lines.append(f"- {title}: " + _verdict_sentence([c for c in items if c["measure"] == measure], measure))
         lines.append("")
-        body = [[c["measure"], c["content_type"], _bpb(c["value_a"]), _bpb(c["value_b"]), f"{c['difference']:+.3f}",
+        body = [[c["measure"], c["content_type"], str(c["documents"]), _bpb(c["value_a"]), _bpb(c["value_b"]),
+                 f"{c['difference']:+.3f}",
                  f"{TIE_SE * c['se']:.3f}" if math.isfinite(c["se"]) else "-",
                  c["winner"].upper() if c["winner"] not in ("tie", "n/a") else c["winner"]] for c in items]
-        lines += _table(["measure", "content type", a.upper(), b.upper(), f"{a.upper()} - {b.upper()}",
+        lines += _table(["measure", "content type", "docs", a.upper(), b.upper(), f"{a.upper()} - {b.upper()}",
                          f"± {TIE_SE:g} SE", "verdict"], body) + [""]
     return lines
 
@@ -652,10 +665,13 @@ def _against_compressors(rows: list[Row], compressors: dict, content_types: list
         for r in rows:
             e = ratio_estimate(r.clean, ctype)
             gap = e.value - best
-            state = "tie" if abs(gap) <= TIE_SE * e.se else ("below" if gap < 0 else "above")
+            if e.documents < MIN_DOCUMENTS:
+                state = "n/a"
+            else:
+                state = "tie" if abs(gap) <= TIE_SE * e.se else ("below" if gap < 0 else "above")
             verdicts.append(f"{r.label} {state} ({gap:+.3f})")
         body.append([key, f"{best:.3f} ({name})", "; ".join(verdicts)])
-    lines += _table(["content type", "best compressor", "runs: below / above / tie (bpb - best)"], body)
+    lines += _table(["content type", "best compressor", "runs: below / above / tie / n/a (bpb - best)"], body)
     return lines + [""]
 
 

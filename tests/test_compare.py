@@ -150,6 +150,13 @@ def test_ratio_estimator_standard_error_by_hand():
     assert cmp.ratio_estimate(_record([1.0], [4])).se == math.inf  # one document: unknown, never a win
 
 
+def test_too_few_documents_are_not_called():
+    few = cmp.comparisons([_fake_row("blt", _record([1.0, 1.1, 1.2], [1, 1, 1])),
+                           _fake_row("bpe", _record([5.0, 6.0, 7.0], [1, 1, 1]))], ["prose"], [])
+    assert all(c["winner"] == "n/a" and c["documents"] == 3 for c in few)
+    assert "not called on prose (3 documents)" in cmp._verdict_sentence(few[:1], "clean")
+
+
 def test_identical_runs_tie_and_a_clear_difference_wins():
     rng = np.random.default_rng(0)
     nbytes = rng.integers(100, 1000, 40).tolist()
