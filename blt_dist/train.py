@@ -123,24 +123,28 @@ def all_reduce_floats(values: list[float], device) -> list[float]:
     return t.cpu().tolist()
 
 
-def measure_bytes_per_sample(spec, rank: int, world_size: int, probe_bytes: float = 8e6, max_batches: int = 4000) -> float:
-    """Raw bytes one sample predicts, measured on this rank's own data stream (a separate loader:
-    the training loader's state is untouched) over about `probe_bytes` (documents are up to tens
-    of KB: a short probe sees only a few of them). Deterministic, so a resumed run derives the
-    same step count. BLT samples hold fewer bytes than their capacity (whole patches only) and a
-    BPE token covers a data-dependent number of bytes: a guess from the config would miss a FLOP
-    budget by the difference."""
+def measure_per_sample(cfg: Config, spec, rank: int, world_size: int, probe_bytes: float = 8e6,
+                       max_batches: int = 4000) -> tuple[float, float]:
+    """(raw bytes, useful training FLOPs) one sample holds, measured on this rank's own data
+    stream (a separate loader: the training loader's state is untouched) over about `probe_bytes`
+    (documents are up to tens of KB: a short probe sees only a few of them). Deterministic, so a
+    resumed run derives the same step count. BLT samples hold fewer bytes and patches than their
+    slots (whole patches only) and a BPE token covers a data-dependent number of bytes: a guess
+    from the config (assumed patch size, bytes per token) would miss a FLOP budget by the
+    difference, and unequally for the two families."""
     from blt_dist.data.loader import Loader
 
     probe = Loader(spec, rank, world_size)
-    total, batches = 0, 0
+    total, flops, batches = 0, 0.0, 0
     while total < probe_bytes and batches < max_batches:
-        total += int(next(probe)["target_bytes"].sum())
+        batch = next(probe)
+        total += int(batch["target_bytes"].sum())
+        flops += batch_flops(cfg, batch).useful
         batches += 1
-    measured = torch.tensor([total, batches * spec.micro_batch_size], dtype=torch.float64)
+    measured = torch.tensor([total, flops, batches * spec.micro_batch_size], dtype=torch.float64)
     if dist.is_initialized():  # every rank must derive the same step count
         dist.all_reduce(measured)
-    return float(measured[0] / measured[1])
+    return float(measured[0] / measured[2]), float(measured[1] / measured[2])
 
 
 def train_flops_per_byte(cfg: Config) -> float:
@@ -166,23 +170,24 @@ def params_total(cfg: Config) -> int:
     return sum(params_by_component(cfg.model).values())
 
 
-def total_steps_for(cfg: Config, flops_per_byte: float, dp_size: int, bytes_per_sample) -> tuple[int, str]:
+def total_steps_for(cfg: Config, dp_size: int, measure) -> tuple[int, str]:
     """(steps, how they were derived): train.max_steps if set, else the steps whose bytes meet
-    train.max_bytes or whose training FLOPs meet train.flops, from the measured bytes per sample
-    (`bytes_per_sample()` is only called then). The LR schedule needs the count up front; the
-    log reports the FLOPs and bytes actually spent."""
+    train.max_bytes or whose useful training FLOPs meet train.flops, from `measure()` -> (bytes,
+    useful FLOPs) per sample, measured on the run's data (only called then). The LR schedule
+    needs the count up front; the log reports the FLOPs and bytes actually spent."""
     t = cfg.train
     if t.max_steps:
         return t.max_steps, "train.max_steps"
     if not (t.max_bytes or t.flops):
         raise UserError("train: set one of max_steps, max_bytes or flops to define the run length")
-    per_sample = bytes_per_sample()
-    bytes_per_step = per_sample * t.micro_batch_size * t.grad_accum * dp_size
+    bytes_per_sample, flops_per_sample = measure()
+    samples_per_step = t.micro_batch_size * t.grad_accum * dp_size
     if t.max_bytes:
-        steps = max(1, round(t.max_bytes / bytes_per_step))
-        return steps, f"train.max_bytes={t.max_bytes:.3g} at {per_sample:.1f} measured bytes/sample"
-    steps = max(1, round(t.flops / (flops_per_byte * bytes_per_step)))
-    return steps, f"train.flops={t.flops:.3g} at {per_sample:.1f} measured bytes/sample"
+        steps = max(1, round(t.max_bytes / (bytes_per_sample * samples_per_step)))
+        return steps, f"train.max_bytes={t.max_bytes:.3g} at {bytes_per_sample:.1f} measured bytes/sample"
+    steps = max(1, round(t.flops / (flops_per_sample * samples_per_step)))
+    return steps, (f"train.flops={t.flops:.3g} at {flops_per_sample:.3g} measured useful FLOPs/sample "
+                   f"({bytes_per_sample:.1f} bytes, {flops_per_sample / bytes_per_sample:.3g} FLOPs/byte)")
 
 
 def check_memory(cfg: Config, world_size: int, device) -> None:
@@ -347,7 +352,7 @@ def _train(cfg: Config, env, stop: StopRequest) -> int:
                 check_entropy_source(path, cfg.data.entropy_model)
     flops_per_byte = train_flops_per_byte(cfg)
     total_steps, length_source = total_steps_for(
-        cfg, flops_per_byte, dp_size, lambda: measure_bytes_per_sample(loader.spec, dp_rank, dp_size)
+        cfg, dp_size, lambda: measure_per_sample(cfg, loader.spec, dp_rank, dp_size)
     )
     marker_info = {
         "world_size": env.world_size,
@@ -385,7 +390,7 @@ def _train(cfg: Config, env, stop: StopRequest) -> int:
         id_file.write_text(log.wandb_id + "\n")
     peak, peak_source = peak_flops(cfg.train.dtype, env.device)
     log.info(
-        f"{family}: {params_total(cfg) / 1e6:.2f}M params, {flops_per_byte:.3g} train FLOPs/byte, "
+        f"{family}: {params_total(cfg) / 1e6:.2f}M params, {flops_per_byte:.3g} train FLOPs/byte at the nominal shape, "
         f"{total_steps} steps ({length_source}), {env.world_size} ranks ({env.backend}), ZeRO-{cfg.parallel.zero_stage}, {cfg.train.dtype}; "
         f"MFU peak {peak / 1e12:.3f} TFLOP/s from {peak_source}"
         + (f"; resumed from {tag} (step {step})" if tag else "")
