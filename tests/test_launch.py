@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from blt_dist.config import load_config
 from blt_dist.errors import ConfigError, UserError
 from blt_dist.parallel.engine import cuda_device_index, resolve_backend
 from blt_dist.train import drop_metrics_after
@@ -291,3 +292,19 @@ def test_local_backend_runs_the_sweep_and_skips_finished_runs(tmp_path):
     assert all(float(r["final_val_bpb"]) > 0 and float(r["flops_spent"]) > 0 for r in rows)
     second = run_cli(*args)
     assert second.returncode == 0 and second.stdout.count("finished, skipped") == 2
+
+
+def test_continue_resubmits_from_the_run_directory_with_new_resources(tmp_path):
+    from launch.slurm import absolute_paths, prepare_run_dir
+
+    run_dir = tmp_path / "run"
+    cfg = absolute_paths(load_config("configs/blt/tiny.yaml", [f"run.dir={run_dir}", f"data.train={tmp_path}",
+                                                                "launch.time_min=10"]))
+    prepare_run_dir(cfg, run_dir, ["launch", "configs/blt/tiny.yaml"])
+    script = (run_dir / "continue.sh").read_text()
+    assert "launch --continue" in script and str(run_dir) in script and '"$@"' in script
+    result = run_cli("launch", "--continue", str(run_dir), "--time", "30", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "#SBATCH --time=30" in result.stdout and str(run_dir / "code") in result.stdout
+    both = run_cli("launch", "configs/blt/tiny.yaml", "--continue", str(run_dir))
+    assert both.returncode == 1 and "not a config file" in both.stderr
