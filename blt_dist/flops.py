@@ -427,7 +427,7 @@ def report(cfg, entropy_cfg=None, blt_template=None, tokenizer: Optional[str] = 
     return out
 
 
-def _human(n: float) -> str:
+def human_count(n: float) -> str:
     for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= scale:
             return f"{n / scale:.3g}{unit}"
@@ -435,21 +435,21 @@ def _human(n: float) -> str:
 
 
 def format_report(r: dict) -> str:
-    lines = [f"family: {r['family']}   params: {_human(r['params_total'])} total, "
-             f"{_human(r['params_named'])} named (main transformer)",
+    lines = [f"family: {r['family']}   params: {human_count(r['params_total'])} total, "
+             f"{human_count(r['params_named'])} named (main transformer)",
              f"{'component':<26}{'params':>10}{'fwd FLOPs/byte':>16}"]
     names = list(dict.fromkeys([*r["params_by_component"], *r["flops_per_byte_by_component"]]))
     for name in names:
         params = r["params_by_component"].get(name)
         flops = r["flops_per_byte_by_component"].get(name)
-        lines.append(f"{name:<26}{_human(params) if params is not None else '-':>10}"
-                     f"{_human(flops) if flops is not None else '-':>16}")
-    lines.append(f"training FLOPs/byte (3 x forward): {_human(r['train_flops_per_byte'])}")
+        lines.append(f"{name:<26}{human_count(params) if params is not None else '-':>10}"
+                     f"{human_count(flops) if flops is not None else '-':>16}")
+    lines.append(f"training FLOPs/byte (3 x forward): {human_count(r['train_flops_per_byte'])}")
     if "matched_bpe" in r:
         b = r["matched_bpe"]
         lines.append(f"matched BPE: dim={b['dim']} n_layers={b['n_layers']} n_heads={b['n_heads']} "
                      f"vocab={b['vocab_size']} tokens_per_sample={b['tokens_per_sample']} "
-                     f"params={_human(b['params_total'])} train FLOPs/byte={_human(b['train_flops_per_byte'])} "
+                     f"params={human_count(b['params_total'])} train FLOPs/byte={human_count(b['train_flops_per_byte'])} "
                      f"(x{b['flop_ratio_to_blt']:.3f})")
     if "matched_bpe" in r:
         lines.append(f"  at {r['matched_bpe']['bytes_per_token']:.3f} bytes/token from "
@@ -457,19 +457,19 @@ def format_report(r: dict) -> str:
     if "matched_byte" in r:
         b = r["matched_byte"]
         lines.append(f"matched byte-level: dim={b['dim']} n_layers={b['n_layers']} n_heads={b['n_heads']} "
-                     f"seq_len={b['seq_len']} params={_human(b['params_total'])} "
-                     f"train FLOPs/byte={_human(b['train_flops_per_byte'])} (x{b['flop_ratio_to_blt']:.3f})")
+                     f"seq_len={b['seq_len']} params={human_count(b['params_total'])} "
+                     f"train FLOPs/byte={human_count(b['train_flops_per_byte'])} (x{b['flop_ratio_to_blt']:.3f})")
     if "bytes_per_token" in r:
         compression = r["bytes_per_token"]
         lines.append(f"at {compression['bytes_per_token']:.3f} bytes/token from {compression['source']}")
     if "matched_blt" in r:
         b = r["matched_blt"]
         lines.append(f"matched BLT latent: dim={b['dim']} n_layers={b['n_layers']} n_heads={b['n_heads']} "
-                     f"train FLOPs/byte={_human(b['train_flops_per_byte'])} (x{b['flop_ratio_to_bpe']:.3f})")
+                     f"train FLOPs/byte={human_count(b['train_flops_per_byte'])} (x{b['flop_ratio_to_bpe']:.3f})")
     if "entropy_model" in r:
         e = r["entropy_model"]
-        lines.append(f"entropy model (offline, not included): params={_human(e['params_total'])} "
-                     f"forward FLOPs/byte={_human(e['forward_flops_per_byte'])}")
+        lines.append(f"entropy model (offline, not included): params={human_count(e['params_total'])} "
+                     f"forward FLOPs/byte={human_count(e['forward_flops_per_byte'])}")
     return "\n".join(lines)
 
 

@@ -250,6 +250,8 @@ def estimate(run: PlannedRun, spec: SweepSpec) -> dict:
 
 
 def format_plan(runs: list[PlannedRun], spec: SweepSpec) -> str:
+    from blt_dist.flops import human_count
+
     e = spec.estimate
     header = (f"sweep {spec.name}: {len(runs)} runs -> {Path(spec.out).resolve()}\n"
               f"estimates assume {e.mfu:.0%} MFU of {e.peak_tflops:g} TFLOP/s per {e.gpu} (dense bf16), "
@@ -261,18 +263,11 @@ def format_plan(runs: list[PlannedRun], spec: SweepSpec) -> str:
     for run in runs:
         est = estimate(run, spec)
         total_gpu += est["gpu_hours"]
-        lines.append(f"{run.name:<26} {run.family:<6} {run.size:<5} {_si(est['params']):>8} {run.budget:>11.3g} "
-                     f"{est['flops_per_byte']:>10.3g} {_si(est['bytes']):>9} {est['steps']:>8,} "
+        lines.append(f"{run.name:<26} {run.family:<6} {run.size:<5} {human_count(est['params']):>8} {run.budget:>11.3g} "
+                     f"{est['flops_per_byte']:>10.3g} {human_count(est['bytes']):>9} {est['steps']:>8,} "
                      f"{est['gpu_hours']:>9.1f} {est['gpu_hours'] / e.gpus_per_node:>8.1f}")
     lines.append(f"total: {total_gpu:,.1f} GPU-hours, {total_gpu / e.gpus_per_node:,.1f} node-hours")
     return "\n".join(lines)
-
-
-def _si(n: float) -> str:
-    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g}{unit}"
-    return f"{n:.3g}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -49,3 +49,12 @@ def write_word_documents(root: Path, words, per_type: int, word_range: tuple[int
             text = " ".join(rng.choice(words, rng.integers(*word_range))).encode()
             (root / ctype / f"{i:02d}.txt").write_bytes(text + (tail(i, rng) if tail else b""))
     return root
+
+
+def word_dataset(root: Path, words, per_type: int = 60) -> Path:
+    """root/ds: a prepared byte dataset of synthetic word documents (prose + code, 10% val)."""
+    from blt_dist.data.prepare import prepare
+
+    write_word_documents(root / "in", words, per_type, (5, 120))
+    prepare([root / "in"], root / "ds", val_fraction=0.1, progress=False)
+    return root / "ds"

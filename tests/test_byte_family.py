@@ -13,10 +13,9 @@ import torch
 
 from blt_dist import flops
 from blt_dist.config import load_config
-from blt_dist.data.prepare import prepare
 from blt_dist.model import CausalLM, build_model
 from blt_dist.model.config import ModelConfig
-from tests.conftest import REPO, write_word_documents
+from tests.conftest import REPO, word_dataset
 from tests.distributed import metrics, run
 
 WORDS = "the quick brown fox jumps over a lazy dog while bytes and patches flow through latent space".split()
@@ -25,8 +24,7 @@ WORDS = "the quick brown fox jumps over a lazy dog while bytes and patches flow 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("byte")
-    write_word_documents(root / "in", WORDS, 40, (5, 120))
-    prepare([root / "in"], root / "ds", val_fraction=0.1, progress=False)
+    word_dataset(root, WORDS, per_type=40)
     return root
 
 

@@ -19,7 +19,7 @@ import pytest
 from blt_dist.data.prepare import prepare
 from blt_dist.data.tokenizer import train_tokenizer
 from launch import records
-from tests.conftest import REPO, run_cli, write_word_documents
+from tests.conftest import REPO, run_cli, word_dataset, write_word_documents
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -54,8 +54,7 @@ def cluster(tmp_path_factory):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("slurm-data")
-    write_word_documents(root / "in", WORDS, 60, (5, 120))
-    prepare([root / "in"], root / "ds", val_fraction=0.1, progress=False)
+    word_dataset(root, WORDS, per_type=60)
     return root
 
 
