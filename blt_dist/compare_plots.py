@@ -120,6 +120,8 @@ def bpb_by_content_type(rows, compressors: dict, path: Path) -> Path:
 
 def patch_sizes(rows, path: Path) -> Path:
     """Share of patches of each length, per content type: where the BLT spends its global steps."""
+    from matplotlib.ticker import MaxNLocator
+
     blt = [r for r in rows if r.run.family == "blt"]
     cols = min(3, len(blt))
     nrows = math.ceil(len(blt) / cols)
@@ -134,6 +136,7 @@ def patch_sizes(rows, path: Path) -> Path:
             mean = t["mean_patch_size"]
             ax.plot(lengths[1:], histogram[1:] / histogram.sum(), marker=".", label=f"{ctype} (mean {mean:.2f})")
         ax.set_title(r.label, fontsize="small")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("patch length (positions)")
         ax.set_ylabel("share of patches")
         ax.grid(True, alpha=0.3)
