@@ -455,12 +455,9 @@ def _inference_flops_per_byte(cfg, record: dict) -> float:
 
 
 def _si(n: float) -> str:
-    if n is None or not math.isfinite(n):
-        return "-"
-    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g}{unit}"
-    return f"{n:.3g}"
+    from blt_dist.flops import human_count
+
+    return "-" if n is None or not math.isfinite(n) else human_count(n)
 
 
 def _bpb(x: Optional[float]) -> str:
