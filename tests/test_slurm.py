@@ -192,7 +192,7 @@ def test_real_preemption_requeues_and_resumes_bit_exactly(uninterrupted, data, t
 def test_time_limit_saves_requeues_and_completes(cluster, data, tmp_path):
     started = time.monotonic()
     run_dir = tmp_path / "timed"
-    steps = 400  # 0.2 s each: more than one 2-minute allocation holds
+    steps = 300  # 0.2 s each: more than one 2-minute allocation (signal at <= 60 s) holds
     job_id = launch(blt_args(data, run_dir, steps), "--time", "2", "--signal-lead", "60", faults="step_sleep_s=0.2")
     status = drive(run_dir, job_id, timeout=600)
     names = event_names(run_dir)
