@@ -29,19 +29,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "flops": ("blt_dist.flops", "parameters and training FLOPs per byte per component; matched BPE shape"),
     "launch": ("launch.slurm", "submit a training run to Slurm (submitit)"),
     "sweep": ("launch.sweep", "a scaling sweep (sizes x families x FLOP budgets x seeds) on Slurm or locally; results.csv"),
-    "compare": ("blt_dist.compare", "BPE-vs-BLT report: bits per byte against training FLOPs"),
+    "compare": ("blt_dist.compare", "BLT vs BPE vs byte-level report: bits per byte at equal training FLOPs"),
     "demo": ("blt_dist.demo", "the main job on the bundled default data"),
     "bench": ("blt_dist.bench", "compute benchmarks (peaks, training bytes/s and MFU, peers, data path, memory) vs targets"),
 }
 
-# Commands whose module is not written yet, with the issue that delivers them.
-NOT_BUILT: dict[str, str] = {
-}
-
-
 def _module_for(name: str):
-    if name in NOT_BUILT:
-        return None
     return importlib.import_module(COMMANDS[name][0])
 
 
@@ -53,14 +46,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (_, help_text) in COMMANDS.items():
-        suffix = f" [not built yet: {NOT_BUILT[name]}]" if name in NOT_BUILT else ""
-        sp = sub.add_parser(name, help=help_text + suffix, description=help_text + suffix)
+        sp = sub.add_parser(name, help=help_text, description=help_text)
         if name == command:
-            module = _module_for(name)
-            if module is not None:
-                module.add_arguments(sp)
-            else:
-                sp.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+            _module_for(name).add_arguments(sp)
     return parser
 
 
@@ -70,9 +58,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = command if command in COMMANDS else None
     args = build_parser(command).parse_args(argv)
 
-    if args.command in NOT_BUILT:
-        print(f"blt-dist {args.command}: not built yet (delivered by {NOT_BUILT[args.command]})", file=sys.stderr)
-        return 3
     run: Callable[[argparse.Namespace], int] = _module_for(args.command).run
     try:
         return int(run(args) or 0)
