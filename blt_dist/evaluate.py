@@ -231,12 +231,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # scoped, not torch.set_grad_enabled(False): the command also runs inside other processes
+    # (tests, notebooks) whose later autograd must keep working
+    with torch.no_grad():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from blt_dist.export import load_export
 
     model_dir = Path(args.model)
     if (model_dir / "export").is_dir():
         model_dir = model_dir / "export"
-    torch.set_grad_enabled(False)
     model, cfg = load_export(model_dir)
     from blt_dist.noise import parse_noise
 

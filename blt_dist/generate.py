@@ -361,6 +361,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # scoped, not torch.set_grad_enabled(False): the command also runs inside other processes
+    # (tests, notebooks) whose later autograd must keep working
+    with torch.inference_mode():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.greedy, args.seed)
     if args.prompt_file is not None:
         if not args.prompt_file.is_file():
@@ -368,7 +375,6 @@ def run(args: argparse.Namespace) -> int:
         prompt = args.prompt_file.read_bytes()
     else:
         prompt = args.prompt.encode("utf-8", "surrogateescape")  # argv bytes that were not UTF-8 come back as they were
-    torch.set_grad_enabled(False)
     decoder, cfg = load_decoder(args.model, args.entropy_model, args.tokenizer)
 
     result = generate(decoder, prompt, args.max_bytes, sampling)
