@@ -34,12 +34,12 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_entropy_model(seed: int) -> tuple[torch.nn.Module, Config]:
+def tiny_entropy_model(seed: int, n_layers: int = 1) -> tuple[torch.nn.Module, Config]:
     """A random entropy model whose entropies vary (the output head is scaled up: at the
     usual init every distribution is close to uniform and entropies barely differ)."""
     torch.manual_seed(seed)
     cfg = Config()
-    cfg.model = ModelConfig(family="entropy", dim=32, n_layers=1, n_heads=2, window=WINDOW)
+    cfg.model = ModelConfig(family="entropy", dim=32, n_layers=n_layers, n_heads=2, window=WINDOW)
     model = build_model(cfg.model)
     with torch.no_grad():
         model.output.weight.mul_(4.0)
@@ -81,6 +81,19 @@ def test_alone_packed_and_chunked_agree_with_the_definition():
             np.testing.assert_allclose(got[k], H, atol=1e-5, rtol=0, err_msg=f"{name}, document {k}")
     # The test can fail: without doc ids, packed documents read each other.
     assert np.ptp(np.concatenate(expected[3:])) > 0.5
+
+
+def test_chunks_of_a_deep_model_see_its_whole_receptive_field():
+    """Three windowed layers reach 3 * (WINDOW - 1) positions back, not one window: chunks given
+    only a window of context would differ from the whole document (and from generation)."""
+    model, _ = tiny_entropy_model(0, n_layers=3)
+    doc = np.random.default_rng(2).bytes(400)
+    expected = reference_entropies(model, doc)
+    context = 3 * WINDOW
+    chunked = document_entropies(model, [doc], WINDOW, batch_positions=4 * context, row_positions=context + 20)[0]
+    np.testing.assert_allclose(chunked, expected, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="receptive field"):
+        document_entropies(model, [doc], WINDOW, row_positions=2 * WINDOW)
 
 
 def test_doc_ids_matter():

@@ -10,12 +10,14 @@ nats of the model's distribution for token i given tokens < i, read from the log
 position i-1; H at BOS is 0 (the convention of patching.py). One float per encoded position:
 len(data) + 2, stored as float16.
 
-How rows are built. The model attends over a sliding window of `window` positions and never
-across documents (doc ids), so a position's entropy depends only on the `window` tokens before
-it in its own document. `document_entropies` uses that twice:
-  * long documents are cut into chunks, each preceded by `window` tokens of left context, so
-    every position sees exactly its full window and the result equals running the whole
-    document at once (up to float rounding: other matmul shapes);
+How rows are built. Each layer attends over a sliding window of `window` positions and never
+across documents (doc ids), so through L layers a position's entropy depends only on the
+L * (window - 1) tokens before it in its own document (its receptive field: one window per
+layer, not one in all). `document_entropies` uses that twice:
+  * long documents are cut into chunks, each preceded by the receptive field as left context,
+    so every position sees exactly what it would see in the whole document and the result
+    equals running the whole document at once, as generation does with its KV caches (up to
+    float rounding: other matmul shapes);
   * short documents and chunks are packed several to a row with distinct doc ids, so rows are
     full and no position sees a token of another piece ("no mixing of rows"); rows are padded
     with PAD and doc id -1, which the mask keeps apart as well.
@@ -77,7 +79,7 @@ JOB = "job.json"
 PART_INFO = "part.json"
 DEFAULT_BATCH_POSITIONS = 16384
 DTYPES = ("auto", "fp32", "bf16")
-ROW_WINDOWS = 4  # default row length in windows: ~1/4 of a long document's positions is context
+ROW_WINDOWS = 4  # default row length in receptive fields: ~1/4 of a long document's positions is context
 GROUP_BATCHES = 8  # documents are read and written in groups of about this many forward passes
 
 
@@ -174,6 +176,13 @@ def _logits_at(model: torch.nn.Module, tokens: torch.Tensor, doc_ids: torch.Tens
         return model.head(h.float())
 
 
+def receptive_field(model: torch.nn.Module, window: int) -> int:
+    """Left context that reaches a position's output through the model's windowed layers. Each
+    mask lets query j see keys j-window+1..j, so L layers reach L * (window - 1) back; one more
+    per layer keeps it exact under either reading of "window" and costs L positions."""
+    return len(model.blocks) * window
+
+
 def document_entropies(
     model: torch.nn.Module,
     documents: Sequence[Union[bytes, np.ndarray]],
@@ -190,23 +199,23 @@ def document_entropies(
     documents: raw bytes (encoded here as BOS + bytes + EOS) or encoded id arrays.
     window: the model's attention window (cfg.model.attention_window).
     batch_positions: positions per forward pass (whole rows, at least one row).
-    row_positions: row length (default 4 * window); documents longer than row_positions -
-        window are chunked. Results do not depend on it beyond float rounding.
+    row_positions: row length (default 4 receptive fields, see receptive_field); longer
+        documents are chunked. Results do not depend on it beyond float rounding.
     dtype: "fp32" (exact reference), "bf16" (autocast: matmuls and attention in bf16, the
         softmax over logits in fp32; entropies move by ~1e-2 nats) or "auto" (resolve_dtype).
     Raises NonFiniteEntropy naming the document (its index in `documents`).
     """
     if not isinstance(window, int) or window < 1:
         raise ValueError(f"window must be a positive number of positions, got {window!r}")
-    row_positions = ROW_WINDOWS * window if row_positions is None else row_positions
-    if row_positions <= window:
-        raise ValueError(f"row_positions ({row_positions}) must exceed the window ({window})")
+    context = receptive_field(model, window)
+    row_positions = ROW_WINDOWS * context if row_positions is None else row_positions
+    if row_positions <= context:
+        raise ValueError(f"row_positions ({row_positions}) must exceed the receptive field ({context}: "
+                         f"{len(model.blocks)} layers of window {window})")
     if batch_positions < 1:
         raise ValueError(f"batch_positions must be positive, got {batch_positions}")
     encoded = [_encoded(d) for d in documents]
-    # The mask lets query j see keys j-window+1..j, so window-1 tokens of context would do;
-    # `window` costs one position and stays exact under either reading of "window".
-    pieces = _pieces([ids.size - 1 for ids in encoded], chunk=row_positions - window, context=window)
+    pieces = _pieces([ids.size - 1 for ids in encoded], chunk=row_positions - context, context=context)
     rows = _pack_rows(pieces, row_positions)
     rows_per_batch = max(1, batch_positions // row_positions)
     out = [np.zeros(ids.size, dtype=np.float32) for ids in encoded]  # H at BOS stays 0
