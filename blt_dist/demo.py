@@ -235,7 +235,6 @@ def run(args: argparse.Namespace) -> int:
         bpe_overrides, byte_overrides = _matched_shapes("configs/blt/tiny.yaml", blt_overrides, tokenizer)
 
     budget = [f"train.flops={flops}", "train.max_steps=0", "train.max_bytes=0", "train.eval_every=0"]
-    run_dirs = {}
     with _Stage(f"train tiny BLT, BPE and byte-level LM, {flops:.3g} training FLOPs each"):
         _train("configs/blt/tiny.yaml", runs / "blt", *blt_overrides, *budget)
         _train("configs/bpe/tiny.yaml", runs / "bpe", f"data.train={shards}", f"data.val={shards}",
@@ -361,8 +360,10 @@ def _summary(run_dirs: dict, heldout: Path, eval_bytes: int, report: Path, calib
         train = calibration.per_type.get(t)
         held = blt[1]["by_content_type"].get(t, {}).get("mean_patch_size") if blt else None
         print(f"{t:<14}{_fmt(train.mean_patch_size if train else None):>21}{_fmt(held):>21}")
-    print(f"{'all':<14}{_fmt(calibration.mean_patch_size):>21}"
-          f"{_fmt(blt[1]['bytes'] / sum(v.get('patches', 0) for v in blt[1]['by_content_type'].values()) if blt else None):>21}")
+    held_all = None
+    if blt:
+        held_all = blt[1]["bytes"] / sum(v.get("patches", 0) for v in blt[1]["by_content_type"].values())
+    print(f"{'all':<14}{_fmt(calibration.mean_patch_size):>21}{_fmt(held_all):>21}")
 
     print(f"\nheld-out bits per byte ({heldout}, up to {eval_bytes:,} bytes per content type), equal training FLOPs")
     print(f"{'':<14}" + "".join(f"{t:>13}" for t in types) + f"{'all':>9}{'FLOPs spent':>13}")
