@@ -71,13 +71,18 @@ def test_real_lm_flops_by_hand():
     assert per_byte["head"] == 2 * 64 * 1000 / 4.0
 
 
-def test_real_blt_flops_by_hand():
-    cfg = ModelConfig(
+def hand_blt() -> ModelConfig:
+    """The small BLT whose FLOPs test_real_blt_flops_by_hand works out by hand."""
+    return ModelConfig(
         family="blt", dim=32, n_layers=1, n_heads=2,
         encoder=LocalModelConfig(dim=16, n_layers=1, n_heads=2, window=4),
         decoder=LocalModelConfig(dim=16, n_layers=1, n_heads=2, window=4),
         cross_attn_k=2, hash=HashEmbeddingConfig(buckets=10),
     )
+
+
+def test_real_blt_flops_by_hand():
+    cfg = hand_blt()
     # 24 byte slots, 8 patch slots, 4 bytes/patch: R = min(24, 8*4) = 24 real bytes, n = 6 patches.
     shape = flops.SampleShape(byte_capacity=24, patches_per_sample=8, patch_size=4.0)
     per_byte = flops.forward_flops_per_byte(cfg, shape)
@@ -221,12 +226,7 @@ def test_batch_flops_by_hand():
 
     # The BLT of test_real_blt_flops_by_hand: one sample of 24 bytes in 6 patches (its hand
     # figures), one of 12 bytes in 3 patches, 24 byte and 8 patch slots each.
-    blt = ModelConfig(
-        family="blt", dim=32, n_layers=1, n_heads=2,
-        encoder=LocalModelConfig(dim=16, n_layers=1, n_heads=2, window=4),
-        decoder=LocalModelConfig(dim=16, n_layers=1, n_heads=2, window=4),
-        cross_attn_k=2, hash=HashEmbeddingConfig(buckets=10),
-    )
+    blt = hand_blt()
     shape = flops.SampleShape(byte_capacity=24, patches_per_sample=8, patch_size=4.0)
     first = 24 * sum(flops.forward_flops_per_byte(blt, shape).values())
     # 12 bytes: window context (1+2+3+4 + 8*4)/12 = 3.5; 3 patches of 4 bytes: latent context 2.
