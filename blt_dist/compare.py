@@ -31,6 +31,11 @@ difference within 2 SE (about 95%) is a tie; with fewer than 5 documents in a co
 SE cannot be trusted and no winner is called ("n/a"). Runs are compared at equal training FLOPs: the
 sweep's budget, else train.flops, else the FLOPs spent, grouped within 10%.
 
+Compute. Per run: the budget, useful training FLOPs (the bytes, patches and tokens batches really
+held), executed FLOPs (every static slot, padding included), and both per byte seen. A pair of
+runs at one budget whose useful FLOPs per byte differ by more than 5% is flagged: matching failed
+and the cheaper family saw more text.
+
 Output: REPORT/report.md (also printed) and PNGs: bpb_vs_flops.png, training_curves.png,
 bpb_by_content_type.png, patch_sizes.png (BLT runs), noise_gap.png (with --noise).
 """
@@ -55,6 +60,7 @@ CACHE_VERSION = 1  # bump when what an eval record holds or means changes
 TIE_SE = 2.0  # a difference within this many standard errors is a tie
 MIN_DOCUMENTS = 5  # below this the SE is itself too uncertain to call a winner: "n/a"
 BUDGET_TOLERANCE = 0.10  # runs whose budgets differ by less than this are at "equal FLOPs"
+PER_BYTE_TOLERANCE = 0.05  # compared runs whose training FLOPs per byte differ by more are flagged
 FAMILY_ORDER = ("blt", "bpe", "byte", "entropy")
 
 
@@ -91,6 +97,18 @@ class Run:
     def flops_spent(self) -> float:
         train = self.train_records
         return float(train[-1].get("flops_seen", 0.0)) if train else 0.0
+
+    @property
+    def flops_executed(self) -> float:
+        """Training FLOPs of every slot the static shapes ran, padding included (nan for runs
+        logged before the trainer counted them)."""
+        train = self.train_records
+        return float(train[-1].get("flops_executed_seen", math.nan)) if train else math.nan
+
+    @property
+    def flops_per_byte(self) -> float:
+        """Useful training FLOPs per raw byte seen: what a byte of training really cost."""
+        return self.flops_spent / self.bytes_seen if self.bytes_seen else math.nan
 
     @property
     def bytes_seen(self) -> int:
@@ -576,6 +594,7 @@ def build_report(rows: list[Row], compressors: dict, heldout: Heldout, noises: l
         lines += ["", "Training FLOPs: 3 x forward, counted by the trainer (entropy model excluded). Inference "
                   "FLOPs/byte: forward, blt_dist/flops.py at the patch size / bytes per token measured on the "
                   "held-out text.", ""]
+        lines += _compute(rows)
 
     def bpb_table(title: str, measure: Optional[str]) -> None:
         header = ["run", *content_types, "all ± SE"] + (["gap vs clean"] if measure else [])
@@ -605,6 +624,50 @@ def build_report(rows: list[Row], compressors: dict, heldout: Heldout, noises: l
     if plots:
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     return "\n".join(lines)
+
+
+def _compute(rows: list[Row]) -> list[str]:
+    """What each run's training cost: budget, useful and executed FLOPs, FLOPs per byte, and a
+    flag on every compared pair whose per-byte cost differs by more than PER_BYTE_TOLERANCE (at
+    an equal budget the cheaper family then simply saw more bytes)."""
+    lines = ["## Training compute", ""]
+    body = []
+    for r in rows:
+        executed = r.run.flops_executed
+        padding = 1 - r.run.flops_spent / executed if executed and math.isfinite(executed) else math.nan
+        body.append([r.label, r.run.family, f"{r.run.comparison_budget:.3g}", f"{r.run.flops_spent:.3g}",
+                     f"{executed:.3g}" if math.isfinite(executed) else "-",
+                     f"{padding:.1%}" if math.isfinite(padding) else "-", _si(r.run.bytes_seen),
+                     _si(r.run.flops_per_byte),
+                     _si(executed / r.run.bytes_seen) if math.isfinite(executed) and r.run.bytes_seen else "-"])
+    lines += _table(["run", "family", "budget", "useful FLOPs", "executed FLOPs", "padding", "bytes seen",
+                     "useful FLOPs/byte", "executed FLOPs/byte"], body)
+    lines += ["", "Useful FLOPs count the bytes, patches and tokens each batch really holds; executed FLOPs count "
+              "every slot the static shapes run, padding included (paid for, never useful). Runs are matched "
+              "and compared on useful FLOPs.", ""]
+    flags = per_byte_cost_flags(rows)
+    if flags:
+        lines += [f"**Per-byte cost differs by more than {PER_BYTE_TOLERANCE:.0%}** between runs compared at one "
+                  "budget, so they saw different amounts of text: " + "; ".join(flags) + ".", ""]
+    elif len(rows) > 1:
+        lines += [f"Every pair compared at one budget is within {PER_BYTE_TOLERANCE:.0%} in useful training FLOPs "
+                  "per byte.", ""]
+    return lines
+
+
+def per_byte_cost_flags(rows: list[Row]) -> list[str]:
+    """'bpe-run: 1.59x blt-run's FLOPs/byte' for each pair of runs in one (size, budget) cell
+    whose useful training FLOPs per byte differ by more than PER_BYTE_TOLERANCE."""
+    flags = []
+    for members in _cells(rows).values():
+        for a, b in itertools.combinations(sorted(members, key=lambda r: _family_rank(r.run.family)), 2):
+            if a.run.family == b.run.family:
+                continue
+            ratio = b.run.flops_per_byte / a.run.flops_per_byte
+            if math.isfinite(ratio) and abs(ratio - 1) > PER_BYTE_TOLERANCE:
+                flags.append(f"{b.label} costs {ratio:.2f}x {a.label}'s FLOPs per byte "
+                             f"({_si(b.run.flops_per_byte)} vs {_si(a.run.flops_per_byte)})")
+    return flags
 
 
 def _patch_cell(row: Row) -> str:

@@ -81,7 +81,8 @@ def test_report_on_two_runs_with_noise_plots_and_cache(setup, tmp_path, capsys, 
         assert f"]({name})" in report
     for needle in ("## Runs", "## Bits per byte, clean", "## Bits per byte, noised `swap:0.1`", "## Who wins",
                    "### BLT vs BPE, 1e+09 training FLOPs", "*gzip -9*", "*bz2 -9*", "*xz -9e*",
-                   "## Against the compressors",
+                   "## Against the compressors", "## Training compute",
+                   "Every pair compared at one budget is within 5% in useful training FLOPs per byte",
                    "Clean-to-noised gap `swap:0.1`"):
         assert needle in report, needle
     table = [line for line in report.splitlines() if line.startswith("| blt |")]
@@ -129,10 +130,10 @@ def test_sweep_directory_gives_sizes_and_budgets(setup, tmp_path):
     assert len(skipped) == 1 and "bpe-late: no config.yaml, no metrics.jsonl, no export/" in skipped[0]
 
 
-def _fake_row(family: str, record: dict, seed: int = 0, budget: float = BUDGET):
+def _fake_row(family: str, record: dict, seed: int = 0, budget: float = BUDGET, metrics: list[dict] = ()):
     cfg = SimpleNamespace(model=SimpleNamespace(family=family), run=SimpleNamespace(seed=seed),
                           train=SimpleNamespace(flops=budget))
-    return cmp.Row(cmp.Run(f"{family}{seed}", Path(f"/x/{family}{seed}"), cfg, []), record)
+    return cmp.Row(cmp.Run(f"{family}{seed}", Path(f"/x/{family}{seed}"), cfg, list(metrics)), record)
 
 
 def _record(bits: list[float], nbytes: list[int], types=None) -> dict:
@@ -173,6 +174,24 @@ def test_identical_runs_tie_and_a_clear_difference_wins():
                                                              ["prose"], []))
     # different budgets are not compared head to head
     assert cmp.comparisons([_fake_row("blt", better), _fake_row("bpe", record, budget=3 * BUDGET)], ["prose"], []) == []
+
+
+def test_pairs_whose_per_byte_cost_differs_are_flagged():
+    record = _record([1.0] * 5, [1] * 5)
+
+    def row(family, flops, executed, budget=BUDGET):
+        metrics = [{"step": 9, "loss": 1.0, "bytes_seen": 1000, "flops_seen": flops, "flops_executed_seen": executed}]
+        return _fake_row(family, record, budget=budget, metrics=metrics)
+
+    blt, bpe = row("blt", BUDGET, 1.25 * BUDGET), row("bpe", 1.59 * BUDGET, 1.59 * BUDGET)
+    assert blt.run.flops_per_byte == BUDGET / 1000 and blt.run.flops_executed == 1.25 * BUDGET
+    flags = cmp.per_byte_cost_flags([blt, bpe])
+    assert len(flags) == 1 and "bpe0 costs 1.59x blt0's FLOPs per byte" in flags[0]
+    assert cmp.per_byte_cost_flags([blt, row("bpe", 1.04 * BUDGET, 1.04 * BUDGET)]) == []  # within 5%
+    assert cmp.per_byte_cost_flags([blt, row("bpe", 1.59 * BUDGET, 0, budget=5 * BUDGET)]) == []  # not compared
+    report = "\n".join(cmp._compute([blt, bpe]))
+    assert "**Per-byte cost differs by more than 5%**" in report
+    assert "| blt0 | blt | 1e+09 | 1e+09 | 1.25e+09 | 20.0% | 1K | 1M | 1.25M |" in report
 
 
 def test_seed_spread_widens_the_uncertainty():
