@@ -235,6 +235,30 @@ def fastest_dtype(make_model: Callable[[], torch.nn.Module], batch: dict, dtypes
     return best
 
 
+def side_by_side(makers: dict[str, Callable[[], torch.nn.Module]], forwards: dict[str, Optional[Callable]],
+                 batch: dict, dtypes: tuple[str, ...], rounds: int, device: torch.device) -> dict[str, tuple[float, str]]:
+    """{name: (seconds, dtype)} of each model's fastest step, the models' steps interleaved
+    (a, b, a, b, ...) for `rounds` rounds per dtype after a warm-up step each, so that load
+    from other jobs drifting during the measurement hits every side alike. A ratio of two
+    sequential measurements moved by 25% between runs on a shared machine."""
+    best = {name: (math.inf, dtypes[0]) for name in makers}
+    for dtype in dtypes:
+        steps = {}
+        for name, make_model in makers.items():
+            torch.manual_seed(0)
+            with torch.device(device):
+                model = make_model()
+            steps[name] = training_step(model, batch, dtype, device, forwards.get(name))
+            steps[name]()  # warm-up
+        for _ in range(rounds):
+            for name, step in steps.items():
+                start = time.perf_counter()
+                step()
+                best[name] = min(best[name], (time.perf_counter() - start, dtype))
+        del steps
+    return best
+
+
 def measure_workload(work: Workload, dtypes: tuple[str, ...], timed_steps: int, device: torch.device) -> dict:
     """{'step_s', 'dtype', 'bytes_per_s', 'flops_per_s', 'train_flops_per_byte'} of our model,
     at the fastest of `dtypes`."""
@@ -694,17 +718,18 @@ def run_suite(suite_name: str, device: Optional[torch.device] = None, log: Calla
     else:
         m = config_model("blt/tiny")
         batch = Workload(m, large, batch=1).make_batch()
-        ours, our_dtype = fastest_dtype(lambda: build_model(m), batch, dtypes, suite.timed_steps, device)
-        theirs, their_dtype = fastest_dtype(lambda: hf_blt(m, large), batch, dtypes, suite.timed_steps, device,
-                                            _hf_forward)
+        timed = side_by_side({"ours": lambda: build_model(m), "theirs": lambda: hf_blt(m, large)},
+                             {"theirs": _hf_forward}, batch, dtypes, suite.timed_steps, device)
+        (ours, our_dtype), (theirs, their_dtype) = timed["ours"], timed["theirs"]
         add(Row(f"our BLT step / HF BltForCausalLM, tiny shape, {large} B", ours / theirs, "x", "<= 0.33",
                 note=f"{ours:.3f} s ({our_dtype}) vs {theirs:.3f} s ({their_dtype}), transformers {version}"))
         m, ratios = config_model("bpe/tiny"), []
         for tokens in suite.llama_tokens:
             batch = bpe_batch(tokens, max(1, suite.step_bytes // 4 // tokens), m.vocab_size)
-            ours, our_dtype = fastest_dtype(lambda: build_model(m), batch, dtypes, suite.timed_steps, device)
-            theirs, their_dtype = fastest_dtype(lambda: hf_llama(m, tokens), batch, dtypes, suite.timed_steps, device,
-                                                _hf_forward)
+            # steps of a few hundred ms at most: enough rounds for the minimum to settle
+            timed = side_by_side({"ours": lambda: build_model(m), "theirs": lambda: hf_llama(m, tokens)},
+                                 {"theirs": _hf_forward}, batch, dtypes, max(suite.timed_steps, 5), device)
+            (ours, our_dtype), (theirs, their_dtype) = timed["ours"], timed["theirs"]
             ratios.append((ours / theirs, tokens, our_dtype, their_dtype))
         worst = max(ratios)
         add(Row(f"our LM step / HF Llama, tiny BPE shape, {'/'.join(str(t) for t in suite.llama_tokens)} tokens (worst)",
