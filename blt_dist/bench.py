@@ -728,7 +728,7 @@ def run_suite(suite_name: str, device: Optional[torch.device] = None, log: Calla
             batch = bpe_batch(tokens, max(1, suite.step_bytes // 4 // tokens), m.vocab_size)
             # steps of a few hundred ms at most: enough rounds for the minimum to settle
             timed = side_by_side({"ours": lambda: build_model(m), "theirs": lambda: hf_llama(m, tokens)},
-                                 {"theirs": _hf_forward}, batch, dtypes, max(suite.timed_steps, 5), device)
+                                 {"theirs": _hf_forward}, batch, dtypes, max(suite.timed_steps, 10), device)
             (ours, our_dtype), (theirs, their_dtype) = timed["ours"], timed["theirs"]
             ratios.append((ours / theirs, tokens, our_dtype, their_dtype))
         worst = max(ratios)
