@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -212,7 +213,9 @@ def run(args: argparse.Namespace) -> int:
 
     with _Stage("entropies for the demo shards"):
         entropies = demo / "entropies"
-        _cli("entropies", "--model", str(entropy), "--data", str(shards), "--out", str(entropies),
+        # worker processes of one thread each beat one process of several threads for this small model
+        workers = str(min(4, len(os.sched_getaffinity(0))))
+        _cli("entropies", "--model", str(entropy), "--data", str(shards), "--out", str(entropies), "--workers", workers,
              *([] if progress else ["--no-progress"]), *(["--force"] if retrained and entropies.exists() else []))
 
     with _Stage("calibrate the threshold for 4.5 bytes per patch"):

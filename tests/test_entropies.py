@@ -269,6 +269,43 @@ def test_parts_give_the_same_dataset_as_one_run(world, tmp_path):
     assert (again.done, again.skipped) == (0, second.done) and tree(out) == tree(world / "reference")
 
 
+def test_workers_give_the_same_dataset_as_one_process(world, tmp_path):
+    """Two spawned worker processes share the shards (largest first): the same bytes as one
+    process, and a rerun finds every part done."""
+    out = tmp_path / "out"
+    result = run(world, out, workers=2)
+    assert result.manifest is not None and result.done == len(ent.list_shards(ByteDataset(world / "bytes")))
+    assert result.documents == sum(1 for s in ByteDataset(world / "bytes").streams() for _ in iter_stream(s.path))
+    assert tree(out) == tree(world / "reference")
+    again = run(world, out, workers=2)
+    assert (again.done, again.skipped) == (0, result.done) and tree(out) == tree(world / "reference")
+
+
+def test_device_and_workers_are_checked(world, tmp_path):
+    with pytest.raises(UserError, match="--workers must be at least 1"):
+        run(world, tmp_path / "a", workers=0)
+    with pytest.raises(UserError, match="--device: one of auto, cpu, cuda"):
+        run(world, tmp_path / "b", device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="--device cuda: no CUDA device here"):
+            run(world, tmp_path / "c", device="cuda")
+    assert ent.resolve_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_pass_matches_cpu(world, tmp_path):
+    """The pass on CUDA, fp32 (torch leaves TF32 matmuls off by default), in two worker processes,
+    stores the CPU reference's entropies to float16 rounding."""
+    run(world, tmp_path / "gpu", device="cuda", workers=2)
+    cpu = ByteDataset(world / "reference", format=ENTROPY_FORMAT)
+    gpu = ByteDataset(tmp_path / "gpu", format=ENTROPY_FORMAT)
+    for a, b in zip(cpu.streams(), gpu.streams(), strict=True):
+        for x, y in zip(iter_stream(a.path), iter_stream(b.path), strict=True):
+            assert x["data"] == y["data"]
+            np.testing.assert_allclose(x["entropies"].astype(np.float32), y["entropies"].astype(np.float32), atol=2e-3)
+
+
 def test_mismatched_inputs_are_refused(world, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(world / "reference", out)
