@@ -27,12 +27,15 @@ class EntropyPart:
     parts: int
     batch_positions: int
     dtype: str
+    device: str = "auto"  # CUDA when the task has a GPU
+    workers: int = 1  # processes per task (one per GPU on a multi-GPU task)
 
     def __call__(self, part: int) -> dict:
         from blt_dist.data.entropies import compute_entropy_dataset
 
         result = compute_entropy_dataset(self.model, self.data, self.out, part=(part, self.parts),
-                                         batch_positions=self.batch_positions, progress=False, dtype=self.dtype)
+                                         batch_positions=self.batch_positions, progress=False, dtype=self.dtype,
+                                         device=self.device, workers=self.workers)
         print(f"part {part}/{self.parts}: {result.done} shards computed, {result.skipped} skipped; "
               + ("merged the dataset" if result.manifest else f"{result.pending} shards of other parts pending"),
               flush=True)
@@ -85,7 +88,8 @@ def run_slurm(args: argparse.Namespace) -> int:
         print(f"{out}: already complete; nothing submitted")
         return 0
     todo = parts_to_submit(data, out, parts)
-    task = EntropyPart(str(model), str(data), str(out), parts, args.batch_positions, args.dtype)
+    task = EntropyPart(str(model), str(data), str(out), parts, args.batch_positions, args.dtype, args.device,
+                       args.workers)
     if not todo:  # every shard done, merge missing (a task died after its last shard): merge here, it is cheap
         task(0)
         return 0
