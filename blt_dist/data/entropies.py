@@ -651,11 +651,11 @@ def _parallel_parts(todo: list[ShardTask], workers: int, model_dir: Path, device
     slots = context.Queue()
     for slot in range(workers):
         slots.put(slot)
-    cores = len(os.sched_getaffinity(0))
-    threads = max(1, cores // workers)
+    processes = min(workers, len(todo))
+    threads = max(1, len(os.sched_getaffinity(0)) // processes)
     largest_first = sorted(todo, key=lambda t: -t.info["raw_data"]["bytes"])
     jobs = [(task, out, batch_positions, shard_size, dtype) for task in largest_first]
-    with context.Pool(min(workers, len(todo)), initializer=_worker_start,
+    with context.Pool(processes, initializer=_worker_start,
                       initargs=(slots, str(model_dir), device.type, threads)) as pool:
         yield from pool.imap_unordered(_worker_part, jobs, chunksize=1)
 
