@@ -195,26 +195,41 @@ class BLTDecoder:
         self.record = record
         self.logits: list[torch.Tensor] = []
 
-    def feed(self, token: int) -> torch.Tensor:
+    def _next_entropies(self, tokens: list[int]) -> list[Optional[float]]:
+        """H of the position after each of `tokens` (fed in order to the entropy model's cache),
+        rounded to float16 as entropy shards store it (the threshold was calibrated on those
+        values); None for each when no entropy model is used."""
+        if self.entropy_model is None:
+            return [self.next_entropy] * len(tokens)
+        logits = self.entropy_model.forward_cached(torch.tensor([tokens]), self.entropy_cache)[0].float()
+        log_p = torch.log_softmax(logits, dim=-1)
+        entropies = -(log_p.exp() * log_p).sum(-1)
+        return [float(h) for h in entropies.numpy().astype(np.float16)]
+
+    def _step(self, token: int, next_entropy: Optional[float]) -> torch.Tensor:
+        """Feeds `token` to the patcher and the BLT, given the entropy of the position after it."""
         self.patch_starts.append(self.patcher.step(token, self.next_entropy))
         self.entropies.append(self.next_entropy or 0.0)
         self.tokens.append(token)
-        if self.entropy_model is not None:
-            logits = self.entropy_model.forward_cached(torch.tensor([[token]]), self.entropy_cache)[0, -1].float()
-            log_p = torch.log_softmax(logits, dim=-1)
-            entropy = float(-(log_p.exp() * log_p).sum())
-            # float16, as entropy shards store it: the threshold was calibrated on those values
-            self.next_entropy = float(np.float16(entropy))
+        self.next_entropy = next_entropy
         self.next_starts = self.patcher.peek(self.next_entropy)
         logits = self.model.step(token, self.next_starts, self.cache)[0, 0].float()
         if self.record:
             self.logits.append(logits)
         return logits
 
+    def feed(self, token: int) -> torch.Tensor:
+        return self._step(token, self._next_entropies([token])[0])
+
     def prefill(self, prompt: bytes) -> torch.Tensor:
-        logits = self.feed(BOS_ID)
-        for byte in prompt:
-            logits = self.feed(byte + OFFSET)
+        """BOS + the prompt. The entropy model reads the prompt in chunks of PREFILL_CHUNK
+        positions (one cached forward each, not one per byte); the patcher and the BLT then
+        take the bytes one at a time, as generation does."""
+        ids = [BOS_ID] + [b + OFFSET for b in prompt]
+        for first in range(0, len(ids), PREFILL_CHUNK):
+            chunk = ids[first : first + PREFILL_CHUNK]
+            for token, next_entropy in zip(chunk, self._next_entropies(chunk)):
+                logits = self._step(token, next_entropy)
         return logits
 
     def token_bytes(self, token: int) -> bytes:

@@ -22,6 +22,7 @@ from blt_dist.data.entropies import document_entropies, receptive_field
 from blt_dist.data.patching import PatchingRule, patch_lengths_from_starts, patch_starts
 from blt_dist.export import export_info, save_export
 from blt_dist.generate import (
+    PREFILL_CHUNK,
     BLTDecoder,
     ByteLMDecoder,
     Sampling,
@@ -122,6 +123,25 @@ def test_cached_blt_generation_equals_full_forward(mode, sampling, latent_window
         assert np.abs(np.array(decoder.entropies) - full_H).max() < 4e-3  # float16 rounding of H ~ 5
         rule = PatchingRule.from_config(cfg.data.patching)
         assert patch_starts(fed, np.array(decoder.entropies, dtype=np.float16), rule).tolist() == decoder.patch_starts
+
+
+def test_long_blt_prompt_prefills_in_chunks_like_byte_by_byte():
+    """A prompt longer than PREFILL_CHUNK: the entropy model reads it in chunks; the logits,
+    entropies and patch decisions are those of feeding it one byte at a time."""
+    entropy = entropy_model()
+    cfg = blt_config("entropy", median_entropy(entropy), None)
+    model = blt_model(cfg)
+    prompt = (PROMPT * 40)[:PREFILL_CHUNK + 100]
+    with torch.no_grad():
+        chunked = BLTDecoder(model, cfg, entropy, record=True)
+        result = generate(chunked, prompt, 3, GREEDY)
+        one_by_one = BLTDecoder(model, cfg, entropy, record=True)
+        for token in result.tokens[:-1]:
+            one_by_one.feed(token)
+    assert chunked.patch_starts == one_by_one.patch_starts and 1 < sum(chunked.patch_starts)
+    np.testing.assert_allclose(chunked.entropies, one_by_one.entropies, atol=4e-3, rtol=0)  # float16 steps
+    torch.testing.assert_close(torch.stack(chunked.logits), torch.stack(one_by_one.logits), atol=ATOL, rtol=0)
+    check_cached_equals_full(blt_full_logits(model, chunked, result), chunked, result)
 
 
 @pytest.mark.parametrize("sampling", [GREEDY, SAMPLED])
