@@ -221,24 +221,17 @@ def fastest_step(step: Callable[[], None], timed_steps: int) -> float:
     return min(times)
 
 
-def fastest_dtype(make_model: Callable[[], torch.nn.Module], batch: dict, dtypes: tuple[str, ...], timed_steps: int,
-                  device: torch.device, forward: Optional[Callable] = None) -> tuple[float, str]:
-    """(seconds, dtype) of the fastest step over `dtypes`. bf16 is not always faster: on small
-    matrices, or with threads descheduled by other jobs, bf16 autocast steps were measured
-    several times slower than fp32 here, so it is measured, not assumed."""
-    times = step_times(make_model, batch, dtypes, timed_steps, device, forward)
-    return min((seconds, dtype) for dtype, seconds in times.items())
-
-
 def step_times(make_model: Callable[[], torch.nn.Module], batch: dict, dtypes: tuple[str, ...], timed_steps: int,
-               device: torch.device, forward: Optional[Callable] = None) -> dict[str, float]:
-    """{dtype: seconds of the fastest step} for a fresh model in each of `dtypes`."""
+               device: torch.device) -> dict[str, float]:
+    """{dtype: seconds of the fastest step} for a fresh model in each of `dtypes`. bf16 is not
+    always faster: on small matrices, or with threads descheduled by other jobs, bf16 autocast
+    steps were measured several times slower than fp32 here, so it is measured, not assumed."""
     times = {}
     for dtype in dtypes:
         torch.manual_seed(0)
         with torch.device(device):
             model = make_model()
-        times[dtype] = fastest_step(training_step(model, batch, dtype, device, forward), timed_steps)
+        times[dtype] = fastest_step(training_step(model, batch, dtype, device), timed_steps)
     return times
 
 
