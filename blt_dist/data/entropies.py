@@ -55,8 +55,9 @@ cores, but the tiny models' small matmuls scale poorly across threads: N worker 
 cores/N threads each are faster (the demo's 2.8 MB on 2 cores: 110 s with 2 workers of 1 thread,
 130 s in one process of 2 threads, the same bytes). Workers take this part's shards largest
 first from one queue, so they finish close together; on CUDA worker i uses GPU i mod the GPU
-count (one worker per GPU: `--workers` = `torch.cuda.device_count()`). `--device auto` is CUDA when there is one, else CPU. Workers only
-change who computes a shard, not what it holds (fp32 on CPU is bit-identical; tests check it).
+count (one worker per GPU: `--workers` = `torch.cuda.device_count()`). `--device auto` is CUDA
+when there is one, else CPU. Workers only change who computes a shard, not what it holds (fp32
+on CPU is bit-identical; tests check it).
 """
 from __future__ import annotations
 
@@ -622,15 +623,16 @@ def compute_entropy_dataset(
     # The bar's total is the shard files' size, a little above the document bytes it counts.
     total = sum(t.info["raw_data"]["bytes"] for t in todo)
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"entropies {this}/{count}", disable=not progress) as bar:
-        if workers == 1 or len(todo) <= 1:
-            records = (write_part(task, model, window, out, batch_positions, shard_size, bar, dtype) for task in todo)
-        else:
+        parallel = workers > 1 and len(todo) > 1
+        if parallel:
             del model  # each worker loads its own copy
             records = _parallel_parts(todo, workers, model_dir, where, out, batch_positions, shard_size, dtype)
+        else:
+            records = (write_part(task, model, window, out, batch_positions, shard_size, bar, dtype) for task in todo)
         for record in records:
             documents += record["documents"]
             nbytes += record["bytes"]
-            if workers > 1:
+            if parallel:
                 bar.update(record["bytes"])  # a whole shard at a time: workers cannot share the bar
         bar.total = bar.n  # end at 100%
     seconds = time.perf_counter() - start
@@ -642,8 +644,8 @@ def compute_entropy_dataset(
 
 def _parallel_parts(todo: list[ShardTask], workers: int, model_dir: Path, device: torch.device, out: Path,
                     batch_positions: int, shard_size, dtype: str):
-    """Part records of `todo`, computed by `workers` processes (spawned: torch's thread pools do
-    not survive a fork), largest shard first, yielded as each finishes. A worker's error stops
+    """Part records of `todo`, computed by `workers` processes (spawned: forking a process whose
+    OpenMP threads are running is unsafe), largest shard first, yielded as each finishes. A worker's error stops
     the pool and is raised here; finished parts stay (the run resumes at the missing ones)."""
     import multiprocessing
 
@@ -674,15 +676,17 @@ def _worker_start(slots, model_dir: str, device_type: str, threads: int) -> None
     _worker_state.update(model=model, window=cfg.model.attention_window)
 
 
+class _NoBar:
+    """A worker's stand-in for the progress bar: the parent counts whole shards."""
+
+    def update(self, n: int) -> None:
+        pass
+
+
 def _worker_part(job) -> dict:
     task, out, batch_positions, shard_size, dtype = job
-
-    class NoBar:
-        def update(self, n):
-            pass
-
     return write_part(task, _worker_state["model"], _worker_state["window"], out, batch_positions, shard_size,
-                      NoBar(), dtype)
+                      _NoBar(), dtype)
 
 
 def check_entropy_source(entropy_dataset: Union[str, Path], model_dir: Union[str, Path]) -> None:
