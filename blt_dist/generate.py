@@ -204,7 +204,7 @@ class BLTDecoder:
         logits = self.entropy_model.forward_cached(torch.tensor([tokens]), self.entropy_cache)[0].float()
         log_p = torch.log_softmax(logits, dim=-1)
         entropies = -(log_p.exp() * log_p).sum(-1)
-        return [float(h) for h in entropies.numpy().astype(np.float16)]
+        return [float(h) for h in entropies.cpu().numpy().astype(np.float16)]
 
     def _step(self, token: int, next_entropy: Optional[float]) -> torch.Tensor:
         """Feeds `token` to the patcher and the BLT, given the entropy of the position after it."""
