@@ -201,9 +201,10 @@ class BLTDecoder:
         values); None for each when no entropy model is used."""
         if self.entropy_model is None:
             return [self.next_entropy] * len(tokens)
+        from blt_dist.data.entropies import entropy_nats
+
         logits = self.entropy_model.forward_cached(torch.tensor([tokens]), self.entropy_cache)[0].float()
-        log_p = torch.log_softmax(logits, dim=-1)
-        entropies = -(log_p.exp() * log_p).sum(-1)
+        entropies = entropy_nats(logits)
         return [float(h) for h in entropies.cpu().numpy().astype(np.float16)]
 
     def _step(self, token: int, next_entropy: Optional[float]) -> torch.Tensor:

@@ -197,6 +197,13 @@ def _logits_at(model: torch.nn.Module, tokens: torch.Tensor, doc_ids: torch.Tens
         return model.head(h.float())
 
 
+def entropy_nats(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of softmax(logits) over the last axis: the one definition the offline
+    pass and online patching in generation share."""
+    log_p = torch.log_softmax(logits, dim=-1)
+    return -(log_p.exp() * log_p).sum(-1)
+
+
 def receptive_field(model: torch.nn.Module, window: int) -> int:
     """Left context that reaches a position's output through the model's windowed layers. Each
     mask lets query j see keys j-window+1..j, so L layers reach L * (window - 1) back; one more
@@ -266,8 +273,7 @@ def document_entropies(
                         column += p.length
                 picked = _logits_at(model, torch.from_numpy(tokens).to(device), torch.from_numpy(doc_ids).to(device),
                                     torch.from_numpy(np.concatenate(flat_targets)).to(device))
-                log_p = torch.log_softmax(picked, dim=-1)
-                entropy = -(log_p.exp() * log_p).sum(-1).cpu().numpy()
+                entropy = entropy_nats(picked).cpu().numpy()
                 offset = 0
                 for p in owners:
                     count = p.out_end - p.out_start
