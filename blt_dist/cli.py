@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("launch.sweep", "a scaling sweep (sizes x families x FLOP budgets x seeds) on Slurm or locally; results.csv"),
     "compare": ("blt_dist.compare", "BLT vs BPE vs byte-level report: bits per byte at equal training FLOPs"),
     "demo": ("blt_dist.demo", "the main job on the bundled default data"),
+    "memory": ("blt_dist.zero_memory", "per-rank training state of real DeepSpeed engines under ZeRO-0..3, for a config"),
     "bench": ("blt_dist.bench", "compute benchmarks (peaks, training bytes/s and MFU, peers, data path, memory) vs targets"),
 }
 
