@@ -787,7 +787,7 @@ def run_suite(suite_name: str, device: Optional[torch.device] = None, log: Calla
             held, rule = max(r["bytes_per_rank"]), zero_bytes_per_rank(r["params"], r["stage"], 2, r["dtype"])
             largest = ", ".join(f"{holder} {nbytes / 2**20:.1f}" for holder, nbytes in list(r["by_holder"].items())[:3])
             add(Row(f"ZeRO-{r['stage']} training state bytes/rank, {suite.zero_model}, 2 ranks, {r['dtype']}",
-                    held / 2**20, "MiB", note=f"measured after backward (largest rank); rule {rule / 2**20:.1f} MiB; "
+                    held / 2**20, "MiB", note=f"measured between backward and update (largest rank); rule {rule / 2**20:.1f} MiB; "
                     f"{held / r['params']:.2f} B/param of {r['params'] / 1e6:.1f}M; largest holders (MiB): {largest}"))
 
     # -- GPU row
