@@ -214,66 +214,73 @@ def training_step(model: torch.nn.Module, batch: dict, dtype: str, device: torch
     return step
 
 
-def fastest_step(step: Callable[[], None], timed_steps: int) -> float:
-    """Seconds of the fastest of `timed_steps` steps after one warm-up step."""
-    step()
-    times = []
-    for _ in range(timed_steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def step_times(make_model: Callable[[], torch.nn.Module], batch: dict, dtypes: tuple[str, ...], timed_steps: int,
-               device: torch.device) -> dict[str, float]:
-    """{dtype: seconds of the fastest step} for a fresh model in each of `dtypes`. bf16 is not
-    always faster: on small matrices, or with threads descheduled by other jobs, bf16 autocast
-    steps were measured several times slower than fp32 here, so it is measured, not assumed."""
-    times = {}
+def interleaved_step_times(steps: Callable[[str], dict[str, Callable[[], None]]], dtypes: tuple[str, ...],
+                           rounds: int) -> dict[str, dict[str, float]]:
+    """{name: {dtype: seconds of the fastest step}}. For each dtype, `steps(dtype)` gives the
+    training steps to compare by name; after a warm-up step each (allocations, AdamW state)
+    they run interleaved (a, b, a, b, ...) for `rounds` rounds, so that load from other jobs
+    drifting during the measurement hits every side alike: two sequential measurements of one
+    ratio moved by 25% between runs on a shared machine. bf16 is not always faster: on small
+    matrices, or with threads descheduled by other jobs, bf16 autocast steps were measured
+    several times slower than fp32 here, so it is measured, not assumed."""
+    best: dict[str, dict[str, float]] = {}
     for dtype in dtypes:
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = make_model()
-        times[dtype] = fastest_step(training_step(model, batch, dtype, device), timed_steps)
-    return times
+        named = steps(dtype)
+        for step in named.values():
+            step()
+        for _ in range(rounds):
+            for name, step in named.items():
+                start = time.perf_counter()
+                step()
+                seconds = time.perf_counter() - start
+                best.setdefault(name, {})[dtype] = min(best.get(name, {}).get(dtype, math.inf), seconds)
+        del named
+    return best
+
+
+def fresh_step(make_model: Callable[[], torch.nn.Module], batch: dict, dtype: str, device: torch.device,
+               forward: Optional[Callable] = None) -> Callable[[], None]:
+    """training_step on a model built with seed 0 on `device`."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = make_model()
+    return training_step(model, batch, dtype, device, forward)
 
 
 def side_by_side(makers: dict[str, Callable[[], torch.nn.Module]], forwards: dict[str, Optional[Callable]],
                  batch: dict, dtypes: tuple[str, ...], rounds: int, device: torch.device) -> dict[str, tuple[float, str]]:
-    """{name: (seconds, dtype)} of each model's fastest step, the models' steps interleaved
-    (a, b, a, b, ...) for `rounds` rounds per dtype after a warm-up step each, so that load
-    from other jobs drifting during the measurement hits every side alike. A ratio of two
-    sequential measurements moved by 25% between runs on a shared machine."""
-    best = {name: (math.inf, dtypes[0]) for name in makers}
-    for dtype in dtypes:
-        steps = {}
-        for name, make_model in makers.items():
-            torch.manual_seed(0)
-            with torch.device(device):
-                model = make_model()
-            steps[name] = training_step(model, batch, dtype, device, forwards.get(name))
-            steps[name]()  # warm-up
-        for _ in range(rounds):
-            for name, step in steps.items():
-                start = time.perf_counter()
-                step()
-                best[name] = min(best[name], (time.perf_counter() - start, dtype))
-        del steps
-    return best
+    """{name: (seconds, dtype)} of each model's fastest step on one batch, at its fastest dtype,
+    the models' steps interleaved (interleaved_step_times)."""
+    times = interleaved_step_times(
+        lambda dtype: {name: fresh_step(make, batch, dtype, device, forwards.get(name)) for name, make in makers.items()},
+        dtypes, rounds)
+    return {name: min((seconds, dtype) for dtype, seconds in by_dtype.items()) for name, by_dtype in times.items()}
+
+
+def measure_workloads(works: list[Workload], dtypes: tuple[str, ...], timed_steps: int, device: torch.device) -> list[dict]:
+    """Per workload {'step_s', 'dtype', 'bytes_per_s', 'flops_per_s', 'train_flops_per_byte',
+    'flops_per_s_by_dtype'} of our model at the fastest of `dtypes`, the workloads' steps
+    interleaved (interleaved_step_times): ratios between them (MFU at 8 KB over 1 KB) are
+    then taken under the same load."""
+    batches = [work.make_batch() for work in works]
+    times = interleaved_step_times(
+        lambda dtype: {i: fresh_step(lambda w=work: build_model(w.model), batch, dtype, device)
+                       for i, (work, batch) in enumerate(zip(works, batches))},
+        dtypes, timed_steps)
+    results = []
+    for i, (work, batch) in enumerate(zip(works, batches)):
+        flops_per_byte = train_flops_per_byte(work.model, work.shape(batch))
+        seconds, dtype = min((seconds, dtype) for dtype, seconds in times[i].items())
+        bytes_per_s = work.bytes_per_step() / seconds
+        results.append({"step_s": seconds, "dtype": dtype, "bytes_per_s": bytes_per_s,
+                        "flops_per_s": bytes_per_s * flops_per_byte, "train_flops_per_byte": flops_per_byte,
+                        "flops_per_s_by_dtype": {d: work.bytes_per_step() / t * flops_per_byte for d, t in times[i].items()}})
+    return results
 
 
 def measure_workload(work: Workload, dtypes: tuple[str, ...], timed_steps: int, device: torch.device) -> dict:
-    """{'step_s', 'dtype', 'bytes_per_s', 'flops_per_s', 'train_flops_per_byte'} of our model,
-    at the fastest of `dtypes`."""
-    batch = work.make_batch()
-    flops_per_byte = train_flops_per_byte(work.model, work.shape(batch))
-    times = step_times(lambda: build_model(work.model), batch, dtypes, timed_steps, device)
-    seconds, dtype = min((seconds, dtype) for dtype, seconds in times.items())
-    bytes_per_s = work.bytes_per_step() / seconds
-    return {"step_s": seconds, "dtype": dtype, "bytes_per_s": bytes_per_s, "flops_per_s": bytes_per_s * flops_per_byte,
-            "train_flops_per_byte": flops_per_byte,
-            "flops_per_s_by_dtype": {d: work.bytes_per_step() / t * flops_per_byte for d, t in times.items()}}
+    """measure_workloads for one workload."""
+    return measure_workloads([work], dtypes, timed_steps, device)[0]
 
 
 def config_model(name: str, **overrides) -> ModelConfig:
@@ -694,9 +701,10 @@ def run_suite(suite_name: str, device: Optional[torch.device] = None, log: Calla
     # -- training: tiny pair in this process, 125M pair in subprocesses (clean peak RSS)
     measured: dict[tuple[str, int], dict] = {}
     for name in ("blt/tiny", "bpe/tiny"):
-        for size in suite.tiny_sizes:
-            work = Workload(config_model(name), size, batch=max(1, suite.step_bytes // size))
-            measured[name, size] = r = measure_workload(work, dtypes, suite.timed_steps, device)
+        works = [Workload(config_model(name), size, batch=max(1, suite.step_bytes // size)) for size in suite.tiny_sizes]
+        for work, r in zip(works, measure_workloads(works, dtypes, suite.timed_steps, device)):
+            size = work.sample_bytes
+            measured[name, size] = r
             add(Row(f"{name} train bytes/s @ {size} B", r["bytes_per_s"], "B/s",
                     note=f"batch {work.batch}, {r['dtype']}, MFU {100 * mfu(r):.1f}%, "
                     f"{r['train_flops_per_byte'] / 1e6:.1f} MFLOP/B"))
