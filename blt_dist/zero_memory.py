@@ -1,6 +1,7 @@
 """Measured per-rank training state of a real DeepSpeed engine under ZeRO-0/1/2/3.
 
-    blt-dist memory configs/blt/125m.yaml --ranks 2 --stages 0 1 2 3 [--dtype bf16] [--json OUT]
+    blt-dist memory configs/blt/125m.yaml [key=value ...] --ranks 2 --stages 0 1 2 3 [--dtype bf16] [--json OUT]
+    blt-dist memory configs/blt/1b.yaml parallel.reduce_bucket_size=5e7 --stages 3
     measure_zero_state("configs/blt/tiny.yaml", ranks=2) -> [{"stage": 0, "bytes_per_rank": [...], ...}, ...]
 
 Starts `ranks` processes (gloo, as torchrun would). Each builds the config's model, wraps it in
@@ -114,7 +115,7 @@ def _backward(engine, cfg) -> None:
     engine.backward(loss)
 
 
-def _rank_main(config: str, stages: Sequence[int], dtype: str, out: str) -> None:
+def _rank_main(config: str, overrides: Sequence[str], stages: Sequence[int], dtype: str, out: str) -> None:
     import deepspeed
     import torch.distributed as dist
 
@@ -125,7 +126,7 @@ def _rank_main(config: str, stages: Sequence[int], dtype: str, out: str) -> None
     env = init_distributed("gloo")
     results = []
     for stage in stages:
-        cfg = load_config(config, [f"parallel.zero_stage={stage}", f"train.dtype={dtype}",
+        cfg = load_config(config, [*overrides, f"parallel.zero_stage={stage}", f"train.dtype={dtype}",
                                    "train.micro_batch_size=1", "train.grad_accum=1", "parallel.pipeline_stages=1"])
         torch.manual_seed(0)
         model = build_model(cfg.model)
@@ -167,8 +168,9 @@ def _wait_all(procs: list[subprocess.Popen], timeout: float) -> list[Optional[in
 
 
 def measure_zero_state(config: Union[str, Path], ranks: int = 2, stages: Sequence[int] = (0, 1, 2, 3),
-                       dtype: str = "bf16", timeout: float = 600) -> list[dict]:
-    """Runs `ranks` processes on this machine and returns, per stage, the bytes each rank holds."""
+                       dtype: str = "bf16", overrides: Sequence[str] = (), timeout: float = 600) -> list[dict]:
+    """Runs `ranks` processes on this machine and returns, per stage, the bytes each rank holds.
+    `overrides`: dotted config overrides (parallel.reduce_bucket_size=5e7, model.dim=...)."""
     from blt_dist.parallel.engine import free_port
 
     if ranks < 1:
@@ -181,12 +183,12 @@ def measure_zero_state(config: Union[str, Path], ranks: int = 2, stages: Sequenc
     from blt_dist.parallel.engine import deepspeed_config
 
     # a bad config or dtype (fp16 without a GPU) fails here, not once in every rank
-    deepspeed_config(load_config(config, [f"train.dtype={dtype}", "parallel.pipeline_stages=1"]), ranks)
+    deepspeed_config(load_config(config, [*overrides, f"train.dtype={dtype}", "parallel.pipeline_stages=1"]), ranks)
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="blt-zero.") as tmp:
         out = Path(tmp) / "result.json"
         code = "import sys, json, blt_dist.zero_memory as z; z._rank_main(*json.loads(sys.argv[1]))"
-        request = json.dumps([str(config), list(stages), dtype, str(out)])
+        request = json.dumps([str(config), list(overrides), list(stages), dtype, str(out)])
         procs = []
         for rank in range(ranks):
             env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(ranks),
@@ -210,6 +212,8 @@ def measure_zero_state(config: Union[str, Path], ranks: int = 2, stages: Sequenc
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", type=Path, help="a model config, e.g. configs/blt/125m.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="key.path=value",
+                        help="dotted config overrides, e.g. parallel.reduce_bucket_size=5e7")
     parser.add_argument("--ranks", type=int, default=2, help="processes (data-parallel ranks) on this machine (default 2)")
     parser.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3], help="ZeRO stages (default 0 1 2 3)")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16", help="train.dtype of the engines (default bf16)")
@@ -217,7 +221,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    results = measure_zero_state(args.config, args.ranks, args.stages, args.dtype)
+    results = measure_zero_state(args.config, args.ranks, args.stages, args.dtype, args.overrides)
     for r in results:
         shown = ", ".join(f"{b / 2**20:.1f}" for b in r["bytes_per_rank"])
         print(f"ZeRO-{r['stage']} {r['dtype']}: {shown} MiB per rank ({r['params'] / 1e6:.1f}M params, "

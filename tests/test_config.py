@@ -120,3 +120,14 @@ def test_cli_dry_run_prints_resolved_config(tmp_path):
     result = run_cli("train", str(write(tmp_path / "c.yaml", "optim:\n  lr: 0.25\n")), "--dry-run")
     assert result.returncode == 0, result.stderr
     assert "lr: 0.25" in result.stdout and "zero_stage" in result.stdout
+
+
+def test_reduce_bucket_size_reaches_deepspeed_only_when_set():
+    from blt_dist.parallel.engine import deepspeed_config
+
+    config = REPO / "configs" / "blt" / "tiny.yaml"
+    assert "reduce_bucket_size" not in deepspeed_config(load_config(config), 2)["zero_optimization"]
+    cfg = load_config(config, ["parallel.reduce_bucket_size=5e7", "parallel.zero_stage=3"])
+    assert deepspeed_config(cfg, 2)["zero_optimization"] == {"stage": 3, "reduce_bucket_size": 50_000_000}
+    with pytest.raises(ConfigError, match="parallel.reduce_bucket_size"):
+        load_config(config, ["parallel.reduce_bucket_size=-1"])

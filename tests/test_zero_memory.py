@@ -64,3 +64,14 @@ def test_fp16_without_a_gpu_is_refused_before_starting_ranks():
         pytest.skip("fp16 is allowed with CUDA")
     with pytest.raises(UserError, match="fp16 needs a GPU"):
         measure_zero_state(REPO_CONFIGS / "blt" / "tiny.yaml", dtype="fp16")
+
+
+@pytest.mark.slow
+def test_a_smaller_reduce_bucket_shrinks_what_zero_3_holds():
+    (default,) = measure_zero_state(REPO_CONFIGS / "blt" / "tiny.yaml", ranks=2, stages=(3,), dtype="bf16")
+    (small,) = measure_zero_state(REPO_CONFIGS / "blt" / "tiny.yaml", ranks=2, stages=(3,), dtype="bf16",
+                                  overrides=["parallel.reduce_bucket_size=1e6"])
+    # DeepSpeed's default bucket, 5e8 bf16 elements, against one of 1e6 elements: the rest is equal
+    assert default["by_holder"]["optimizer.ipg_buckets"] == 2 * 500_000_000
+    assert small["by_holder"]["optimizer.ipg_buckets"] == 2 * 1_000_000
+    assert default["bytes_per_rank"][0] - small["bytes_per_rank"][0] == 2 * (500_000_000 - 1_000_000)

@@ -136,6 +136,8 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "steps_per_print": 1 << 30,  # the loop logs; DeepSpeed stays quiet
         "wall_clock_breakdown": False,
     }
+    if p.reduce_bucket_size:
+        ds["zero_optimization"]["reduce_bucket_size"] = int(p.reduce_bucket_size)
     if o.grad_clip > 0:
         ds["gradient_clipping"] = o.grad_clip
     return ds
