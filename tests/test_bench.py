@@ -64,3 +64,18 @@ def test_smoke_suite_rows(smoke, capsys):
             assert r["met"] in ((None,) if r["target"] == "info" else (True, False)), r
     table = bench.markdown(smoke)
     assert table.count("\n|") == len(smoke["rows"]) + 2  # header, rule, one line per row
+
+
+def test_the_gpu_suite_refuses_a_machine_without_cuda(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    from blt_dist.cli import main
+
+    assert main(["bench", "--suite", "gpu"]) == 1
+    assert "bench --suite gpu needs a CUDA device" in capsys.readouterr().err
+
+
+def test_the_gpu_check_script_parses():
+    import subprocess
+
+    assert subprocess.run(["bash", "-n", str(bench.CONFIGS.parent / "tools" / "gpu_check.sh")]).returncode == 0
