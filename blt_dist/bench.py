@@ -704,10 +704,13 @@ def run_suite(suite_name: str, device: Optional[torch.device] = None, log: Calla
     def mfu(r: dict) -> float:
         return r["flops_per_s"] / peaks[r["dtype"]]
 
-    if suite.gpu_only:
-        gpu_rows(ATTENTION_MODES_ON_GPU, suite.timed_steps, device, mfu, add)
+    def result() -> dict:
         return {"suite": suite_name, "machine": machine_info(device), "seconds": time.perf_counter() - began,
                 "rows": [row.as_dict() for row in rows]}
+
+    if suite.gpu_only:
+        gpu_rows(ATTENTION_MODES_ON_GPU, suite.timed_steps, device, mfu, add)
+        return result()
 
     # -- training: tiny pair in this process, 125M pair in subprocesses (clean peak RSS)
     measured: dict[tuple[str, int], dict] = {}
@@ -810,7 +813,7 @@ def run_suite(suite_name: str, device: Optional[torch.device] = None, log: Calla
                     f"{held / r['params']:.2f} B/param of {r['params'] / 1e6:.1f}M; largest holders (MiB): {largest}"))
 
     gpu_rows(("auto",), suite.timed_steps, device, mfu, add)
-    return {"suite": suite_name, "machine": machine_info(device), "seconds": time.perf_counter() - began, "rows": [row.as_dict() for row in rows]}
+    return result()
 
 
 ATTENTION_MODES_ON_GPU = ("auto", "flash", "flex")
@@ -827,6 +830,7 @@ def gpu_rows(modes: tuple[str, ...], timed_steps: int, device: torch.device, mfu
     for name in ("blt/1b", "bpe/1b"):
         for mode in modes:
             figure = f"GPU MFU {name}, 8192 B, bf16, attention={mode}"
+            torch.cuda.reset_peak_memory_stats(device)  # the row's peak is this measurement's alone
             try:
                 r = measure_workload(Workload(config_model(name, attention=mode), 8192, batch=1), ("bf16",),
                                      timed_steps, device)
@@ -836,7 +840,6 @@ def gpu_rows(modes: tuple[str, ...], timed_steps: int, device: torch.device, mfu
             add(Row(figure, 100 * mfu(r), "%", ">= 40",
                     note=f"{r['bytes_per_s']:.0f} B/s, step {r['step_s'] * 1e3:.0f} ms, "
                     f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"))
-            torch.cuda.reset_peak_memory_stats(device)
 
 
 def machine_info(device: torch.device) -> dict:

@@ -171,7 +171,7 @@ def measure_zero_state(config: Union[str, Path], ranks: int = 2, stages: Sequenc
                        dtype: str = "bf16", overrides: Sequence[str] = (), timeout: float = 600) -> list[dict]:
     """Runs `ranks` processes on this machine and returns, per stage, the bytes each rank holds.
     `overrides`: dotted config overrides (parallel.reduce_bucket_size=5e7, model.dim=...)."""
-    from blt_dist.parallel.engine import free_port
+    from blt_dist.parallel.engine import free_port, local_rank_env
 
     if ranks < 1:
         raise UserError(f"--ranks must be at least 1, got {ranks}")
@@ -191,8 +191,7 @@ def measure_zero_state(config: Union[str, Path], ranks: int = 2, stages: Sequenc
         request = json.dumps([str(config), list(overrides), list(stages), dtype, str(out)])
         procs = []
         for rank in range(ranks):
-            env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(ranks),
-                   "LOCAL_WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+            env = {**os.environ, **local_rank_env(rank, ranks, port),
                    "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
             log = open(Path(tmp) / f"rank{rank}.log", "wb")
             procs.append(subprocess.Popen([sys.executable, "-c", code, request],

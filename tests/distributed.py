@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from blt_dist.parallel.engine import free_port
+from blt_dist.parallel.engine import free_port, local_rank_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,9 +20,7 @@ def launch(nproc: int, args: list[str], log_dir: Path, env: dict | None = None) 
     procs = []
     for rank in range(nproc):
         proc_env = {
-            **os.environ,
-            "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc),
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+            **os.environ, **local_rank_env(rank, nproc, port), "OMP_NUM_THREADS": "1",
             "WANDB_MODE": "disabled", "DS_ACCELERATOR": "cpu",
             # DeepSpeed compiles a shared-memory comm op once (~40 s); keep it across sessions
             "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions"),

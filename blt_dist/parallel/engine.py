@@ -36,6 +36,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def local_rank_env(rank: int, world_size: int, port: int) -> dict[str, str]:
+    """The variables torchrun gives rank `rank` of `world_size` processes on this machine, which
+    init_distributed reads (for processes a tool starts itself: blt-dist memory, the tests)."""
+    return {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+            "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+
+
 def init_distributed(backend: str = "auto") -> DistEnv:
     """Joins (or, for a plain single process, creates) the process group.
 
