@@ -23,6 +23,7 @@ _GUARDED = "streaming.vision"
 
 def _torchvision_usable() -> bool:
     try:
+        # lazy: this probe is the point: does torchvision load beside this torch?
         import torchvision  # noqa: F401
     except Exception:
         for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:

@@ -34,12 +34,21 @@ import dataclasses
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from blt_dist.cli import main as cli_main
+from blt_dist.config import load_config, to_dict
+from blt_dist.data.calibrate import calibrate_threshold, sample_documents
+from blt_dist.data.prepare import format_summary, prepare
+from blt_dist.data.shards import MANIFEST
 from blt_dist.errors import UserError
+from blt_dist.evaluation.compare import Cache, _load_run, evaluate_compressors, evaluate_run, find_runs, resolve_heldout
+from blt_dist.flops import SampleShape, match_bpe, match_byte, measured_compression, train_flops_per_byte
 
 FAMILY_NAMES = {"blt": "BLT", "bpe": "BPE", "byte": "byte-level"}
 
@@ -95,8 +104,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _cli(*argv: str) -> None:
-    from blt_dist.cli import main as cli_main
-
     status = cli_main(list(argv))
     if status != 0:
         raise UserError(f"`blt-dist {' '.join(argv)}` failed with status {status} (see above)")
@@ -117,17 +124,12 @@ class _Stage:
 
 
 def _prepare(source: Path, target: Path, val_fraction: float, progress: bool) -> dict:
-    from blt_dist.data.prepare import prepare
-    from blt_dist.data.shards import MANIFEST
-
     return prepare([source], target, val_fraction=val_fraction, force=(target / MANIFEST).is_file(), progress=progress)
 
 
 def _changed_settings(config: str, run_dir: Path, overrides: list[str]) -> list[str]:
     """Config keys (data, model, optim, train) whose value in run_dir/config.yaml differs from what
     this demo asks for: the run was made by another version or other options."""
-    from blt_dist.config import load_config, to_dict
-
     if not (run_dir / "config.yaml").is_file():
         return []
     try:
@@ -153,9 +155,6 @@ def _train(config: str, run_dir: Path, *overrides: str) -> tuple[Path, bool]:
     """(export dir, whether it was trained now). Each training run gets its own process, as it
     would under torchrun or Slurm: DeepSpeed keeps process-group state at module level that a
     second run in one process would reuse. A run dir of other settings is trained again."""
-    import subprocess
-    import sys
-
     changed = _changed_settings(config, run_dir, list(overrides))
     if changed:
         print(f"{run_dir}: made with other settings ({'; '.join(changed[:4])}{'; ...' if len(changed) > 4 else ''}): "
@@ -172,8 +171,6 @@ def _train(config: str, run_dir: Path, *overrides: str) -> tuple[Path, bool]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from blt_dist.data.prepare import format_summary
-
     profile = PROFILES["quick" if args.quick else "full"]
     data = args.data_dir or Path(profile.data_dir)
     runs = args.runs_dir or Path(profile.runs_dir)
@@ -260,8 +257,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _calibrate(entropies: Path, target: float):
-    from blt_dist.data.calibrate import calibrate_threshold, sample_documents
-
     _, docs = sample_documents(entropies)
     result = calibrate_threshold([(ids, H) for _, ids, H in docs], target_mean_size=target,
                                  content_types=[ctype for ctype, _, _ in docs])
@@ -273,9 +268,6 @@ def _matched_shapes(blt_config: str, blt_overrides: list[str], tokenizer: Path) 
     """Overrides giving the BPE (at the tokenizer's measured bytes per token and vocabulary) and
     the byte-level LM the BLT's training FLOPs per byte: flops.match_bpe and flops.match_byte,
     as `blt-dist flops CONFIG --tokenizer M.model` prints them."""
-    from blt_dist.config import load_config
-    from blt_dist.flops import SampleShape, match_bpe, match_byte, measured_compression, train_flops_per_byte
-
     blt = load_config(blt_config, blt_overrides)
     measured = measured_compression(str(tokenizer))
     model = dataclasses.replace(blt.model, bpe_vocab_size=measured["vocab_size"])
@@ -300,8 +292,6 @@ def _check_entropy_model(run_dir: Path, shards: Path, heldout: Path, eval_bytes:
     """The entropy model against the compressors, on the demo's validation bytes (the check: at or
     below xz -9e) and on the held-out set the comparison uses. Scored by compare's own code (and
     cached with its records)."""
-    from blt_dist.compare import Cache, _load_run, evaluate_compressors, evaluate_run, resolve_heldout
-
     cache = Cache(report / "cache")
     entropy_run = _load_run(run_dir)
     out = {}
@@ -346,8 +336,6 @@ def _summary(run_dirs: dict, heldout: Path, eval_bytes: int, report: Path, calib
              seconds: float) -> None:
     """Mean patch size per content type at the calibrated threshold, the bpb table of the three
     families beside the compressors, and where each model falls short of the best compressor."""
-    from blt_dist.compare import Cache, evaluate_compressors, evaluate_run, find_runs, resolve_heldout
-
     runs, _ = find_runs(list(run_dirs.values()))
     heldout_set = resolve_heldout(runs, str(heldout), eval_bytes)
     cache = Cache(report / "cache")  # compare scored them just now: these are cache hits

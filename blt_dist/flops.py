@@ -66,8 +66,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
 
+import torch
+
+from blt_dist.config import load_config
+from blt_dist.config.model import ModelConfig
 from blt_dist.errors import UserError
-from blt_dist.model.config import ModelConfig
+from blt_dist.model import build_model
 from blt_dist.vocab import VOCAB_SIZE
 
 BLT_COMPONENTS = ("encoder", "encoder_cross_attention", "global", "decoder_cross_attention", "decoder", "head")
@@ -252,10 +256,6 @@ def component_of(name: str, family: str) -> str:
 
 
 def params_by_component(m: ModelConfig) -> dict[str, int]:
-    import torch
-
-    from blt_dist.model import build_model
-
     with torch.device("meta"):
         model = build_model(m)
     counts: dict[str, int] = {}
@@ -487,8 +487,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from blt_dist.config import load_config
-
     cfg = load_config(args.config, args.overrides)
     entropy_cfg = load_config(args.entropy_model) if args.entropy_model else None
     blt_template = load_config(args.blt_template) if args.blt_template else None

@@ -13,6 +13,7 @@ EOS_ID = 2  # document end
 DELIM_ID = 3  # reserved (BPE delimiter in the reference); unused here
 OFFSET = 4  # byte b has id b + OFFSET
 VOCAB_SIZE = 256 + OFFSET
+IGNORE = -100  # a target that is not predicted (padding, document starts): skipped by the loss
 
 
 def encode_document(data: bytes) -> np.ndarray:

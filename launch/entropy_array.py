@@ -14,7 +14,12 @@ import dataclasses
 import time
 from pathlib import Path
 
+import submitit
+
+from blt_dist.data.entropies import compute_entropy_dataset, list_shards, part_complete
+from blt_dist.data.shards import ByteDataset
 from blt_dist.errors import UserError
+from launch.slurm_cli import require_slurm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,8 +36,6 @@ class EntropyPart:
     workers: int = 1  # processes per task (one per GPU on a multi-GPU task)
 
     def __call__(self, part: int) -> dict:
-        from blt_dist.data.entropies import compute_entropy_dataset
-
         result = compute_entropy_dataset(self.model, self.data, self.out, part=(part, self.parts),
                                          batch_positions=self.batch_positions, progress=False, dtype=self.dtype,
                                          device=self.device, workers=self.workers)
@@ -44,9 +47,6 @@ class EntropyPart:
 
 def parts_to_submit(data: Path, out: Path, parts: int) -> list[int]:
     """Parts with at least one shard not yet complete in OUT."""
-    from blt_dist.data.entropies import list_shards, part_complete
-    from blt_dist.data.shards import ByteDataset
-
     todo = {t.number % parts for t in list_shards(ByteDataset(data)) if not part_complete(out, t)}
     return sorted(todo)
 
@@ -68,12 +68,6 @@ def add_slurm_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_slurm(args: argparse.Namespace) -> int:
-    import submitit
-
-    from blt_dist.data.entropies import list_shards
-    from blt_dist.data.shards import ByteDataset
-    from launch.slurm_cli import require_slurm
-
     require_slurm()
     if args.part != (0, 1):
         raise UserError("--part and --slurm exclude each other: --slurm submits every part (--parts N)")

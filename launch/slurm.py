@@ -24,9 +24,15 @@ import shlex
 import sys
 from pathlib import Path
 
+import submitit
+from submitit.slurm.slurm import _make_sbatch_string
+
 from blt_dist.config import Config, load_config, save_resolved, to_yaml
 from blt_dist.errors import UserError
 from launch import records
+from launch.slurm_cli import queue_state, require_slurm, test_submission
+from launch.snapshot import take_snapshot
+from launch.task import TrainTask
 
 # Config fields that hold paths: made absolute at submission, since the job runs elsewhere.
 PATH_FIELDS = (("run", "dir"), ("data", "train"), ("data", "val"), ("data", "tokenizer"),
@@ -116,15 +122,11 @@ def executor_parameters(cfg: Config, run_dir: Path) -> dict:
 
 def render_sbatch(cfg: Config, run_dir: Path) -> str:
     """The sbatch script submitit will write for this run (for --dry-run; needs no Slurm)."""
-    from submitit.slurm.slurm import _make_sbatch_string
-
     command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(run_dir / "slurm"))])
     return _make_sbatch_string(command=command, folder=run_dir / "slurm", **executor_parameters(cfg, run_dir))
 
 
 def check_not_running(run_dir: Path) -> None:
-    from launch.slurm_cli import queue_state
-
     submission = records.read_submission(run_dir)
     if not submission or not submission.get("job_ids"):
         return
@@ -137,8 +139,6 @@ def check_not_running(run_dir: Path) -> None:
 
 def prepare_run_dir(cfg: Config, run_dir: Path, argv: list[str], snapshot: bool = True) -> None:
     """Everything the job needs in the run directory, before it is submitted."""
-    from launch.snapshot import take_snapshot
-
     run_dir.mkdir(parents=True, exist_ok=True)
     code = take_snapshot(run_dir, require_clean=cfg.launch.require_clean) if snapshot else None
     save_resolved(cfg, run_dir)
@@ -157,11 +157,6 @@ def prepare_run_dir(cfg: Config, run_dir: Path, argv: list[str], snapshot: bool 
 
 def submit(cfg: Config, run_dir: Path) -> str:
     """Submits the run; returns the Slurm job id. sbatch's own error is shown when it refuses."""
-    import submitit
-
-    from launch.slurm_cli import test_submission
-    from launch.task import TrainTask
-
     check = records.launch_dir(run_dir) / "test-only.sbatch"
     check.write_text(render_sbatch(cfg, run_dir))
     try:
@@ -199,7 +194,6 @@ def launch_run(cfg: Config, argv: list[str], dry_run: bool = False, snapshot: bo
         value = getattr(getattr(cfg, section), key)
         if value and not Path(value).exists():
             raise UserError(f"{section}.{key}: {value} does not exist")
-    from launch.slurm_cli import require_slurm
 
     require_slurm()  # before anything is written
     check_not_running(run_dir)

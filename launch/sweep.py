@@ -49,6 +49,19 @@ from omegaconf.errors import OmegaConfBaseException
 
 from blt_dist.config import Config, LaunchConfig, load_config, save_resolved
 from blt_dist.errors import ConfigError, UserError
+from blt_dist.flops import (
+    SampleShape,
+    bytes_per_sample,
+    human_count,
+    match_bpe,
+    match_byte,
+    params_by_component,
+    train_flops_per_byte,
+)
+from blt_dist.model.weights import WEIGHTS
+from launch import records
+from launch.slurm import launch_run, quote_override
+from launch.slurm_cli import queue_state, require_slurm
 
 FAMILIES = ("blt", "bpe", "byte")
 MATCHED_FAMILIES = ("bpe", "byte")  # shaped by the FLOP counter from the BLT of the same size
@@ -166,8 +179,6 @@ def load_sweep(path: Path, cli_overrides: list[str] = ()) -> SweepSpec:
 
 def _launch_overrides(launch: LaunchConfig) -> list[str]:
     """The grid's launch section as launch.* overrides (only what differs from the defaults)."""
-    from launch.slurm import quote_override
-
     defaults = LaunchConfig()
     return [f"launch.{f.name}={quote_override(getattr(launch, f.name))}" for f in dataclasses.fields(LaunchConfig)
             if getattr(launch, f.name) != getattr(defaults, f.name)]
@@ -181,9 +192,6 @@ def _budget_name(budget: float) -> str:
 
 def plan(spec: SweepSpec) -> list[PlannedRun]:
     """Every run's resolved config, in grid order (size, family, budget, seed)."""
-    from blt_dist.flops import SampleShape, match_bpe, match_byte
-    from launch.slurm import quote_override
-
     out = Path(spec.out).resolve()
     runs = []
     for size in spec.sizes:
@@ -228,8 +236,6 @@ def plan(spec: SweepSpec) -> list[PlannedRun]:
 
 def estimate(run: PlannedRun, spec: SweepSpec) -> dict:
     """Parameters, FLOPs per byte, nominal steps and GPU/node-hours of one run."""
-    from blt_dist.flops import SampleShape, bytes_per_sample, params_by_component, train_flops_per_byte
-
     cfg = run.cfg
     shape = SampleShape.from_data(cfg.data)
     per_byte = train_flops_per_byte(cfg.model, shape)
@@ -250,8 +256,6 @@ def estimate(run: PlannedRun, spec: SweepSpec) -> dict:
 
 
 def format_plan(runs: list[PlannedRun], spec: SweepSpec) -> str:
-    from blt_dist.flops import human_count
-
     e = spec.estimate
     header = (f"sweep {spec.name}: {len(runs)} runs -> {Path(spec.out).resolve()}\n"
               f"estimates assume {e.mfu:.0%} MFU of {e.peak_tflops:g} TFLOP/s per {e.gpu} (dense bf16), "
@@ -275,8 +279,6 @@ def format_plan(runs: list[PlannedRun], spec: SweepSpec) -> str:
 
 
 def is_finished(run_dir: Path) -> bool:
-    from blt_dist.export import WEIGHTS
-
     return (run_dir / "export" / WEIGHTS).is_file()
 
 
@@ -285,9 +287,6 @@ def run_status(run_dir: Path, backend: str) -> str:
     if is_finished(run_dir):
         return "finished"
     if backend == "slurm":
-        from launch import records
-        from launch.slurm_cli import queue_state
-
         submission = records.read_submission(run_dir)
         if submission and submission.get("job_ids"):
             state = (queue_state(submission["job_ids"][-1]["job_id"]) or "").split()
@@ -302,8 +301,6 @@ def run_status(run_dir: Path, backend: str) -> str:
 
 def collect(runs: list[PlannedRun], backend: str) -> list[dict]:
     """One row per run, from its metrics.jsonl and run directory."""
-    from blt_dist.flops import params_by_component
-
     rows = []
     for run in runs:
         run_dir = run.run_dir
@@ -373,9 +370,6 @@ def run(args: argparse.Namespace) -> int:
         print(format_plan(runs, spec))
         return 0
     if args.backend == "slurm":
-        from launch.slurm import launch_run
-        from launch.slurm_cli import require_slurm
-
         require_slurm()
     missing = [r for r in runs if not r.cfg.data.train]
     if missing:

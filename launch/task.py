@@ -23,7 +23,11 @@ import sys
 import traceback
 from pathlib import Path
 
+from blt_dist.config import load_config
+from blt_dist.training.signals import StopRequest
 from launch import records
+from launch.slurm_cli import classify_stop, job_info, requeue
+from launch.slurm_env import export_task_env
 
 
 class TrainTask:
@@ -33,13 +37,10 @@ class TrainTask:
         self.run_dir = str(run_dir)
 
     def __call__(self) -> dict:
-        from blt_dist.train import StopRequest
-
         stop = StopRequest()  # before the slow imports: replaces submitit's handlers as well
-        from blt_dist.config import load_config
-        from blt_dist.train import train
-        from launch.slurm_cli import classify_stop, job_info, requeue
-        from launch.slurm_env import export_task_env
+        # lazy: torch and DeepSpeed take 2-3 s to import; a preemption signal in that time must find
+        # the handlers above installed (this module, which submitit unpickles, loads without torch)
+        from blt_dist.training.loop import train
 
         run_dir = Path(self.run_dir)
         task = export_task_env()
@@ -83,9 +84,6 @@ class TrainTask:
 def after_srun(run_dir: Path, srun_status: int) -> int:
     """The batch shell's step after srun: retry a failed run at most launch.max_retries times.
     Returns the batch script's exit status."""
-    from blt_dist.config import load_config
-    from launch.slurm_cli import requeue
-
     job_id = os.environ.get("SLURM_JOB_ID", "?")
     if srun_status == 0:
         return 0
@@ -121,7 +119,8 @@ def after_srun(run_dir: Path, srun_status: int) -> int:
 
 
 def _newest_step(run_dir: Path):
-    from blt_dist.checkpoint import newest_complete
+    # lazy: checkpoint.py imports torch and DeepSpeed (2 s); the batch shell's steps run without them
+    from blt_dist.training.checkpoint import newest_complete
 
     found = newest_complete(run_dir, log=lambda *_: None)
     return found[1].get("step") if found else None

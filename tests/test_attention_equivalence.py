@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from blt_dist.config import load_config
+from blt_dist.config.model import ModelConfig
 from blt_dist.errors import ConfigError
-from blt_dist.model import build_model, patch_layout
 from blt_dist.model import attention as attn
-from blt_dist.model.config import ModelConfig
+from blt_dist.model import build_model, patch_layout
 from tests.conftest import REPO
 from tests.test_model_causality import random_batch, tiny_blt
 

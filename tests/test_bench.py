@@ -8,16 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from blt_dist import bench
+from blt_dist.bench import suite as bench
+from blt_dist.bench import workloads
 from blt_dist.cli import COMMANDS
 
 
 def test_synthetic_blt_batch_is_a_causal_realistic_layout():
-    batch = bench.blt_batch(2048, batch=3, seed=1)
+    batch = workloads.blt_batch(2048, batch=3, seed=1)
     lengths = batch["patch_lengths"].numpy()
     assert (lengths.sum(axis=1) == 2048).all() and (lengths[:, 0] == 1).all() and lengths.max() <= 16
     assert 4.0 < lengths.sum() / (lengths > 0).sum() < 5.0  # mean patch ~4.5 bytes
-    assert (batch["tokens"][:, 0] == bench.BOS_ID).all() and lengths.shape[1] == 2048 // 4
+    assert (batch["tokens"][:, 0] == workloads.BOS_ID).all() and lengths.shape[1] == 2048 // 4
 
 
 def test_zero_partitioning_rules():
@@ -78,4 +79,4 @@ def test_the_gpu_suite_refuses_a_machine_without_cuda(capsys):
 def test_the_gpu_check_script_parses():
     import subprocess
 
-    assert subprocess.run(["bash", "-n", str(bench.CONFIGS.parent / "tools" / "gpu_check.sh")]).returncode == 0
+    assert subprocess.run(["bash", "-n", str(workloads.CONFIGS.parent / "tools" / "gpu_check.sh")]).returncode == 0

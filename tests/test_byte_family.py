@@ -13,8 +13,8 @@ import torch
 
 from blt_dist import flops
 from blt_dist.config import load_config
+from blt_dist.config.model import ModelConfig
 from blt_dist.model import CausalLM, build_model
-from blt_dist.model.config import ModelConfig
 from tests.conftest import REPO, word_dataset
 from tests.distributed import metrics, run
 

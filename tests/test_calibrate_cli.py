@@ -16,8 +16,8 @@ from blt_dist.data.patching import patch_starts
 from blt_dist.data.prepare import prepare
 from blt_dist.data.shards import ByteDataset, iter_stream
 from blt_dist.errors import UserError
-from blt_dist.export import save_export
 from blt_dist.model import ModelConfig, build_model
+from blt_dist.training.export import save_export
 from blt_dist.vocab import OFFSET, encode_document
 
 

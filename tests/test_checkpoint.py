@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from blt_dist.checkpoint import MARKER, list_checkpoints, newest_complete, prune, tag_for, verify
+from blt_dist.training.checkpoint import MARKER, list_checkpoints, newest_complete, prune, tag_for, verify
 
 
 def fake_checkpoint(run_dir, step: int, complete: bool = True):

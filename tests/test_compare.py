@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 import torch
 
-from blt_dist import compare as cmp
 from blt_dist.cli import main as cli_main
 from blt_dist.config import load_config, save_resolved
 from blt_dist.data.prepare import prepare
 from blt_dist.data.tokenizer import train_tokenizer
 from blt_dist.errors import UserError
-from blt_dist.export import save_export
+from blt_dist.evaluation import compare as cmp
 from blt_dist.model import build_model
+from blt_dist.training.export import save_export
 from tests.conftest import write_word_documents
 
 WORDS = "the quick brown fox jumps over a lazy dog while bytes and patches flow through latent space".split()
@@ -92,8 +92,8 @@ def test_report_on_two_runs_with_noise_plots_and_cache(setup, tmp_path, capsys, 
     def no_eval(*args, **kwargs):
         raise AssertionError("scored again despite the cache")
 
-    monkeypatch.setattr("blt_dist.evaluate.evaluate_model", no_eval)
-    monkeypatch.setattr("blt_dist.compressors.compressor_bpb", no_eval)
+    monkeypatch.setattr("blt_dist.evaluation.compare.evaluate_model", no_eval)
+    monkeypatch.setattr("blt_dist.evaluation.compare.compressor_bpb", no_eval)
     assert cli_main(["compare", str(setup.runs), "--out", str(out), "--noise", "swap:0.1", "--eval-bytes", "3000"]) == 0
     assert (out / "report.md").read_text() == report
 

@@ -7,7 +7,7 @@ import lzma
 
 import pytest
 
-from blt_dist.compressors import COMPRESSORS, bits_per_byte, compressor_bpb
+from blt_dist.evaluation.compressors import COMPRESSORS, bits_per_byte, compressor_bpb
 
 PROSE = [b"the cat sat on the mat. " * 30, b"a dog barked at the cat, then slept. " * 20]
 CODE = [b"def f(x):\n    return x * 2\n" * 25, b"\xff\x00 not utf-8 \x80"]

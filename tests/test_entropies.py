@@ -17,8 +17,9 @@ from blt_dist.data.loader import ENTROPY_FORMAT, Loader, LoaderSpec
 from blt_dist.data.prepare import prepare
 from blt_dist.data.shards import ByteDataset, SplitReader, iter_stream
 from blt_dist.errors import UserError
-from blt_dist.export import export_info, save_export
 from blt_dist.model import ModelConfig, build_model
+from blt_dist.model.weights import export_info
+from blt_dist.training.export import save_export
 from blt_dist.vocab import BOS_ID, encode_document
 from tests.conftest import write_word_documents
 

@@ -9,9 +9,10 @@ import torch
 
 from blt_dist.config import load_config
 from blt_dist.data.prepare import prepare
-from blt_dist.evaluate import evaluate_model
-from blt_dist.export import load_export, save_export
+from blt_dist.evaluation.evaluate import evaluate_model
 from blt_dist.model import build_model
+from blt_dist.model.weights import load_export
+from blt_dist.training.export import save_export
 from blt_dist.vocab import EOS_ID, OFFSET, VOCAB_SIZE
 from tests.conftest import run_cli
 

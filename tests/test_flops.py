@@ -14,9 +14,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from blt_dist import flops
 from blt_dist.config import load_config
+from blt_dist.config.model import HashEmbeddingConfig, LocalModelConfig, ModelConfig
 from blt_dist.errors import UserError
 from blt_dist.model import build_model
-from blt_dist.model.config import HashEmbeddingConfig, LocalModelConfig, ModelConfig
 from tests.conftest import REPO
 from tests.test_model_causality import random_batch, tiny_blt
 

@@ -18,10 +18,10 @@ import torch
 
 from blt_dist.cli import main
 from blt_dist.config import Config
+from blt_dist.config.model import HashEmbeddingConfig, LocalModelConfig, ModelConfig
 from blt_dist.data.entropies import document_entropies, receptive_field
 from blt_dist.data.patching import PatchingRule, patch_lengths_from_starts, patch_starts
-from blt_dist.export import export_info, save_export
-from blt_dist.generate import (
+from blt_dist.evaluation.generate import (
     PREFILL_CHUNK,
     BLTDecoder,
     ByteLMDecoder,
@@ -33,7 +33,8 @@ from blt_dist.generate import (
     printable,
 )
 from blt_dist.model import build_model
-from blt_dist.model.config import HashEmbeddingConfig, LocalModelConfig, ModelConfig
+from blt_dist.model.weights import export_info
+from blt_dist.training.export import save_export
 from blt_dist.vocab import BOS_ID, EOS_ID, OFFSET
 
 PROMPT = b"the cat sat on the mat. "
@@ -350,7 +351,7 @@ def test_blt_entropy_model_missing_or_different_is_an_error(exports, tmp_path, c
 
 
 def test_bench_row_measures_both_sides():
-    from blt_dist.bench import cached_generation_speed
+    from blt_dist.bench.datapath import cached_generation_speed
 
     g = cached_generation_speed(16, timed_lengths=2)
     assert g["bytes"] == 16 and g["cached_bytes_per_s"] > 0 and g["full_bytes_per_s"] > 0 and g["speedup"] > 0

@@ -14,7 +14,7 @@ import pytest
 from blt_dist.config import load_config
 from blt_dist.errors import ConfigError, UserError
 from blt_dist.parallel.engine import cuda_device_index, resolve_backend
-from blt_dist.train import drop_metrics_after
+from blt_dist.training.loop import drop_metrics_after
 from launch import records
 from launch.slurm_cli import classify_stop, parse_duration
 from launch.slurm_env import expand_nodelist, master_port, task_env, tasks_on_node

@@ -5,7 +5,8 @@ import json
 
 import torch
 
-from blt_dist.metrics import MetricsLogger, PeakMeasurement, format_line, measure_cpu_peak, peak_flops
+from blt_dist.hardware import PeakMeasurement, measure_cpu_peak, peak_flops
+from blt_dist.training.metrics import MetricsLogger, format_line
 
 
 def step_record(mfu: float) -> dict:

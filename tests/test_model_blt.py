@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from blt_dist.config.model import ModelConfig
 from blt_dist.model import build_model, patch_layout
-from blt_dist.model.config import ModelConfig
 from blt_dist.model.hash_embeddings import ngram_hashes
 from blt_dist.model.layers import masked_sdpa
 from blt_dist.vocab import BOS_ID, EOS_ID, OFFSET, PAD_ID

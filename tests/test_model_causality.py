@@ -12,8 +12,8 @@ import random
 import pytest
 import torch
 
+from blt_dist.config.model import HashEmbeddingConfig, LocalModelConfig, ModelConfig
 from blt_dist.model import build_model
-from blt_dist.model.config import HashEmbeddingConfig, LocalModelConfig, ModelConfig
 from blt_dist.vocab import BOS_ID, EOS_ID, OFFSET, PAD_ID
 
 CAPACITY, PATCHES = 40, 16

@@ -9,7 +9,7 @@ import pytest
 
 from blt_dist import flops
 from blt_dist.config import ConfigError, load_config
-from blt_dist.model.config import check_against_data
+from blt_dist.config.model import check_against_data
 from tests.conftest import REPO
 
 SIZES = {"125m": 125e6, "350m": 350e6, "1b": 1e9, "3b": 3e9}

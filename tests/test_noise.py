@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from blt_dist.errors import UserError
-from blt_dist.noise import KINDS, NoiseSpec, add_noise, noised, parse_noise
+from blt_dist.evaluation.noise import KINDS, NoiseSpec, add_noise, noised, parse_noise
 
 TEXT = ("The quick brown fox jumps over the lazy dog. Größe, café, naïve; 日本語のテキスト; emoji 🙂🚀; "
         "Ελληνικά κείμενα. ") * 40
@@ -88,10 +88,9 @@ def test_parse_noise():
 
 
 def test_eval_cli_reports_noised_bpb_and_gap(tmp_path):
+    from blt_dist.training.export import save_export
     from tests.conftest import run_cli
     from tests.test_evaluate import uniform_entropy_model
-
-    from blt_dist.export import save_export
 
     model, cfg = uniform_entropy_model()
     save_export(model.state_dict(), cfg, tmp_path / "export")

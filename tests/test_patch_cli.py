@@ -101,8 +101,8 @@ def save_tiny_export(path, family: str):
     import torch
 
     from blt_dist.config import Config
-    from blt_dist.export import save_export
     from blt_dist.model import ModelConfig, build_model
+    from blt_dist.training.export import save_export
 
     torch.manual_seed(0)
     cfg = Config()

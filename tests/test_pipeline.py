@@ -26,10 +26,10 @@ import torch
 
 from blt_dist.config import load_config
 from blt_dist.data.packing import Packer
-from blt_dist.export import load_export, save_export
 from blt_dist.flops import SampleShape, blt_forward_flops
-from blt_dist.loss import loss_and_sums
 from blt_dist.model import build_model
+from blt_dist.model.loss import loss_and_sums
+from blt_dist.model.weights import load_export
 from blt_dist.parallel.pipeline import (
     PipelineLoss,
     balanced_boundaries,
@@ -41,6 +41,7 @@ from blt_dist.parallel.pipeline import (
     sequential_twin,
     to_model_state_dict,
 )
+from blt_dist.training.export import save_export
 from blt_dist.vocab import BOS_ID, EOS_ID, OFFSET, PAD_ID
 
 REPO = Path(__file__).resolve().parents[1]

@@ -5,7 +5,7 @@ import pytest
 
 from blt_dist.config import load_config
 from blt_dist.errors import UserError
-from blt_dist.train import total_steps_for
+from blt_dist.training.run_length import total_steps_for
 
 
 def test_max_steps_wins_and_skips_the_measurement():

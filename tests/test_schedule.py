@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from blt_dist.config import OptimConfig
-from blt_dist.schedule import lr_at
+from blt_dist.training.schedule import lr_at
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "wsd", "constant"])

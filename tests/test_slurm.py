@@ -219,7 +219,7 @@ def test_a_failing_job_is_retried_at_most_max_retries_times(cluster, data, tmp_p
 
 def test_entropy_array_equals_one_process(cluster, tmp_path):
     from blt_dist.data.entropies import compute_entropy_dataset
-    from blt_dist.export import save_export
+    from blt_dist.training.export import save_export
     from tests.test_entropies import tiny_entropy_model, tree
 
     started = time.monotonic()

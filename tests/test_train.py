@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from blt_dist.checkpoint import checkpoint_root, list_checkpoints, verify
 from blt_dist.data.prepare import prepare
 from blt_dist.data.tokenizer import train_tokenizer
+from blt_dist.training.checkpoint import checkpoint_root, list_checkpoints, verify
 from tests.conftest import write_word_documents
 from tests.distributed import launch, logs, metrics, run, wait
 
@@ -55,7 +55,7 @@ def test_one_process_run_writes_metrics_checkpoint_and_export(data, tmp_path, fa
         assert (run_dir / name).is_file()
     ok, reason, marker = verify(checkpoint_root(run_dir) / "step_00000003")
     assert ok, reason
-    from blt_dist.export import load_export
+    from blt_dist.model.weights import load_export
 
     model, cfg = load_export(run_dir / "export")
     assert cfg.model.family == family and sum(p.numel() for p in model.parameters()) > 0
@@ -80,7 +80,7 @@ def test_resume_after_kill_9_is_bit_exact(data, tmp_path, zero_stage, family):
     got = [tuple(r[k] for k in keys) for r in metrics(killed) if "loss" in r]
     # the killed run logged steps 1-2, the resumed one 3-4: together, bit for bit the straight run
     assert got == expected
-    from blt_dist.export import load_export
+    from blt_dist.model.weights import load_export
 
     (a, _), (b, _) = load_export(straight / "export"), load_export(killed / "export")  # consolidated shards
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
@@ -105,7 +105,7 @@ def test_two_stage_pipeline_resume_after_kill_9_is_bit_exact(data, tmp_path, fam
     expected = [tuple(r[k] for k in keys) for r in metrics(straight) if "loss" in r]
     assert [tuple(r[k] for k in keys) for r in metrics(killed) if "loss" in r] == expected
     assert len(expected) == 4 and all(np.isfinite(r[1]) for r in expected)
-    from blt_dist.export import load_export
+    from blt_dist.model.weights import load_export
 
     model, cfg = load_export(straight / "export")  # consolidated from the pipeline's layer files
     assert cfg.parallel.pipeline_stages == 2 and cfg.model.family == family
@@ -142,7 +142,7 @@ def test_damaged_newest_checkpoint_falls_back(data, tmp_path):
 
 @pytest.mark.parametrize("zero_stage", [0, 1])
 def test_nonfinite_steps_are_skipped_then_abort(data, tmp_path, zero_stage):
-    from blt_dist.checkpoint import consolidated_state_dict
+    from blt_dist.training.checkpoint import consolidated_state_dict
 
     run_dir = tmp_path / "skip"
     args = ["train", *family_args(data, "entropy"), "checkpoint.every=1", "checkpoint.keep_last=5",

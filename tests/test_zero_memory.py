@@ -5,8 +5,9 @@ import pytest
 import torch
 from torch import nn
 
+from blt_dist.bench.workloads import CONFIGS as REPO_CONFIGS
+from blt_dist.bench.zero_memory import engine_state_bytes, held_storages, measure_zero_state
 from blt_dist.errors import UserError
-from blt_dist.zero_memory import REPO_CONFIGS, engine_state_bytes, held_storages, measure_zero_state
 
 
 def test_a_storage_counts_once_however_many_views_reach_it():

@@ -3,7 +3,7 @@
     python tools/bench_loader.py [--mb 4] [--seconds 4]
 
 Builds, in a temporary directory, the whole data path at small scale (the dataset, entropies,
-threshold and measurements are blt_dist/bench.py's, shared with `blt-dist bench`):
+threshold and measurements are blt_dist/bench/datapath.py's, shared with `blt-dist bench`):
   byte dataset   `prepare` on ~MB of data/corpus/train (synthetic text when the corpus is absent)
   entropy model  a random tiny entropy model export (its entropies are noise, but the loader
                  does the same work for any values)
@@ -30,12 +30,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from blt_dist.bench import (  # noqa: E402  (the shared pieces live in blt_dist/bench.py)
-    LOADER_TARGET_RATIO as TARGET_RATIO,
-    build_loader_world,
-    measure_loader,
-    measure_loader_training,
-)
+from blt_dist.bench.datapath import LOADER_TARGET_RATIO as TARGET_RATIO  # noqa: E402 (shared with `blt-dist bench`)
+from blt_dist.bench.datapath import build_loader_world, measure_loader, measure_loader_training  # noqa: E402
 from blt_dist.config import load_config  # noqa: E402
 from blt_dist.data.loader import LoaderSpec  # noqa: E402
 from blt_dist.data.tokenizer import train_tokenizer  # noqa: E402

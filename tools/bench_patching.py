@@ -2,7 +2,7 @@
 
     python tools/bench_patching.py [--mb 100] [--batch 64] [--seq 16384]
 
-Synthetic data shaped like the loader's (blt_dist.bench.synthetic_patching_batches, which
+Synthetic data shaped like the loader's (blt_dist.bench.datapath.synthetic_patching_batches, which
 `blt-dist bench` also uses): int64 ids in [B, T] batches with a document (BOS) every ~2 KB,
 float16 entropies as stored in entropy shards, thresholds set so patches average ~4.5 bytes.
 The target is 200 MB/s per core, so patching never limits a loader worker.
@@ -18,8 +18,8 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import argparse  # noqa: E402
 import time  # noqa: E402
 
-from blt_dist.bench import PATCHER_TARGET_MB_S as TARGET_MB_S  # noqa: E402
-from blt_dist.bench import patching_rates, synthetic_patching_batches  # noqa: E402
+from blt_dist.bench.datapath import PATCHER_TARGET_MB_S as TARGET_MB_S  # noqa: E402
+from blt_dist.bench.datapath import patching_rates, synthetic_patching_batches  # noqa: E402
 from blt_dist.data.patching import PatchingRule, patch_lengths_from_starts  # noqa: E402
 
 

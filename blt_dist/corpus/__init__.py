@@ -4,4 +4,5 @@ Read in this order: build.py (CLI, recipes, publish), fetch.py (download + extra
 sources.py (one extractor per package family), text.py (decoding, splitting, language checks),
 split.py (deterministic hold-out and train/held-out line de-duplication), rdata.py and sword.py
 (readers for R lazy-load databases and SWORD Bible modules).
+In the data layer: imports only errors (a source of raw text, before `blt-dist prepare`).
 """

@@ -15,8 +15,10 @@ import argparse
 import hashlib
 import json
 import os
+import platform
 import shutil
 import sys
+import sysconfig
 from collections import defaultdict
 from pathlib import Path
 
@@ -91,8 +93,6 @@ def fetch_packages(sources: list[tuple[Source, int]], cache: Path) -> dict[str, 
         if name.startswith("pip:"):
             packages[name] = fetch.download_wheel(name[4:], cache, log=_log)
         elif name == "stdlib":
-            import platform
-            import sysconfig
             packages[name] = Package("python-stdlib", platform.python_version(),
                                      Path(sysconfig.get_paths()["stdlib"]), "stdlib")
     return packages

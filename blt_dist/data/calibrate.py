@@ -27,9 +27,11 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
+from blt_dist.data.loader import ENTROPY_FORMAT
 from blt_dist.data.patching import PatchingRule, patch_starts
+from blt_dist.data.shards import ByteDataset, SplitReader
 from blt_dist.errors import UserError
-from blt_dist.vocab import BOS_ID, OFFSET
+from blt_dist.vocab import BOS_ID, OFFSET, encode_document
 
 __all__ = ["CalibrationResult", "TypeStats", "calibrate_threshold", "sample_documents"]
 
@@ -247,10 +249,6 @@ def sample_documents(path, split: str = "train", sample_bytes: int = 16_000_000,
     reported. Within a type, documents are taken in a seeded random order until its share is
     reached. The whole split is used when it holds at most `sample_bytes`.
     """
-    from blt_dist.data.loader import ENTROPY_FORMAT
-    from blt_dist.data.shards import ByteDataset, SplitReader
-    from blt_dist.vocab import encode_document
-
     dataset = ByteDataset(path, format=ENTROPY_FORMAT)
     reader = SplitReader(dataset, split)
     total = sum(stream.bytes for stream in reader.streams)

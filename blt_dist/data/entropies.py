@@ -66,6 +66,7 @@ import bisect
 import dataclasses
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
 import time
@@ -75,10 +76,13 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from blt_dist.data.loader import ENTROPY_FORMAT
 from blt_dist.data.shards import COLUMNS, MANIFEST, ByteDataset, StreamHash, iter_stream, verify_stream
 from blt_dist.errors import UserError
+from blt_dist.hardware import bf16_is_native
+from blt_dist.model.weights import WEIGHTS, export_info, file_sha256, load_export
 from blt_dist.vocab import PAD_ID, encode_document
 
 __all__ = ["ENTROPY_COLUMNS", "NonFiniteEntropy", "document_entropies", "compute_entropy_dataset"]
@@ -172,8 +176,6 @@ def resolve_device(name: str) -> torch.device:
 
 def resolve_dtype(name: str, device: torch.device) -> str:
     """"fp32" or "bf16" for a --dtype choice; "auto" is bf16 where the hardware runs it natively."""
-    from blt_dist.metrics import bf16_is_native
-
     if name not in DTYPES:
         raise UserError(f"--dtype: one of {', '.join(DTYPES)}, got {name!r}")
     if name == "auto":
@@ -409,6 +411,7 @@ def _local_mds_writer(out_dir: Path, shard_size):
     after the last one is queued and usually loses the race: one second per part directory,
     which dominates small runs and tests. Here the queue is drained by shutting the executor
     down (waiting for it), then index.json is written exactly as upstream writes it."""
+    # lazy: `import streaming` costs 2 s over torch (measured); only shard I/O needs it
     from streaming import MDSWriter
     from streaming.base.util import get_index_basename
 
@@ -431,6 +434,7 @@ def write_part(task: ShardTask, model, window: int, out: Path, batch_positions: 
                dtype: str = "fp32") -> dict:
     """Computes one input shard's entropies into its part directory (temp name, checked, renamed).
     Returns the part record (also written to part.json)."""
+    # lazy: `import streaming` costs 2 s over torch (measured); only shard I/O needs it
     from streaming.base.format import reader_from_json
 
     final = task.out_dir(out)
@@ -585,10 +589,6 @@ def compute_entropy_dataset(
     device: str = "auto",
     workers: int = 1,
 ) -> EntropyRun:
-    from tqdm import tqdm
-
-    from blt_dist.export import WEIGHTS, export_info, file_sha256
-
     model_dir, data, out = Path(model_dir), Path(data), Path(out)
     this, count = part
     if not (count >= 1 and 0 <= this < count):
@@ -653,8 +653,6 @@ def _parallel_parts(todo: list[ShardTask], workers: int, model_dir: Path, device
     """Part records of `todo`, computed by `workers` processes (spawned: forking a process whose
     OpenMP threads are running is unsafe), largest shard first, yielded as each finishes. A worker's error stops
     the pool and is raised here; finished parts stay (the run resumes at the missing ones)."""
-    import multiprocessing
-
     context = multiprocessing.get_context("spawn")
     slots = context.Queue()
     for slot in range(workers):
@@ -698,8 +696,6 @@ def _worker_part(job) -> dict:
 def check_entropy_source(entropy_dataset: Union[str, Path], model_dir: Union[str, Path]) -> None:
     """Refuses an entropy dataset that another entropy model produced: patches cut from one
     model's entropies mean nothing to a BLT evaluated (or trained on) with another's."""
-    from blt_dist.export import export_info
-
     manifest = Path(entropy_dataset) / "dataset.json"
     recorded = ((_read_json(manifest) or {}).get("entropy_model") or {}).get("weights_sha256")
     given = export_info(model_dir).get("weights_sha256")
@@ -712,8 +708,6 @@ def check_entropy_source(entropy_dataset: Union[str, Path], model_dir: Union[str
 
 def load_entropy_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu"):
     """(model, cfg) of an entropy-model export; a UserError for any other kind of model."""
-    from blt_dist.export import export_info, load_export
-
     family = export_info(path).get("family")
     if family != "entropy":
         raise UserError(f"{path}: a {family!r} model export, not an entropy model (train one with configs/entropy/*.yaml)")
@@ -764,16 +758,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="delete existing output and start over (once, before an array: every task would delete the others' work)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    from launch.entropy_array import add_slurm_arguments
 
-    add_slurm_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.slurm:
-        from launch.entropy_array import run_slurm
-
-        return run_slurm(args)
     result = compute_entropy_dataset(
         args.model, args.data, args.out,
         part=args.part, batch_positions=args.batch_positions, force=args.force, progress=not args.no_progress,

@@ -37,8 +37,10 @@ import numpy as np
 import torch
 
 from blt_dist.data.packing import Packer
+from blt_dist.data.patching import PatchingRule
 from blt_dist.data.shards import FORMAT as BYTE_FORMAT
 from blt_dist.data.shards import ByteDataset, SplitReader
+from blt_dist.data.tokenizer import ByteExactTokenizer
 from blt_dist.errors import UserError
 from blt_dist.vocab import BOS_ID, OFFSET, PAD_ID, encode_document
 
@@ -128,8 +130,6 @@ class PatchEncoder(ByteEncoder):
     alone for the space/static/byte modes), so the threshold can change without recomputing."""
 
     def __init__(self, patching: dict):
-        from blt_dist.data.patching import PatchingRule
-
         self.rule = PatchingRule(**patching)
 
     def encode(self, sample: dict, doc_id: int):
@@ -150,8 +150,6 @@ class PatchEncoder(ByteEncoder):
 
 class BPEEncoder:
     def __init__(self, tokenizer_path: str):
-        from blt_dist.data.tokenizer import ByteExactTokenizer
-
         self.tokenizer = ByteExactTokenizer(tokenizer_path)
         self.bos_id, self.pad_id = self.tokenizer.bos_id, self.tokenizer.pad_id
 

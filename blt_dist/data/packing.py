@@ -27,7 +27,8 @@ from typing import Optional
 
 import numpy as np
 
-IGNORE = -100
+from blt_dist.vocab import IGNORE
+
 COLUMNS = ("tokens", "doc_visit", "doc_pos", "nbytes", "patch_start")
 
 

@@ -25,6 +25,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from blt_dist.data.entropies import document_entropies, load_entropy_model
 from blt_dist.data.patching import ENTROPY_MODES, MODES, PatchingRule, patch_starts
 from blt_dist.errors import UserError
 from blt_dist.vocab import encode_document
@@ -37,8 +38,6 @@ def load_entropy_fn(path: str) -> EntropyFn:
     ids [T] -> entropies [T], computed as `blt-dist entropies` computes them for the training
     data and rounded to float16 as the shards store them, so the layout shown is the one the
     loader would cut (a float32 value just above the threshold can round to one just below)."""
-    from blt_dist.data.entropies import document_entropies, load_entropy_model
-
     model, cfg = load_entropy_model(path)
     window = cfg.model.attention_window
 

@@ -21,7 +21,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import sentencepiece as spm
 
+from blt_dist.data.shards import ByteDataset
 from blt_dist.errors import UserError
 
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
@@ -31,8 +33,6 @@ _AS_BYTES = re.compile("([\udc80-\udcff\u2581]+)")  # surrogate-escaped invalid 
 
 class ByteExactTokenizer:
     def __init__(self, model_path: str | Path):
-        import sentencepiece as spm
-
         path = Path(model_path)
         if not path.is_file():
             raise UserError(f"{path}: no such tokenizer model (train one with `blt-dist tokenizer`)")
@@ -104,10 +104,6 @@ def _training_lines(dataset, max_bytes: int):
 def train_tokenizer(dataset_dir: str | Path, out: str | Path, vocab_size: int, max_bytes: int = 50_000_000) -> dict:
     """Trains on the train split; measures bytes per token on val (or train). Writes OUT (.model)
     and OUT with .json: vocab size, bytes per token, dataset fingerprint."""
-    import sentencepiece as spm
-
-    from blt_dist.data.shards import ByteDataset
-
     dataset = ByteDataset(dataset_dir)
     out = Path(out)
     if out.suffix != ".model":

@@ -1,20 +1,24 @@
 """Model code: pure PyTorch modules, no distributed code (see DESIGN.md).
 
     model = build_model(cfg.model)        # CausalLM (entropy, bpe, byte) or BLT (blt)
+    logits = model(*model_inputs(batch, cfg.model.family, device))
 
 Read in this order: layers.py (norm, rotary, SwiGLU, attention blocks), attention.py (which
 keys each query sees, and the dense / blocked / GPU kernels that compute it), transformer.py
-(the LM), hash_embeddings.py, blt.py (encoder -> latent -> decoder and the causal patch rule).
+(the LM), hash_embeddings.py, blt.py (encoder -> latent -> decoder and the causal patch rule),
+loss.py (NLL and bits per byte), weights.py (loading an export).
+Owns the modules and their inputs; imports only torch, vocab, errors and config.
 """
 from __future__ import annotations
 
 from torch import nn
 
+from blt_dist.config.model import ModelConfig
+from blt_dist.errors import ConfigError
 from blt_dist.model.blt import BLT, patch_layout
-from blt_dist.model.config import ModelConfig
 from blt_dist.model.transformer import CausalLM
 
-__all__ = ["BLT", "CausalLM", "ModelConfig", "build_model", "patch_layout"]
+__all__ = ["BLT", "CausalLM", "ModelConfig", "build_model", "model_inputs", "patch_layout"]
 
 
 def build_model(model_cfg: ModelConfig) -> nn.Module:
@@ -25,9 +29,15 @@ def build_model(model_cfg: ModelConfig) -> nn.Module:
     """
     problems = model_cfg.validate("model")
     if problems:
-        from blt_dist.errors import ConfigError
-
         raise ConfigError(*problems[0])
     if model_cfg.family == "blt":
         return BLT(model_cfg)
     return CausalLM(model_cfg)
+
+
+def model_inputs(batch: dict, family: str, device) -> tuple:
+    """The forward's arguments from a loader batch (the model's input contract): a BLT takes
+    byte ids, patch lengths and document ids; the LMs take ids and document ids."""
+    if family == "blt":
+        return batch["tokens"].to(device), batch["patch_lengths"].to(device), batch["doc_ids"].to(device)
+    return batch["tokens"].to(device), batch["doc_ids"].to(device)

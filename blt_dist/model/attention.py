@@ -41,8 +41,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from blt_dist.config.model import ATTENTION_MODES
 from blt_dist.errors import ConfigError
-from blt_dist.model.config import ATTENTION_MODES
 
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -244,6 +244,7 @@ def _flex_attention():
     """flex_attention compiled once per process (eager flex materialises the full score matrix)."""
     global _compiled_flex
     if _compiled_flex is None:
+        # lazy: flex_attention imports torch._dynamo (about 1 s, measured); only the GPU modes use it
         from torch.nn.attention.flex_attention import flex_attention
 
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
@@ -255,7 +256,7 @@ class FlexSelfAttention:
     skips fully masked blocks, so the work follows the layout. Built once per forward."""
 
     def __init__(self, length: int, doc_ids: Optional[torch.Tensor], window: Optional[int], device):
-        from torch.nn.attention.flex_attention import create_block_mask
+        from torch.nn.attention.flex_attention import create_block_mask  # lazy: torch._dynamo, ~1 s (GPU only)
 
         allowed = self.rule(doc_ids, window)
         batch = None if doc_ids is None else doc_ids.shape[0]
@@ -306,7 +307,7 @@ class FlashSelfAttention:
 
     def __call__(self, q, k, v):
         try:
-            from torch.nn.attention.varlen import varlen_attn
+            from torch.nn.attention.varlen import varlen_attn  # lazy: torch._dynamo, ~1 s (GPU only)
         except ImportError:
             varlen_attn = None
         if varlen_attn is None or q.dtype not in (torch.float16, torch.bfloat16):

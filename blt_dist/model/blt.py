@@ -48,6 +48,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from blt_dist.config.model import ModelConfig
 from blt_dist.model.attention import (
     every_key_attention,
     patch_pool_attention,
@@ -55,7 +56,6 @@ from blt_dist.model.attention import (
     resolve_mode,
     self_attention,
 )
-from blt_dist.model.config import ModelConfig
 from blt_dist.model.hash_embeddings import HashNgramEmbeddings
 from blt_dist.model.layers import (
     CrossAttentionBlock,

@@ -20,8 +20,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from blt_dist.config.model import ModelConfig
 from blt_dist.model.attention import self_attention
-from blt_dist.model.config import ModelConfig
 from blt_dist.model.layers import (
     RMSNorm,
     StackCache,

@@ -10,11 +10,15 @@ import os
 import socket
 from dataclasses import dataclass
 
+import deepspeed
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
 from blt_dist.config import Config
 from blt_dist.errors import UserError
+from blt_dist.model.layers import CrossAttentionBlock, TransformerBlock
 
 
 @dataclass(frozen=True)
@@ -48,8 +52,6 @@ def init_distributed(backend: str = "auto") -> DistEnv:
 
     Ranks come from torchrun / the deepspeed launcher (RANK, WORLD_SIZE, LOCAL_RANK,
     MASTER_ADDR, MASTER_PORT) or from Slurm via launch/ (which exports the same variables)."""
-    import deepspeed
-
     if "RANK" not in os.environ:  # one process started by hand: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -91,8 +93,6 @@ def cuda_device_index(local_rank: int, visible_devices: int) -> int:
 def reduce_int(value: int, op: str = "sum") -> int:
     """All-reduce one integer over every rank ("sum", "min" or "max"); itself without a process
     group. The loop uses it to agree on flags (stop, non-finite, save succeeded) and counts."""
-    import torch.distributed as dist
-
     if not dist.is_initialized():
         return int(value)
     ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
@@ -103,8 +103,6 @@ def reduce_int(value: int, op: str = "sum") -> int:
 
 def shutdown_distributed() -> None:
     """Barrier, then destroy: without the barrier about 1 in 3 ZeRO-1/2 runs aborted at exit (FIELD-NOTES)."""
-    import torch.distributed as dist
-
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -163,10 +161,6 @@ def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def apply_activation_checkpointing(model: nn.Module) -> int:
     """Recomputes every transformer block in backward instead of storing its activations."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
-    from blt_dist.model.layers import CrossAttentionBlock, TransformerBlock
-
     wrapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):

@@ -58,12 +58,13 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+from deepspeed.pipe import PipelineModule
 from torch import nn
 
 from blt_dist.flops import SampleShape, blt_forward_flops, lm_forward_flops
-from blt_dist.loss import LossSums, loss_and_sums
 from blt_dist.model import BLT, CausalLM, ModelConfig, build_model, patch_layout
 from blt_dist.model.blt import latent_mask_and_rope
+from blt_dist.model.loss import LossSums, loss_and_sums
 from blt_dist.model.transformer import lm_mask_and_rope
 
 __all__ = [
@@ -166,7 +167,7 @@ def pipeline_batch(batch: dict, family: str) -> tuple[tuple, tuple]:
 
 
 class PipelineLoss:
-    """The last stage's loss_fn: the mean NLL over predicted targets (blt_dist.loss), and the
+    """The last stage's loss_fn: the mean NLL over predicted targets (blt_dist.model.loss), and the
     summed LossSums of the micro-batches since the last `take_sums()` for bits-per-byte logging
     (DeepSpeed's train_batch returns only the mean loss)."""
 
@@ -235,8 +236,6 @@ def balanced_boundaries(weights: Sequence[float], num_stages: int) -> list[int]:
 
 def _pipeline_module_class():
     """Imported lazily: `import deepspeed` costs seconds and is not needed by the twin's users."""
-    from deepspeed.pipe import PipelineModule
-
     class FlopBalancedPipelineModule(PipelineModule):
         """A PipelineModule cut at explicit boundaries (DeepSpeed's `partition_method` only
         knows parameters / uniform / type:regex). `_partition_layers` runs inside
@@ -325,7 +324,7 @@ def consolidate_pipeline_checkpoint(tag_dir: str | Path) -> dict[str, torch.Tens
 
     These files hold the module weights in the training dtype: with bf16 they are the bf16
     copies, not the fp32 master weights of the optimizer state. Loads with
-    `build_model(cfg).load_state_dict(state)` and writes with `blt_dist.export.save_export`."""
+    `build_model(cfg).load_state_dict(state)` and writes with `blt_dist.training.export.save_export`."""
     tag_dir = Path(tag_dir)
     files = sorted(tag_dir.glob("layer_*-model_states.pt"))
     if not files:

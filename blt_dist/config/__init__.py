@@ -7,6 +7,9 @@ a list of them, merged left to right); the child's keys override the parent's. O
 the command line use dotted keys. OmegaConf checks keys and types against the dataclasses
 below; `validate` then checks values and combinations. Every rejection is a ConfigError that
 names the full key path and what was expected; the CLI prints it as one line and exits 2.
+
+The model's section (ModelConfig) is in model.py beside this file. Ground layer: imports only
+errors and vocab, so every wing can read a config.
 """
 from __future__ import annotations
 
@@ -20,8 +23,8 @@ from typing import Any, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from blt_dist.config.model import ModelConfig, check_against_data
 from blt_dist.errors import ConfigError
-from blt_dist.model.config import ModelConfig, check_against_data
 
 __all__ = ["Config", "ConfigError", "load_config", "save_resolved", "to_yaml"]
 

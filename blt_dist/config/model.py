@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import List, Optional
+
+import sentencepiece as spm
 
 from blt_dist.vocab import VOCAB_SIZE
 
@@ -173,11 +176,7 @@ def check_against_data(model: ModelConfig, data, prefix: str = "") -> list[tuple
                 f"{data.patches_per_sample} * {data.patching.max_patch_length} = {reach}, got {data.byte_capacity}",
             ))
     if model.family == "bpe" and data.tokenizer:
-        from pathlib import Path
-
         if Path(data.tokenizer).is_file():
-            import sentencepiece as spm
-
             size = spm.SentencePieceProcessor(model_file=str(data.tokenizer)).get_piece_size()
             if size != model.vocab_size:
                 problems.append((

@@ -16,14 +16,16 @@ import math
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from blt_dist.evaluation.statistics import ratio_estimate
 
 FAMILY_COLORS = {"blt": "#1f77b4", "bpe": "#ff7f0e", "byte": "#2ca02c", "entropy": "#9467bd"}
 COMPRESSOR_COLORS = {"gzip -9": "#7f7f7f", "bz2 -9": "#a0a0a0", "xz -9e": "#c8c8c8"}
 
 
 def _figure(width: float = 7.0, height: float = 4.5):
-    from matplotlib.figure import Figure
-
     return Figure(figsize=(width, height), dpi=110, layout="constrained")
 
 
@@ -44,8 +46,6 @@ def write_all(rows, compressors: dict, noises: list, out: Path) -> list[str]:
 
 
 def bpb_vs_flops(rows, compressors: dict, path: Path) -> Path:
-    from blt_dist.compare import ratio_estimate
-
     fig = _figure()
     ax = fig.add_subplot()
     families = list(dict.fromkeys(r.run.family for r in rows))
@@ -120,8 +120,6 @@ def bpb_by_content_type(rows, compressors: dict, path: Path) -> Path:
 
 def patch_sizes(rows, path: Path) -> Path:
     """Share of patches of each length, per content type: where the BLT spends its global steps."""
-    from matplotlib.ticker import MaxNLocator
-
     blt = [r for r in rows if r.run.family == "blt"]
     cols = min(3, len(blt))
     nrows = math.ceil(len(blt) / cols)

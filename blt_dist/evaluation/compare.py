@@ -52,13 +52,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
-
+from blt_dist.config import load_config
+from blt_dist.data.loader import ENTROPY_FORMAT
+from blt_dist.data.patching import ENTROPY_MODES
+from blt_dist.data.shards import MANIFEST, ByteDataset
 from blt_dist.errors import UserError
+from blt_dist.evaluation import plots
+from blt_dist.evaluation.compressors import compressor_bpb
+from blt_dist.evaluation.evaluate import evaluate_model, heldout_documents
+from blt_dist.evaluation.noise import KINDS, noise_argument, parse_noise
+from blt_dist.evaluation.statistics import MIN_DOCUMENTS, TIE_SE, Estimate, cell_estimate, ratio_estimate, verdict
+from blt_dist.flops import SampleShape, forward_flops_per_byte, human_count, params_by_component
+from blt_dist.model.weights import WEIGHTS, export_info, file_sha256, load_export
 
 CACHE_VERSION = 1  # bump when what an eval record holds or means changes
-TIE_SE = 2.0  # a difference within this many standard errors is a tie
-MIN_DOCUMENTS = 5  # below this the SE is itself too uncertain to call a winner: "n/a"
 BUDGET_TOLERANCE = 0.10  # runs whose budgets differ by less than this are at "equal FLOPs"
 PER_BYTE_TOLERANCE = 0.05  # compared runs whose training FLOPs per byte differ by more are flagged
 FAMILY_ORDER = ("blt", "bpe", "byte", "entropy")
@@ -131,16 +138,12 @@ class Run:
 
 
 def _missing(run_dir: Path) -> list[str]:
-    from blt_dist.export import WEIGHTS
-
     wanted = {"config.yaml": run_dir / "config.yaml", "metrics.jsonl": run_dir / "metrics.jsonl",
               "export/": run_dir / "export" / WEIGHTS}
     return [name for name, path in wanted.items() if not path.is_file()]
 
 
 def _load_run(run_dir: Path, size: str = "", budget: Optional[float] = None) -> Run:
-    from blt_dist.config import load_config
-
     path = run_dir / "metrics.jsonl"
     try:
         records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -215,16 +218,11 @@ class Heldout:
     split: Optional[str] = None
 
     def documents(self, noise=None):
-        from blt_dist.evaluate import heldout_documents
-
         return heldout_documents(self.path, [], self.split, self.max_bytes_per_type, noise)
 
 
 def _byte_dataset_of(dataset: Path) -> tuple[str, str]:
     """(byte dataset path, fingerprint) behind a byte or entropy dataset."""
-    from blt_dist.data.loader import ENTROPY_FORMAT
-    from blt_dist.data.shards import MANIFEST
-
     manifest_path = dataset / MANIFEST
     if not manifest_path.is_file():
         raise UserError(f"{dataset}: not a prepared dataset (no {MANIFEST})")
@@ -237,8 +235,6 @@ def _byte_dataset_of(dataset: Path) -> tuple[str, str]:
 def resolve_heldout(runs: list[Run], heldout: Optional[str], max_bytes_per_type: int,
                     split: Optional[str] = None) -> Heldout:
     """--heldout, or the one byte dataset behind every run's data.val (a UserError otherwise)."""
-    from blt_dist.data.shards import ByteDataset
-
     if heldout:
         return Heldout(str(heldout), ByteDataset(heldout).fingerprint, max_bytes_per_type, split)
     behind = {}
@@ -261,23 +257,17 @@ def resolve_heldout(runs: list[Run], heldout: Optional[str], max_bytes_per_type:
 
 
 def _file_sha256(path: str) -> str:
-    from blt_dist.export import file_sha256
-
     return file_sha256(Path(path)) if path and Path(path).is_file() else ""
 
 
 def _encoder_inputs(cfg) -> dict:
     """What a family's encoder reads besides the weights (a change means a new evaluation)."""
-    from blt_dist.data.patching import ENTROPY_MODES
-
     if cfg.model.family == "bpe":
         return {"tokenizer_sha256": _file_sha256(cfg.data.tokenizer)}
     if cfg.model.family == "blt":
         p = cfg.data.patching
         inputs = {"patching": dataclasses.asdict(p)}
         if p.mode in ENTROPY_MODES:
-            from blt_dist.export import export_info
-
             if not (Path(cfg.data.entropy_model) / "export.json").is_file():
                 raise UserError(f"its entropy model {cfg.data.entropy_model!r} (data.entropy_model) is not there; "
                                 "run compare from the directory the run was trained in")
@@ -331,9 +321,6 @@ def _record(identity: dict, result: dict) -> dict:
 
 def evaluate_run(run: Run, heldout: Heldout, noise=None, cache: Optional[Cache] = None, batch_size: int = 8) -> dict:
     """The run's eval record on the held-out set (clean, or with `noise`), from the cache if there."""
-    from blt_dist.evaluate import evaluate_model
-    from blt_dist.export import export_info, load_export
-
     try:
         encoder_inputs = _encoder_inputs(run.cfg)
     except UserError as err:
@@ -351,8 +338,6 @@ def evaluate_run(run: Run, heldout: Heldout, noise=None, cache: Optional[Cache] 
 
 
 def evaluate_compressors(heldout: Heldout, noise=None, cache: Optional[Cache] = None) -> dict:
-    from blt_dist.compressors import compressor_bpb
-
     identity = {"version": CACHE_VERSION, "compressors": True, "heldout_fingerprint": heldout.fingerprint,
                 "split": heldout.split, "max_bytes_per_type": heldout.max_bytes_per_type,
                 "noise": _noise_identity(noise)}
@@ -381,63 +366,6 @@ def check_comparable(records: dict[str, dict]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Statistics: ratio estimators over documents, paired between runs
-
-
-@dataclass
-class Estimate:
-    """A bpb (or a difference of bpbs) and its per-document influence (for paired SEs)."""
-
-    value: float
-    influence: np.ndarray  # [documents], zero outside the content type
-    documents: int  # m: documents in the content type
-    seed_var: float = 0.0  # var(seed means)/seeds: training randomness, when several seeds exist
-
-    @property
-    def se(self) -> float:
-        if self.documents < 2:
-            return math.inf  # one document: no spread to measure
-        doc_var = self.documents / (self.documents - 1) * float(np.sum(self.influence ** 2))
-        return math.sqrt(doc_var + self.seed_var)
-
-    def __sub__(self, other: "Estimate") -> "Estimate":
-        return Estimate(self.value - other.value, self.influence - other.influence, self.documents,
-                        self.seed_var + other.seed_var)
-
-
-def ratio_estimate(record: dict, content_type: Optional[str] = None) -> Estimate:
-    """bpb of one eval record over a content type (None: all documents)."""
-    docs = record["per_document"]
-    nbytes = np.array([d[2] for d in docs], dtype=np.float64)  # noised records: the noised bytes
-    bits = np.array([d[3] for d in docs], dtype=np.float64) / math.log(2)
-    mask = np.ones(len(docs), dtype=bool) if content_type is None else np.array([d[0] == content_type for d in docs])
-    total = nbytes[mask].sum()
-    if not total:
-        return Estimate(math.nan, np.zeros(len(docs)), 0)
-    value = bits[mask].sum() / total
-    return Estimate(float(value), np.where(mask, (bits - value * nbytes) / total, 0.0), int(mask.sum()))
-
-
-def cell_estimate(estimates: list[Estimate]) -> Estimate:
-    """Seeds of one (family, size, budget): their mean, with the seed spread as extra variance."""
-    if len(estimates) == 1:
-        return estimates[0]
-    values = np.array([e.value for e in estimates])
-    return Estimate(float(values.mean()), np.mean([e.influence for e in estimates], axis=0), estimates[0].documents,
-                    float(values.var(ddof=1)) / len(values))
-
-
-def verdict(difference: Estimate, names: tuple[str, str]) -> str:
-    """'A' / 'B' (lower bpb wins), 'tie' when |difference| <= 2 SE, 'n/a' on too few documents.
-    difference = A - B."""
-    if not math.isfinite(difference.value) or difference.documents < MIN_DOCUMENTS:
-        return "n/a"
-    if difference.value == 0 or abs(difference.value) <= TIE_SE * difference.se:
-        return "tie"
-    return names[0] if difference.value < 0 else names[1]
-
-
-# ---------------------------------------------------------------------------------------------
 # The report
 
 
@@ -457,8 +385,6 @@ class Row:
 def _inference_flops_per_byte(cfg, record: dict) -> float:
     """Forward FLOPs per byte (blt_dist/flops.py) at the compression measured on the held-out
     text: the BLT's mean patch size there, the BPE's bytes per token there."""
-    from blt_dist.flops import SampleShape, forward_flops_per_byte
-
     shape = SampleShape.from_data(cfg.data)
     by_type = record["by_content_type"].values()
     if cfg.model.family == "blt":
@@ -473,8 +399,6 @@ def _inference_flops_per_byte(cfg, record: dict) -> float:
 
 
 def _si(n: float) -> str:
-    from blt_dist.flops import human_count
-
     return "-" if n is None or not math.isfinite(n) else human_count(n)
 
 
@@ -741,8 +665,6 @@ def _against_compressors(rows: list[Row], compressors: dict, content_types: list
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from blt_dist.noise import KINDS, noise_argument
-
     parser.add_argument("inputs", nargs="*", type=Path, metavar="RUN_OR_SWEEP_DIR",
                         help="run directories, sweep directories (results.csv) or directories holding runs")
     parser.add_argument("--out", type=Path, default=None,
@@ -762,8 +684,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from blt_dist.noise import parse_noise
-
     noises = [parse_noise(text, args.noise_seed) for text in dict.fromkeys(args.noise)]
     if args.eval_bytes < 0:
         raise UserError(f"--eval-bytes must be >= 0, got {args.eval_bytes}")
@@ -786,9 +706,6 @@ def run(args: argparse.Namespace) -> int:
 def compare(runs: list[Run], heldout: Heldout, noises: list, out: Path, skipped: list[str] = (),
             use_cache: bool = True, batch_size: int = 8, progress=print) -> str:
     """Scores every run and the compressors, writes REPORT/report.md and the plots; returns the Markdown."""
-    from blt_dist import compare_plots
-    from blt_dist.flops import params_by_component
-
     out.mkdir(parents=True, exist_ok=True)
     cache = Cache(out / "cache", read=use_cache)
     rows = []
@@ -808,7 +725,7 @@ def compare(runs: list[Run], heldout: Heldout, noises: list, out: Path, skipped:
     compressors = {"clean": evaluate_compressors(heldout, None, cache)}
     for noise in noises:
         compressors[noise.name] = evaluate_compressors(heldout, noise, cache)
-    plots = compare_plots.write_all(rows, compressors, noises, out) if rows else []
-    report = build_report(rows, compressors, heldout, noises, list(skipped), plots)
+    plot_files = plots.write_all(rows, compressors, noises, out) if rows else []
+    report = build_report(rows, compressors, heldout, noises, list(skipped), plot_files)
     (out / "report.md").write_text(report + "\n")
     return report

@@ -30,9 +30,15 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
+from blt_dist.data.entropies import check_entropy_source, document_entropies, load_entropy_model
+from blt_dist.data.loader import BPEEncoder, ByteEncoder, PatchEncoder
 from blt_dist.data.packing import IGNORE, Packer
+from blt_dist.data.shards import ByteDataset
 from blt_dist.errors import UserError
-from blt_dist.loss import token_nll
+from blt_dist.evaluation.noise import KINDS, noise_argument, noised, parse_noise
+from blt_dist.model import model_inputs
+from blt_dist.model.loss import token_nll
+from blt_dist.model.weights import load_export
 
 
 def iter_documents(data: Optional[str], files: list[str], split: Optional[str]) -> Iterator[tuple[str, str, bytes]]:
@@ -44,7 +50,6 @@ def iter_documents(data: Optional[str], files: list[str], split: Optional[str]) 
                 raise UserError(f"{path}: no such file")
             yield "files", str(path), path.read_bytes()
         return
-    from blt_dist.data.shards import ByteDataset
 
     dataset = ByteDataset(data)
     splits = [split] if split else (["val"] if dataset.streams("val") else ["train"])
@@ -71,7 +76,6 @@ def heldout_documents(data: Optional[str], files: list[str], split: Optional[str
     documents = take_per_type(iter_documents(data, files, split), max_bytes_per_type)
     if noise is None:
         return documents
-    from blt_dist.noise import noised
 
     return noised(documents, noise)
 
@@ -80,8 +84,6 @@ class Encoder:
     """One document -> (tokens, nbytes, patch_start) for the model's family."""
 
     def __init__(self, cfg, entropy_model: Optional[str], tokenizer: Optional[str]):
-        from blt_dist.data.loader import BPEEncoder, ByteEncoder, PatchEncoder
-
         self.family = cfg.model.family
         self.entropy = None
         if self.family == "bpe":
@@ -104,7 +106,6 @@ class Encoder:
                 entropy_model = entropy_model or cfg.data.entropy_model
                 if not entropy_model:
                     raise UserError(f"--entropy-model: this BLT patches by {p.mode}; give the entropy model's export")
-                from blt_dist.data.entropies import check_entropy_source, load_entropy_model
 
                 if (Path(cfg.data.train) / "dataset.json").is_file():  # the entropies it was trained on
                     check_entropy_source(cfg.data.train, entropy_model)
@@ -118,8 +119,6 @@ class Encoder:
             return self.bytes.encode({"data": data}, -1)
         sample = {"data": data}
         if self.entropy is not None:
-            from blt_dist.data.entropies import document_entropies
-
             # float16, as stored in entropy shards: evaluation patches exactly as training did
             sample["entropies"] = document_entropies(self.entropy, [data], self.window)[0].astype(np.float16)
         return self.patcher.encode(sample, -1)
@@ -128,8 +127,6 @@ class Encoder:
 def evaluate_model(model, cfg, documents: Iterator[tuple[str, str, bytes]], entropy_model=None, tokenizer=None,
                    batch_size: int = 8, max_bytes_per_type: int = 0) -> dict:
     """Scores every document; returns totals, per content type and per document."""
-    from blt_dist.train import model_inputs
-
     family = cfg.model.family
     encoder = Encoder(cfg, entropy_model, tokenizer)
     if family == "blt":
@@ -221,7 +218,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-bytes-per-type", type=int, default=0,
                         help="score whole documents of each content type up to about this many bytes (0 = all)")
     parser.add_argument("--per-document", action="store_true", help="include every document in --json output")
-    from blt_dist.noise import KINDS, noise_argument
 
     parser.add_argument("--noise", action="append", default=[], type=noise_argument, metavar="KIND[:RATE]",
                         help=f"also score with seeded character noise ({'|'.join(KINDS)}; RATE default 0.05) "
@@ -238,13 +234,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from blt_dist.export import load_export
-
     model_dir = Path(args.model)
     if (model_dir / "export").is_dir():
         model_dir = model_dir / "export"
     model, cfg = load_export(model_dir)
-    from blt_dist.noise import parse_noise
 
     noises = [parse_noise(text, args.noise_seed) for text in args.noise]
 

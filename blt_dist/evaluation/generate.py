@@ -39,7 +39,12 @@ from typing import Optional
 import numpy as np
 import torch
 
+from blt_dist.data.entropies import check_entropy_source, entropy_nats, load_entropy_model
+from blt_dist.data.patching import PatchingRule
+from blt_dist.data.tokenizer import UNK, ByteExactTokenizer
 from blt_dist.errors import UserError
+from blt_dist.model import BLT, CausalLM
+from blt_dist.model.weights import WEIGHTS, export_info, load_export
 from blt_dist.vocab import BOS_ID, DELIM_ID, EOS_ID, OFFSET, PAD_ID, VOCAB_SIZE
 
 PREFILL_CHUNK = 256  # prompt positions per cached forward for the LMs (bounds the [t, t] mask)
@@ -151,8 +156,6 @@ class TokenLMDecoder(ByteLMDecoder):
     """The BPE baseline: sentencepiece tokens (data.tokenizer) and a token-level cache."""
 
     def __init__(self, model, tokenizer_path: str, record: bool = False):
-        from blt_dist.data.tokenizer import UNK, ByteExactTokenizer
-
         super().__init__(model, record)
         self.tokenizer = ByteExactTokenizer(tokenizer_path)
         if self.tokenizer.vocab_size != model.cfg.vocab_size:
@@ -177,8 +180,6 @@ class BLTDecoder:
     banned = [PAD_ID, BOS_ID, DELIM_ID]
 
     def __init__(self, model, cfg, entropy_model=None, record: bool = False):
-        from blt_dist.data.patching import PatchingRule
-
         self.model = model
         self.rule = PatchingRule.from_config(cfg.data.patching)
         if self.rule.needs_entropies and entropy_model is None:
@@ -201,7 +202,6 @@ class BLTDecoder:
         values); None for each when no entropy model is used."""
         if self.entropy_model is None:
             return [self.next_entropy] * len(tokens)
-        from blt_dist.data.entropies import entropy_nats
 
         logits = self.entropy_model.forward_cached(torch.tensor([tokens]), self.entropy_cache)[0].float()
         entropies = entropy_nats(logits)
@@ -292,10 +292,6 @@ def blt_entropy_model(cfg, given: Optional[str]) -> Optional[str]:
     trained on (data.train, whose dataset.json records the model's weights sha256). A missing
     export is an error; so is one whose weights differ from the recorded ones: patches cut by
     another model's entropies are not the patches this BLT learned on."""
-    from blt_dist.data.entropies import check_entropy_source
-    from blt_dist.data.patching import PatchingRule
-    from blt_dist.export import WEIGHTS, export_info
-
     rule = PatchingRule.from_config(cfg.data.patching)
     if not rule.needs_entropies:
         return None
@@ -325,10 +321,6 @@ def load_decoder(model_dir: str | Path, entropy_model: Optional[str] = None, tok
                  record: bool = False):
     """(decoder, cfg) for an export (or a run dir holding export/). Dispatch by model kind:
     BLT, BPE, and any other CausalLM over the 260 byte ids."""
-    from blt_dist.data.entropies import load_entropy_model
-    from blt_dist.export import load_export
-    from blt_dist.model import BLT, CausalLM
-
     model_dir = Path(model_dir)
     if (model_dir / "export").is_dir():
         model_dir = model_dir / "export"

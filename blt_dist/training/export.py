@@ -1,33 +1,28 @@
-"""A trained model as one directory: `model.safetensors` + `config.yaml` (+ `export.json`).
+"""Writing a trained model as one directory: `model.safetensors` + `config.yaml` (+ `export.json`),
+the layout `blt_dist.model.weights.load_export` reads.
 
-This is what evaluation, generation, the entropy tool and other users load: no DeepSpeed, no
-optimizer state, one file of weights. `blt-dist train` writes one at the end of a run; a ZeRO
-checkpoint is consolidated into one by `checkpoint.consolidate`.
+`blt-dist train` writes one at the end of a run; `blt-dist export RUN_DIR` consolidates a ZeRO
+checkpoint (sharded or pipelined) into one.
 
-    save_export(model, cfg, out_dir, extra={"step": 1000})
-    model, cfg = load_export(out_dir)          # fp32, eval mode, on CPU
+    save_export(state_dict, cfg, out_dir, extra={"step": 1000})
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from blt_dist.config import Config, load_config, save_resolved
+from blt_dist.data.shards import publish
 from blt_dist.errors import UserError
-
-WEIGHTS = "model.safetensors"
-INFO = "export.json"
+from blt_dist.model.weights import INFO, WEIGHTS, file_sha256
+from blt_dist.training import checkpoint
 
 
 def save_export(state_dict: dict[str, torch.Tensor], cfg: Config, out_dir: str | Path, extra: dict | None = None) -> Path:
     """Writes weights and config to out_dir (via a temp dir and a rename)."""
-    from safetensors.torch import save_file
-
-    from blt_dist.data.shards import publish
-
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp-export")
     tmp.mkdir(parents=True, exist_ok=True)
@@ -38,44 +33,6 @@ def save_export(state_dict: dict[str, torch.Tensor], cfg: Config, out_dir: str |
     (tmp / INFO).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     publish(tmp, out_dir)
     return out_dir
-
-
-def load_export(path: str | Path, device: str | torch.device = "cpu"):
-    """(model in eval mode, Config). Raises UserError for a missing or damaged export."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from blt_dist.model import build_model
-
-    path = Path(path)
-    if not (path / WEIGHTS).is_file() or not (path / "config.yaml").is_file():
-        raise UserError(f"{path}: not a model export (needs {WEIGHTS} and config.yaml; see `blt-dist train`)")
-    cfg = load_config(path / "config.yaml")
-    try:
-        state = load_file(str(path / WEIGHTS), device=str(device))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise UserError(f"{path / WEIGHTS}: unreadable weights ({err})") from err
-    model = build_model(cfg.model)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise UserError(f"{path}: weights do not fit the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return model.to(device).eval(), cfg
-
-
-def export_info(path: str | Path) -> dict:
-    """What identifies an export: weights hash, family, and whatever the writer added."""
-    info_path = Path(path) / INFO
-    if not info_path.is_file():
-        raise UserError(f"{path}: no {INFO}; not a model export")
-    return json.loads(info_path.read_text())
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,8 +46,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from blt_dist import checkpoint
-
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run_dir}: not a run directory (no config.yaml)")

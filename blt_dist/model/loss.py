@@ -1,6 +1,6 @@
 """Loss and bits per byte, the same for every family.
 
-Targets come from the loaders (data/packing.py): IGNORE where nothing is predicted (padding,
+Targets come from the loaders (data/packing.py): IGNORE (vocab.py) where nothing is predicted (padding,
 document starts), and `target_bytes`, the raw bytes each target stands for (1 per byte, 0 for
 EOS, a token's byte length for BPE). The training loss is the mean NLL over predicted targets;
 bits per byte is the summed NLL in nats over every predicted target (EOS included, for both
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from blt_dist.data.packing import IGNORE
+from blt_dist.vocab import IGNORE
 
 
 @dataclass

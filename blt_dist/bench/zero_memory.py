@@ -43,12 +43,25 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+import deepspeed
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from blt_dist.bench.workloads import blt_batch, bpe_batch
+from blt_dist.config import load_config
 from blt_dist.errors import UserError
+from blt_dist.model import build_model, model_inputs
+from blt_dist.model.loss import loss_and_sums
+from blt_dist.parallel.engine import (
+    deepspeed_config,
+    free_port,
+    init_distributed,
+    local_rank_env,
+    optimizer_groups,
+    shutdown_distributed,
+)
 
-REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 # Objects whose attributes are walked for tensors: DeepSpeed's engine parts and torch's
 # optimizers. Anything else (process groups, the accelerator, loggers) holds no training state.
@@ -104,10 +117,6 @@ def _one_step(engine, cfg) -> None:
 
 
 def _backward(engine, cfg) -> None:
-    from blt_dist.bench import blt_batch, bpe_batch
-    from blt_dist.loss import loss_and_sums
-    from blt_dist.train import model_inputs
-
     family = cfg.model.family
     batch = blt_batch(512, 1) if family == "blt" else bpe_batch(128, 1, cfg.model.vocab_size)
     logits = engine(*model_inputs(batch, family, engine.device))
@@ -116,13 +125,6 @@ def _backward(engine, cfg) -> None:
 
 
 def _rank_main(config: str, overrides: Sequence[str], stages: Sequence[int], dtype: str, out: str) -> None:
-    import deepspeed
-    import torch.distributed as dist
-
-    from blt_dist.config import load_config
-    from blt_dist.model import build_model
-    from blt_dist.parallel.engine import deepspeed_config, init_distributed, optimizer_groups, shutdown_distributed
-
     env = init_distributed("gloo")
     results = []
     for stage in stages:
@@ -171,23 +173,19 @@ def measure_zero_state(config: Union[str, Path], ranks: int = 2, stages: Sequenc
                        dtype: str = "bf16", overrides: Sequence[str] = (), timeout: float = 600) -> list[dict]:
     """Runs `ranks` processes on this machine and returns, per stage, the bytes each rank holds.
     `overrides`: dotted config overrides (parallel.reduce_bucket_size=5e7, model.dim=...)."""
-    from blt_dist.parallel.engine import free_port, local_rank_env
-
     if ranks < 1:
         raise UserError(f"--ranks must be at least 1, got {ranks}")
     if bad := [s for s in stages if s not in (0, 1, 2, 3)]:
         raise UserError(f"--stages: ZeRO stages are 0..3, got {bad}")
     if not Path(config).is_file():
         raise UserError(f"config {config} does not exist")
-    from blt_dist.config import load_config
-    from blt_dist.parallel.engine import deepspeed_config
 
     # a bad config or dtype (fp16 without a GPU) fails here, not once in every rank
     deepspeed_config(load_config(config, [*overrides, f"train.dtype={dtype}", "parallel.pipeline_stages=1"]), ranks)
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="blt-zero.") as tmp:
         out = Path(tmp) / "result.json"
-        code = "import sys, json, blt_dist.zero_memory as z; z._rank_main(*json.loads(sys.argv[1]))"
+        code = "import sys, json, blt_dist.bench.zero_memory as z; z._rank_main(*json.loads(sys.argv[1]))"
         request = json.dumps([str(config), list(overrides), list(stages), dtype, str(out)])
         procs = []
         for rank in range(ranks):

@@ -26,8 +26,11 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from blt_dist.errors import UserError
+from blt_dist.parallel.engine import reduce_int
+from blt_dist.parallel.pipeline import consolidate_pipeline_checkpoint
 
 MARKER = "COMPLETE"
 TAG_RE = re.compile(r"^step_(\d{8})$")
@@ -107,8 +110,6 @@ def set_rng_state(state: dict) -> None:
 
 def _all_ok(ok: bool) -> bool:
     """True only if every rank says ok."""
-    from blt_dist.parallel.engine import reduce_int
-
     return bool(reduce_int(ok, "min"))
 
 
@@ -219,12 +220,8 @@ def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     if not ok:
         raise UserError(f"{tag_dir}: not a complete checkpoint ({reason})")
     if marker.get("pipeline_stages", 1) > 1:
-        from blt_dist.parallel.pipeline import consolidate_pipeline_checkpoint
-
         return consolidate_pipeline_checkpoint(tag_dir)
     if marker.get("zero_stage", 0) >= 1:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
         return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     model_files = sorted(tag_dir.glob("*model_states.pt"))
     if not model_files:

@@ -1,0 +1,471 @@
+"""`blt-dist train CONFIG [key=value ...]`: one trainer for the entropy model, BLT and BPE.
+
+Read `_train()` top to bottom: set-up, auto-resume, then the loop
+    {lr = f(step), forward/backward/step, log, eval, checkpoint, stop check}
+and the end (export). The pieces it calls live beside it: step.py (one optimizer step),
+run_length.py (steps from a byte or FLOP budget), signals.py (the agreed stop), checkpoint.py,
+metrics.py, schedule.py, export.py.
+
+Processes: one process as is; N processes on one machine with torchrun
+    torchrun --standalone --nproc_per_node N -m blt_dist.cli train CONFIG ...
+(gloo on CPU, NCCL on GPU); under Slurm through launch/, which exports the same variables.
+Rerunning the same command on the same run.dir resumes from the newest complete checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+import zlib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Optional
+
+import deepspeed
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from blt_dist.config import Config, add_config_arguments, config_from_args, save_resolved, to_dict, to_yaml
+from blt_dist.data.entropies import check_entropy_source
+from blt_dist.data.loader import ENTROPY_FORMAT, Loader, LoaderSpec, dataset_format
+from blt_dist.errors import UserError
+from blt_dist.flops import SampleShape
+from blt_dist.hardware import peak_flops
+from blt_dist.model import build_model, model_inputs
+from blt_dist.model.loss import LossSums, loss_and_sums
+from blt_dist.parallel.engine import (
+    apply_activation_checkpointing,
+    data_parallel_size,
+    deepspeed_config,
+    init_distributed,
+    optimizer_groups,
+    reduce_int,
+    set_lr,
+    shutdown_distributed,
+)
+from blt_dist.parallel.pipeline import build_pipeline, pipeline_batch
+from blt_dist.training import checkpoint
+from blt_dist.training.export import save_export
+from blt_dist.training.metrics import MetricsLogger, format_line, memory_gb
+from blt_dist.training.run_length import (
+    batch_flops,
+    check_memory,
+    measure_per_sample,
+    params_total,
+    total_steps_for,
+    train_flops_per_byte,
+)
+from blt_dist.training.schedule import lr_at
+from blt_dist.training.signals import Faults, StopRequest
+from blt_dist.training.step import all_reduce_floats, all_reduce_sums, pipeline_step, plain_step
+
+# ---------------------------------------------------------------------------------------------
+# Small pieces the loop uses
+
+
+def batch_digest(batch: dict) -> int:
+    """A cheap fingerprint of the data a batch holds, summed into the log to show two runs
+    saw the same samples in the same order."""
+    return zlib.crc32(batch["tokens"].numpy().tobytes()) ^ zlib.crc32(batch["doc_pos"].numpy().tobytes())
+
+
+def provenance() -> dict:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        rev = ""
+    return {
+        "git_revision": rev or "unknown",
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "deepspeed": deepspeed.__version__,
+        "numpy": np.__version__,
+        "host": platform.node(),
+        "cpu_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def evaluate(engine, cfg: Config, family: str, device, batches: int, dp_rank: int, dp_size: int) -> LossSums:
+    """bpb on the first `batches` batches of the validation data (the same ones every time)."""
+    spec = replace(LoaderSpec.from_config(cfg, family, split="val"), shuffle=False)
+    loader = Loader(spec, dp_rank, dp_size)
+    sums = LossSums()
+    pipelined = cfg.parallel.pipeline_stages > 1
+    engine.eval()
+    with torch.no_grad():
+        for _ in range(batches):
+            batch = next(loader)
+            if pipelined:
+                engine.eval_batch(iter([pipeline_batch(batch, family)]), num_micro_batches=1)
+                if engine.is_last_stage():
+                    sums = sums.add(engine.module.loss_fn.take_sums())
+                continue
+            logits = engine(*model_inputs(batch, family, device))
+            sums = sums.add(loss_and_sums(logits, batch["targets"].to(device), batch["target_bytes"].to(device))[1])
+    engine.train()
+    return all_reduce_sums(sums, device)
+
+
+def drop_metrics_after(run_dir: Path, step: int) -> int:
+    """Rewrites metrics.jsonl without the records of steps after `step` (rank 0, on resume).
+    A run killed between a log line and its next checkpoint resumes from an earlier step and
+    logs those steps again: without this they would appear twice. Returns how many were dropped."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(path)
+    return len(lines) - len(kept)
+
+
+@dataclass
+class Run:
+    """What the set-up builds once and the loop uses."""
+
+    engine: object  # DeepSpeed engine (or PipelineEngine)
+    loader: Loader
+    ds_config: dict
+    dp_rank: int
+    dp_size: int
+    total_steps: int
+    length_source: str  # how total_steps was derived, for the log
+    marker_info: dict  # what a checkpoint's marker records, and a resume must match
+    origin: dict  # provenance
+    pipelined: bool
+    # matmul peak FLOP/s for MFU; measured when the log opens (after the resume: on a CPU the
+    # measurement draws random matrices, and the RNG stream a resume restores must not move)
+    peak: float = float("nan")
+
+
+@dataclass
+class Progress:
+    """Where the run stands: what every checkpoint saves and a resume restores."""
+
+    step: int = 0
+    seen: dict = field(default_factory=lambda: {"bytes": 0, "targets": 0, "flops": 0.0, "flops_executed": 0.0})
+    wandb_id: Optional[str] = None
+    resumed_from: Optional[str] = None  # checkpoint tag
+
+
+@dataclass
+class Window:
+    """What accumulates between two log lines."""
+
+    sums: LossSums = field(default_factory=LossSums)
+    time: float = 0.0
+    data_time: float = 0.0
+    patches: int = 0
+    filled: int = 0
+    steps: int = 0
+    digest: int = 0
+    gnorm: float = float("nan")
+    flops: float = 0.0
+    flops_executed: float = 0.0
+
+
+def train(cfg: Config, stop: "StopRequest | None" = None) -> int:
+    """Runs (or resumes) a training run; returns the process exit status (0 also when an agreed
+    stop ended it early after saving: `stop.stopped` tells the two apart)."""
+    stop = stop or StopRequest()  # before the slow set-up, so an early signal is not lost
+    env = init_distributed(cfg.parallel.backend)
+    try:
+        return _train(cfg, env, stop)
+    except BaseException:
+        # no barrier here: the other ranks may not reach it; just release the process group
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise
+
+
+def _train(cfg: Config, env, stop: StopRequest) -> int:
+    run_dir = Path(cfg.run.dir)
+    run = set_up(cfg, env, run_dir)
+    progress = resume(cfg, env, run, run_dir)
+    log = open_log(cfg, env, run, progress, run_dir)
+
+    faults = Faults(os.environ.get("BLT_FAULTS", ""))
+    nonfinite_in_a_row = 0
+    window = Window()
+    last_saved = progress.step if progress.resumed_from else -1
+    while progress.step < run.total_steps:
+        lr = lr_at(progress.step, run.total_steps, cfg.optim)
+        set_lr(run.engine, lr)
+        started = time.perf_counter()
+        batches = [next(run.loader) for _ in range(cfg.train.grad_accum)]
+        window.data_time += time.perf_counter() - started
+        step_useful, step_executed = count_batches(cfg, run, batches, window)
+        if run.pipelined:
+            step_sums, nonfinite, gnorm = pipeline_step(run.engine, batches, cfg.model.family)
+        else:
+            poison = progress.step + 1 in faults.nan_at_steps
+            step_sums, nonfinite, gnorm = plain_step(run.engine, batches, cfg.model.family, env.device,
+                                                     plain_optimizer(cfg), poison)
+        progress.step += 1
+        step = progress.step
+        window.time += time.perf_counter() - started
+        window.steps += 1
+        if not nonfinite:
+            window.gnorm = gnorm
+        faults.after_step(step, env.rank)
+
+        if nonfinite:
+            nonfinite_in_a_row += 1
+            log.info(f"step {step}: non-finite loss; update skipped ({nonfinite_in_a_row} in a row)")
+            if nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
+                log.info(f"aborting: {nonfinite_in_a_row} consecutive non-finite losses; the last checkpoint is intact")
+                return finish(log, 1)
+        else:
+            nonfinite_in_a_row = 0
+            window.sums = window.sums.add(step_sums)
+            # FLOPs seen, like bytes seen, are those of the steps that updated the model
+            window.flops += step_useful
+            window.flops_executed += step_executed
+
+        stop_now = stop.agreed()
+        save_now = bool(cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or stop_now or step == run.total_steps
+
+        # -- log (also right before every save: the bytes and FLOPs a checkpoint records, and the
+        # metrics a resumed run continues from, then include every step up to it)
+        if step % cfg.log.every == 0 or save_now:
+            log_window(cfg, env, run, progress, window, lr, log)
+            window = Window()
+
+        # -- eval
+        if cfg.data.val and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == run.total_steps):
+            val = evaluate(run.engine, cfg, cfg.model.family, env.device, cfg.train.eval_batches, run.dp_rank, run.dp_size)
+            log.log({"step": step, "val_bpb": val.bpb, "val_loss": val.mean_nll, "val_bytes": val.bytes},
+                    f"step {step}/{run.total_steps} | val bpb {val.bpb:.4f} | val loss {val.mean_nll:.4f} ({val.bytes} bytes)")
+
+        # -- checkpoint, stop
+        if save_now and save(cfg, env, run, progress, log, run_dir):
+            last_saved = step
+        if stop_now:
+            log.info(f"stopped by {stop.signal_name or 'a signal on another rank'} at step {step}; checkpoint saved; "
+                     "rerun the same command to resume")
+            break
+
+    # -- the end
+    step = progress.step
+    if step == run.total_steps and last_saved != step:
+        log.info(f"training finished at step {step}, but its final checkpoint could not be written (see above); "
+                 f"the newest checkpoint is step {last_saved}")
+        return finish(log, 1)
+    if step == run.total_steps and env.is_main:
+        tag_dir = checkpoint.checkpoint_root(run_dir) / checkpoint.tag_for(step)
+        export_dir = save_export(checkpoint.consolidated_state_dict(tag_dir), cfg, run_dir / "export", {"step": step})
+        log.info(f"done: {step} steps; weights exported to {export_dir}")
+    return finish(log, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop's named steps, in the order it takes them
+
+
+def set_up(cfg: Config, env, run_dir: Path) -> Run:
+    """Run directory files, the model and its DeepSpeed engine, the loader, the run length."""
+    family = cfg.model.family
+    ds_config = deepspeed_config(cfg, env.world_size)
+    dp_size = data_parallel_size(cfg, env.world_size)
+    check_memory(cfg, env.world_size, env.device)
+    origin = provenance()
+    if env.is_main:
+        save_resolved(cfg, run_dir)
+        (run_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+        (run_dir / "provenance.json").write_text(json.dumps(origin, indent=2) + "\n")
+
+    seed_everything(cfg.run.seed)  # identical initial weights on every rank
+    pipelined = cfg.parallel.pipeline_stages > 1
+    if pipelined:
+        model = build_pipeline(cfg.model, cfg.parallel.pipeline_stages, cfg.train.activation_checkpointing,
+                               cfg.run.seed, SampleShape.from_data(cfg.data))
+    else:
+        model = build_model(cfg.model)
+        if cfg.train.activation_checkpointing:
+            apply_activation_checkpointing(model)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=optimizer_groups(model, cfg.optim.weight_decay), config=ds_config
+    )
+    # every stage of a pipeline reads the same batches: the loader is indexed by data-parallel rank
+    dp_rank = engine.grid.get_data_parallel_rank() if pipelined else env.rank
+    loader = Loader(LoaderSpec.from_config(cfg, family), dp_rank, dp_size, cfg.data.num_workers)
+    if family == "blt" and cfg.data.entropy_model and dataset_format(loader.spec) == ENTROPY_FORMAT:
+        for path in filter(None, (cfg.data.train, cfg.data.val)):
+            check_entropy_source(path, cfg.data.entropy_model)
+    total_steps, length_source = total_steps_for(
+        cfg, dp_size, lambda: measure_per_sample(cfg, loader.spec, dp_rank, dp_size)
+    )
+    marker_info = {
+        "world_size": env.world_size,
+        "global_batch": ds_config["train_batch_size"],
+        "dataset_fingerprint": loader.fingerprint,
+        "zero_stage": cfg.parallel.zero_stage,
+        "pipeline_stages": cfg.parallel.pipeline_stages,
+        "family": family,
+    }
+    seed_everything(cfg.run.seed + env.rank)  # per-rank streams for anything random from here on
+    return Run(engine, loader, ds_config, dp_rank, dp_size, total_steps, length_source, marker_info, origin, pipelined)
+
+
+def resume(cfg: Config, env, run: Run, run_dir: Path) -> Progress:
+    """The newest complete checkpoint's state (model, optimizer, loader, RNG), if there is one;
+    the metrics a crash logged after it are dropped, since those steps run again."""
+    progress = Progress()
+    resume_dir = Path(cfg.checkpoint.resume_from) if cfg.checkpoint.resume_from else run_dir
+    tag = checkpoint.choose_for_resume(resume_dir, env.is_main) if cfg.checkpoint.resume else None
+    if tag is None and cfg.checkpoint.resume_from:
+        raise UserError(f"checkpoint.resume_from: {resume_dir} holds no complete checkpoint")
+    if tag is not None:
+        _, _, marker = checkpoint.verify(checkpoint.checkpoint_root(resume_dir) / tag)
+        must_match = ("world_size", "pipeline_stages", "global_batch", "dataset_fingerprint")
+        checkpoint.check_compatible(marker, {k: run.marker_info[k] for k in must_match})
+        state = checkpoint.load(run.engine, resume_dir, tag, env.rank)
+        run.loader.load_state_dict(state["loader"])
+        checkpoint.set_rng_state(state["rng"])
+        progress = Progress(state["step"], {**progress.seen, **state["seen"]}, state.get("wandb_id"), tag)
+    return progress
+
+
+def open_log(cfg: Config, env, run: Run, progress: Progress, run_dir: Path) -> MetricsLogger:
+    """metrics.jsonl (and wandb, continuing the run's wandb id), then the run's header line."""
+    dropped = drop_metrics_after(run_dir, progress.step) if env.is_main else 0
+    # wandb resumes its run: the id is in every checkpoint, and in the run dir from the first
+    # start on, so a job stopped before its first checkpoint continues the same wandb run too
+    id_file = run_dir / "wandb_id"
+    if progress.wandb_id is None and id_file.is_file():
+        progress.wandb_id = id_file.read_text().strip() or None
+    log = MetricsLogger(run_dir, env.is_main, cfg.log, to_dict(cfg), progress.wandb_id)
+    if env.is_main and log.wandb_id and log.wandb_id != progress.wandb_id:
+        id_file.write_text(log.wandb_id + "\n")
+    run.peak, peak_source = peak_flops(cfg.train.dtype, env.device)
+    tag, step = progress.resumed_from, progress.step
+    log.info(
+        f"{cfg.model.family}: {params_total(cfg) / 1e6:.2f}M params, {train_flops_per_byte(cfg):.3g} train FLOPs/byte "
+        f"at the nominal shape, {run.total_steps} steps ({run.length_source}), {env.world_size} ranks ({env.backend}), "
+        f"ZeRO-{cfg.parallel.zero_stage}, {cfg.train.dtype}; MFU peak {run.peak / 1e12:.3f} TFLOP/s from {peak_source}"
+        + (f"; resumed from {tag} (step {step})" if tag else "")
+        + (f"; Slurm restart {os.environ['SLURM_RESTART_COUNT']}" if "SLURM_RESTART_COUNT" in os.environ else "")
+    )
+    if dropped:
+        log.info(f"metrics.jsonl: dropped {dropped} records after step {step} (logged before a crash, replayed now)")
+    return log
+
+
+def plain_optimizer(cfg: Config) -> bool:
+    """DeepSpeed runs a plain torch optimizer (no overflow check of its own) at ZeRO-0 in fp32."""
+    return cfg.parallel.zero_stage == 0 and cfg.train.dtype == "fp32"
+
+
+def count_batches(cfg: Config, run: Run, batches: list[dict], window: Window) -> tuple[float, float]:
+    """Adds a step's batches to the window's digest and slot counts; returns their (useful,
+    executed) training FLOPs. Pipeline stages all read the same batches: each data-parallel
+    batch is counted on the last stage only."""
+    counts_batches = not run.pipelined or run.engine.is_last_stage()
+    step_useful = step_executed = 0.0
+    for batch in batches:
+        window.digest = (window.digest + batch_digest(batch)) % (1 << 62)
+        if not counts_batches:
+            continue
+        useful, executed = batch_flops(cfg, batch)
+        step_useful, step_executed = step_useful + useful, step_executed + executed
+        window.filled += int((batch["doc_ids"] >= 0).sum())
+        if cfg.model.family == "blt":
+            window.patches += int((batch["patch_lengths"] > 0).sum())
+    return step_useful, step_executed
+
+
+def log_window(cfg: Config, env, run: Run, progress: Progress, window: Window, lr: float, log: MetricsLogger) -> None:
+    """One metrics record for the steps since the last one, summed over every rank; adds the
+    window's bytes and FLOPs to what the run has seen."""
+    seen, step, total_steps = progress.seen, progress.step, run.total_steps
+    sums = all_reduce_sums(window.sums, env.device)
+    useful, executed = all_reduce_floats([window.flops, window.flops_executed], env.device)
+    seen["bytes"] += sums.bytes
+    seen["targets"] += sums.targets
+    seen["flops"] += useful
+    seen["flops_executed"] += executed
+    elapsed = max(window.time, 1e-9)
+    # MFU counts the useful FLOPs (the model's work on real bytes: comparable across families);
+    # mfu_executed counts every slot the static shapes run, padding included (the hardware's
+    # view). Both over the matmul peak of every rank together.
+    peak = run.peak
+    job_peak = env.world_size * peak
+    samples = window.steps * run.ds_config["train_batch_size"]
+    record = {
+        "step": step, "total_steps": total_steps, "loss": sums.mean_nll, "bpb": sums.bpb, "lr": lr,
+        "grad_norm": window.gnorm, "data_digest": reduce_int(window.digest),
+        "bytes_per_s": sums.bytes / elapsed, "tflops": useful / elapsed / 1e12,
+        "mfu": useful / elapsed / job_peak if peak == peak else float("nan"),
+        "mfu_executed": executed / elapsed / job_peak if peak == peak else float("nan"),
+        "padding_fraction": 1 - useful / executed if executed else float("nan"),
+        "memory_gb": memory_gb(env.device), "data_fraction": window.data_time / elapsed,
+        "eta_s": elapsed / window.steps * (total_steps - step),
+        "bytes_seen": seen["bytes"], "flops_seen": seen["flops"], "flops_executed_seen": seen["flops_executed"],
+    }
+    if cfg.model.family == "blt":
+        patches = reduce_int(window.patches)
+        record["mean_patch_size"] = sums.bytes / max(patches, 1)
+        record["patches_per_sample"] = patches / samples
+        record["byte_slots_per_sample"] = reduce_int(window.filled) / samples
+    log.log(record, format_line(record))
+
+
+def save(cfg: Config, env, run: Run, progress: Progress, log: MetricsLogger, run_dir: Path) -> bool:
+    """A checkpoint at the current step on every rank (published when all of them wrote theirs),
+    then keep-last-k pruning on rank 0. False when it could not be written (the run goes on)."""
+    rank_state = {
+        "step": progress.step, "seen": progress.seen, "loader": run.loader.state_dict(),
+        "rng": checkpoint.rng_state(), "wandb_id": log.wandb_id, "config": to_dict(cfg), "provenance": run.origin,
+    }
+    ok = checkpoint.save(run.engine, run_dir, progress.step, rank_state, run.marker_info, env.rank, log=log.info)
+    if ok and env.is_main:
+        checkpoint.prune(run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.permanent_every)
+    return ok
+
+
+def finish(log: MetricsLogger, status: int) -> int:
+    log.close()
+    shutdown_distributed()
+    return status
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    if args.dry_run:
+        print(to_yaml(cfg), end="")
+        return 0
+    if not cfg.data.train:
+        raise UserError("data.train: no training dataset (prepare one with `blt-dist prepare`, then data.train=DIR)")
+    status = train(cfg)
+    # Every file is written and closed and the process group is destroyed. What is left is the
+    # interpreter's own teardown, in which gloo/DeepSpeed threads still alive in static objects
+    # occasionally abort the process ("terminate called without an active exception", seen on
+    # a ZeRO-3 rank under load): a finished run must not exit as a crash, so skip that teardown.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

@@ -1,0 +1,80 @@
+"""One optimizer step over a step's micro-batches, plain or pipelined, and the sums it reduces.
+
+Returns (loss sums, non-finite?, grad norm). A non-finite loss on any rank skips the update on
+every rank: DeepSpeed skips it itself under ZeRO-1/2/3 and bf16; its ZeRO-0 fp32 path has no
+overflow check, so the step is ended here without one.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from blt_dist.model import model_inputs
+from blt_dist.model.loss import LossSums, loss_and_sums
+from blt_dist.parallel.engine import reduce_int
+from blt_dist.parallel.pipeline import pipeline_batch
+
+
+def all_reduce_sums(sums: LossSums, device) -> LossSums:
+    t = sums.as_tensor().to(device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return LossSums.from_tensor(t.cpu())
+
+
+def all_reduce_floats(values: list[float], device) -> list[float]:
+    """Sums over every rank (float64: FLOP counts overflow what reduce_int's int64 holds)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.cpu().tolist()
+
+
+def plain_step(engine, batches, family, device, plain_optimizer: bool, poison: bool) -> tuple:
+    """Forward/backward per micro-batch, one optimizer update: (sums, non-finite?, grad norm)."""
+    total, nonfinite, gnorm = LossSums(), False, float("nan")
+    for batch in batches:
+        logits = engine(*model_inputs(batch, family, device))
+        loss, sums = loss_and_sums(logits, batch["targets"].to(device), batch["target_bytes"].to(device))
+        if poison:  # fault injection (tests)
+            loss, sums = loss * float("nan"), LossSums(float("nan"), sums.targets, sums.bytes)
+        nonfinite |= not math.isfinite(sums.nll)
+        total = total.add(sums)
+        engine.backward(loss)
+        if engine.is_gradient_accumulation_boundary():
+            nonfinite = bool(reduce_int(nonfinite, "max"))
+            if nonfinite and plain_optimizer:
+                _skip_update(engine)  # DeepSpeed's ZeRO-0 fp32 path has no overflow check
+                return total, True, gnorm
+            if engine.zero_optimization_stage() == 0 and not nonfinite:  # ZeRO-0 does not track it
+                gnorm = _grad_norm(engine)
+        engine.step()  # ZeRO-1/2/3 and bf16 see non-finite gradients and skip the update themselves
+    if engine.zero_optimization_stage() > 0:
+        gnorm = float(engine.get_global_grad_norm() or float("nan"))
+    return total, nonfinite, gnorm
+
+
+def pipeline_step(engine, batches, family) -> tuple:
+    """DeepSpeed's pipeline schedule runs all micro-batches and the update in train_batch. The
+    loss sums live on the last stage; a non-finite loss is seen after the step (ZeRO-1 skips the
+    update itself; the abort after max_nonfinite_steps still applies)."""
+    engine.train_batch(data_iter=iter([pipeline_batch(b, family) for b in batches]))
+    sums = engine.module.loss_fn.take_sums() if engine.is_last_stage() else LossSums()
+    nonfinite = bool(reduce_int(not math.isfinite(sums.nll), "max"))
+    return sums, nonfinite, float(engine.get_global_grad_norm() or float("nan"))
+
+
+def _grad_norm(engine) -> float:
+    """Global L2 norm of the (already all-reduced) gradients, for ZeRO-0."""
+    grads = [p.grad.detach().float() for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else float("nan")
+
+
+def _skip_update(engine) -> None:
+    """Ends a step without an update, keeping DeepSpeed's counters as engine.step() would."""
+    engine.zero_grad()
+    engine.micro_steps += 1
+    engine.global_steps += 1
+    engine.global_samples += engine.train_batch_size()
