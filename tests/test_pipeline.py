@@ -347,13 +347,14 @@ def test_pipeline_trains_like_the_plain_model(tmp_path):
         assert state.keys() == reference_state.keys()
         # Gradients agree to fp32 rounding (summed in another order across stages), but Adam
         # divides by sqrt(v): where a gradient is near zero that rounding moves the update a
-        # little. Allow 1% of one Adam step (lr); a missed or wrong update moves a weight ~lr.
+        # little. Allow 5% of one Adam step (lr); a missed or wrong update moves a weight ~lr.
+        # (1% was one element short on an Intel Xeon: 1 of 12288 encoder weights off by 1.08%.)
         step_size = cfg.optim.lr
         torch.manual_seed(SEED)
         initial = build_model(cfg.model).state_dict()
         for name, tensor in state.items():  # every tensor of every stage was updated (Adam: ~lr per step)
             assert (tensor - initial[name]).abs().max() > 0.5 * step_size, f"{family} {name} did not train"
-            torch.testing.assert_close(tensor, reference_state[name], rtol=0, atol=0.01 * step_size,
+            torch.testing.assert_close(tensor, reference_state[name], rtol=0, atol=0.05 * step_size,
                                        msg=f"{stages} stages, {family} {name}")
         model, _ = load_export(save_export(state, cfg, tmp_path / f"export-{stages}-{family}"))
         with torch.no_grad():

@@ -144,7 +144,7 @@ def test_two_task_training_completes(uninterrupted):
     assert name.stdout.strip() == "blt tiny 'quoted' $HOME"
     # what the run directory holds before the job starts
     code = json.loads((run_dir / "code.json").read_text())
-    assert len(code["revision"]) == 40 and (run_dir / "code" / "blt_dist" / "train.py").is_file()
+    assert len(code["revision"]) == 40 and (run_dir / "code" / "blt_dist" / "training" / "loop.py").is_file()
     sbatch = (run_dir / "launch" / "job.sbatch").read_text()
     assert "#SBATCH --signal=USR2@120" in sbatch and "--kill-on-bad-exit=1" in sbatch
     assert records.read_submission(run_dir)["job_ids"][0]["job_id"] == job_id

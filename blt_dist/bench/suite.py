@@ -4,7 +4,7 @@
     blt-dist bench --suite full --json bench.json
 
 One run measures, side by side (so ratios are not skewed by a machine that got busier):
-  peak      fp32 and bf16 matmul FLOP/s (metrics.measure_cpu_peak; GPU: the datasheet)
+  peak      fp32 and bf16 matmul FLOP/s (hardware.measure_cpu_peak; GPU: the datasheet)
   train     bytes/s and MFU of a fwd+bwd+AdamW step for tiny and 125M-shaped BLT and their
             FLOP-matched BPE twins (configs/blt, configs/bpe) at 1k-8k-byte samples, on
             synthetic random bytes with realistic patch lengths (mean ~4.5, max 16, BOS alone);

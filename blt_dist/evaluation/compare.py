@@ -14,8 +14,8 @@ directory lacks.
 
 Evaluation. Every run is scored by `evaluate.evaluate_model` on the same held-out documents
 (`--heldout`, or the byte dataset behind every run's data.val, which must then be the same
-one), up to `--eval-bytes` per content type, clean and with each `--noise` (blt_dist/noise.py),
-and next to the compressor rows (blt_dist/compressors.py). Results are cached in
+one), up to `--eval-bytes` per content type, clean and with each `--noise` (blt_dist/evaluation/noise.py),
+and next to the compressor rows (blt_dist/evaluation/compressors.py). Results are cached in
 REPORT/cache/, keyed by the export's weights sha256, the held-out fingerprint, the byte limit,
 the noise and what the family's encoder reads (entropy model, tokenizer), so a rerun only
 scores what changed. Records of different held-out sets or byte limits are refused, never
@@ -503,7 +503,7 @@ def build_report(rows: list[Row], compressors: dict, heldout: Heldout, noises: l
     lines += [f"Held-out set: `{heldout.path}` (fingerprint {heldout.fingerprint[:16]}), {limit}: {documents}"
               f"{bytes_by_type} bytes.", ""]
     if noises:
-        lines += ["Noise (blt_dist/noise.py; bpb counted on the noised bytes): "
+        lines += ["Noise (blt_dist/evaluation/noise.py; bpb counted on the noised bytes): "
                   + ", ".join(f"`{n.name}` (seed {n.seed})" for n in noises) + ".", ""]
     if skipped:
         lines += ["Left out (not finished): " + "; ".join(skipped) + ".", ""]
@@ -541,7 +541,7 @@ def build_report(rows: list[Row], compressors: dict, heldout: Heldout, noises: l
     for name in noise_names:
         bpb_table(f"Bits per byte, noised `{name}`", name)
     lines += ["SE: standard error over documents (ratio estimator). Compressor rows (italic): one stream per "
-              "content type (blt_dist/compressors.py), no uncertainty given.", ""]
+              "content type (blt_dist/evaluation/compressors.py), no uncertainty given.", ""]
     if rows:
         lines += _verdicts(rows, content_types, noise_names)
         lines += _against_compressors(rows, compressors["clean"], content_types)

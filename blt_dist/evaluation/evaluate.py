@@ -12,7 +12,7 @@ NLL for every family; BOS is given. Reductions in float64. Reported per content 
 
     blt-dist eval --model RUN/export --data data/heldout --noise case:0.05 --noise swap
 
---noise KIND[:RATE] (blt_dist/noise.py) scores the same documents again with seeded
+--noise KIND[:RATE] (blt_dist/evaluation/noise.py) scores the same documents again with seeded
 character-level noise and reports the noised bpb and the clean-to-noised gap. The byte limit
 picks documents on their clean bytes, so clean and noised cover the same documents, and bpb is
 counted on the noised bytes (the bytes the model predicts).
