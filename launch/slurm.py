@@ -25,8 +25,8 @@ import sys
 from pathlib import Path
 
 import submitit
-from submitit.slurm.slurm import _make_sbatch_string
 
+from blt_dist import shims
 from blt_dist.config import Config, load_config, save_resolved, to_yaml
 from blt_dist.errors import UserError
 from launch import records
@@ -123,7 +123,7 @@ def executor_parameters(cfg: Config, run_dir: Path) -> dict:
 def render_sbatch(cfg: Config, run_dir: Path) -> str:
     """The sbatch script submitit will write for this run (for --dry-run; needs no Slurm)."""
     command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(run_dir / "slurm"))])
-    return _make_sbatch_string(command=command, folder=run_dir / "slurm", **executor_parameters(cfg, run_dir))
+    return shims.sbatch_script(command, run_dir / "slurm", **executor_parameters(cfg, run_dir))
 
 
 def check_not_running(run_dir: Path) -> None:

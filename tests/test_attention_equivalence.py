@@ -246,6 +246,13 @@ def test_attention_knob_is_validated_with_its_key_path():
         assert ModelConfig(attention=mode).validate("model") == []
 
 
+def test_auto_is_the_fastest_exact_path_for_the_device():
+    # flash on CUDA falls back to the blocked kernel wherever it is not exact (fp32, no varlen)
+    assert attn.resolve_mode("auto", torch.device("cuda", 0)) == "flash"
+    assert attn.resolve_mode("auto", torch.device("cpu")) == "blocked"
+    assert attn.resolve_mode("auto", "cpu") == "blocked"
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="checks the CPU refusal")
 @pytest.mark.parametrize("mode", ["flex", "flash"])
 def test_gpu_modes_are_refused_on_cpu(mode):

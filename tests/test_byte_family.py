@@ -47,7 +47,7 @@ def test_byte_model_attends_over_the_whole_sample():
 def _train(data, tmp_path, config: str, *overrides: str):
     run_dir = tmp_path / config.replace("/", "-")
     run(1, ["train", f"configs/{config}.yaml", f"data.train={data / 'ds'}", f"data.val={data / 'ds'}",
-            f"run.dir={run_dir}", "train.micro_batch_size=2", "log.every=1", "train.eval_batches=2",
+            f"run.dir={run_dir}", "train.micro_batch_size=2", "log.every=1", "train.eval_bytes=3000",
             "train.max_steps=3", "train.eval_every=3", *overrides], tmp_path / "logs")
     return run_dir, [r for r in metrics(run_dir) if "loss" in r]
 

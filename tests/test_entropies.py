@@ -399,3 +399,30 @@ def test_entropy_source_check_names_both_models(world):
     ent.check_entropy_source(world / "reference", world / "model")
     with pytest.raises(UserError, match="come from entropy model .* but .*model_b"):
         ent.check_entropy_source(world / "reference", world / "model_b")
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_eval_patches_as_the_training_shards(world, tmp_path, dtype):
+    """`blt-dist eval` recomputes a BLT's entropies in the dtype its training entropies record,
+    and cuts the same patches as the training shards do, document by document."""
+    from blt_dist.config import PatchingConfig
+    from blt_dist.evaluation.evaluate import Encoder
+
+    shards = tmp_path / "entropies"
+    run(world, shards, dtype=dtype)
+    stored = {bytes(s["data"]): s["entropies"] for _, s in ByteDataset(shards, format=ENTROPY_FORMAT).documents("train")}
+    threshold = float(np.median(np.concatenate(list(stored.values()))))  # many decisions near the threshold
+    cfg = Config()
+    cfg.model = ModelConfig(family="blt")
+    cfg.data.train, cfg.data.entropy_model = str(shards), str(world / "model")
+    cfg.data.patching = PatchingConfig(mode="entropy", threshold=threshold, max_patch_length=8)
+    encoder = Encoder(cfg, None, None)
+    assert (encoder.entropy_dtype, encoder.entropy_dtype_source) == (dtype, f"as recorded by {shards}")
+    decisions = 0
+    for data, entropies in stored.items():
+        _, _, trained = encoder.patcher.encode({"data": data, "entropies": entropies}, -1)
+        _, _, evaluated = encoder.encode(data)
+        assert np.array_equal(evaluated, trained), data
+        decisions += len(trained)
+    assert decisions > 500 and len(stored) > 20
+    assert Encoder(cfg, None, None, entropy_dtype="fp32").entropy_dtype == "fp32"  # --entropy-dtype wins

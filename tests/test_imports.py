@@ -16,7 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("blt_dist", "launch")
 
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("ground", ("blt_dist", "blt_dist._streaming_compat", "blt_dist.errors", "blt_dist.vocab", "blt_dist.hardware")),
+    ("ground", ("blt_dist", "blt_dist._streaming_compat", "blt_dist.errors", "blt_dist.vocab", "blt_dist.hardware",
+                "blt_dist.shims")),
     ("config", ("blt_dist.config",)),
     ("model", ("blt_dist.model",)),
     ("flops", ("blt_dist.flops",)),

@@ -282,7 +282,7 @@ def test_local_backend_runs_the_sweep_and_skips_finished_runs(tmp_path):
     train_tokenizer(tmp_path / "ds", tmp_path / "tok.model", vocab_size=300)
     grid = write_grid(tmp_path, flops=[1e9])
     args = ["sweep", str(grid), f"data.train={tmp_path / 'ds'}", f"data.val={tmp_path / 'ds'}",
-            "data.byte_capacity=128", "data.patches_per_sample=48", "train.micro_batch_size=2", "train.eval_batches=2",
+            "data.byte_capacity=128", "data.patches_per_sample=48", "train.micro_batch_size=2", "train.eval_bytes=3000",
             "blt:data.patching.mode=space", f"bpe:data.tokenizer={tmp_path / 'tok.model'}", "bpe:model.vocab_size=300",
             "blt:model.bpe_vocab_size=300", "--backend", "local"]
     first = run_cli(*args)

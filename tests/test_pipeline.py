@@ -107,7 +107,8 @@ def plain_logits(model, batch: dict, family: str) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def world_of_one():
     """A gloo process group of one rank: PipelineModule needs one even with a single stage."""
-    from blt_dist.parallel.engine import free_port, init_distributed, shutdown_distributed
+    from blt_dist.parallel.collectives import shutdown as shutdown_distributed
+    from blt_dist.parallel.engine import free_port, init_distributed
 
     keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
             "TORCH_EXTENSIONS_DIR")
@@ -238,7 +239,8 @@ def run_worker(mode: str, out: Path) -> None:
     import deepspeed
     import torch.distributed as dist
 
-    from blt_dist.parallel.engine import deepspeed_config, init_distributed, optimizer_groups, shutdown_distributed
+    from blt_dist.parallel.collectives import shutdown as shutdown_distributed
+    from blt_dist.parallel.engine import deepspeed_config, init_distributed, optimizer_groups
 
     env = init_distributed("gloo")
     stages = env.world_size if mode == "pipeline" else 1

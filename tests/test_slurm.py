@@ -61,7 +61,7 @@ def data(tmp_path_factory):
 def blt_args(data: Path, run_dir: Path, steps: int) -> list[str]:
     return ["configs/blt/tiny.yaml", f"data.train={data / 'ds'}", f"data.val={data / 'ds'}", "data.patching.mode=space",
             "data.byte_capacity=128", "data.patches_per_sample=48", "train.micro_batch_size=2", "log.every=1",
-            "train.eval_batches=2", f"train.max_steps={steps}", f"run.dir={run_dir}"]
+            "train.eval_bytes=3000", f"train.max_steps={steps}", f"run.dir={run_dir}"]
 
 
 def launch(args: list[str], *flags: str, faults: str = "", extra_env: dict | None = None) -> str:
@@ -248,7 +248,7 @@ def test_tiny_sweep_writes_results_and_a_rerun_submits_nothing(cluster, data, tm
     args = ["sweep", "configs/sweeps/tiny.yaml", f"data.train={data / 'ds'}", f"data.val={data / 'ds'}",
             f"bpe:data.tokenizer={tmp_path / 'tok.model'}", "bpe:model.vocab_size=300", "blt:model.bpe_vocab_size=300",
             "data.byte_capacity=128", "data.patches_per_sample=48", "train.micro_batch_size=2",
-            "blt:data.patching.mode=space", "train.eval_batches=2"]
+            "blt:data.patching.mode=space", "train.eval_bytes=3000"]
     grid = tmp_path / "grid.yaml"
     grid.write_text((REPO / "configs/sweeps/tiny.yaml").read_text().replace("out: runs/sweeps/tiny", f"out: {out}")
                     .replace("flops: [2.0e+11, 4.0e+11]", "flops: [2.0e+9, 4.0e+9]"))

@@ -17,7 +17,7 @@ from tests.conftest import write_word_documents
 from tests.distributed import launch, logs, metrics, run, wait
 
 WORDS = "the quick brown fox jumps over a lazy dog while bytes and patches flow through latent space".split()
-SMALL = ["data.seq_len=128", "train.micro_batch_size=2", "log.every=1", "train.eval_batches=2"]
+SMALL = ["data.seq_len=128", "train.micro_batch_size=2", "log.every=1", "train.eval_bytes=3000"]
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +29,27 @@ def data(tmp_path_factory):
     return root
 
 
+def assert_val_is_what_compare_scores(run_dir: Path) -> None:
+    """The run's final val_bpb is evaluate_model's (what `compare` uses) on its export, on the
+    same documents: whole validation documents up to train.eval_bytes per content type."""
+    from blt_dist.evaluation.evaluate import evaluate_model, heldout_documents
+    from blt_dist.model.weights import load_export
+
+    model, cfg = load_export(run_dir / "export")
+    final = [r for r in metrics(run_dir) if "val_bpb" in r][-1]
+    scored = evaluate_model(model, cfg, heldout_documents(cfg.data.val, [], "val", cfg.train.eval_bytes))
+    assert (final["val_bytes"], final["val_documents"]) == (scored["bytes"], scored["documents"])
+    assert final["val_bpb"] == pytest.approx(scored["bpb"], rel=1e-9, abs=0), (final, scored["bpb"])
+
+
 def family_args(data: Path, family: str) -> list[str]:
     common = [f"data.train={data / 'ds'}", f"data.val={data / 'ds'}"]
     if family == "blt":
         return ["configs/blt/tiny.yaml", *common, "data.patching.mode=space", "data.byte_capacity=128",
-                "data.patches_per_sample=48", "train.micro_batch_size=2", "log.every=1", "train.eval_batches=2"]
+                "data.patches_per_sample=48", "train.micro_batch_size=2", "log.every=1", "train.eval_bytes=3000"]
     if family == "bpe":
         return ["configs/bpe/tiny.yaml", *common, f"data.tokenizer={data / 'tok.model'}", "model.vocab_size=300",
-                "data.tokens_per_sample=32", "train.micro_batch_size=2", "log.every=1", "train.eval_batches=2"]
+                "data.tokens_per_sample=32", "train.micro_batch_size=2", "log.every=1", "train.eval_bytes=3000"]
     return ["configs/entropy/tiny.yaml", *common, *SMALL]
 
 
@@ -59,6 +72,7 @@ def test_one_process_run_writes_metrics_checkpoint_and_export(data, tmp_path, fa
 
     model, cfg = load_export(run_dir / "export")
     assert cfg.model.family == family and sum(p.numel() for p in model.parameters()) > 0
+    assert_val_is_what_compare_scores(run_dir)
 
 
 @pytest.mark.slow
@@ -84,6 +98,8 @@ def test_resume_after_kill_9_is_bit_exact(data, tmp_path, zero_stage, family):
 
     (a, _), (b, _) = load_export(straight / "export"), load_export(killed / "export")  # consolidated shards
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    if zero_stage in (1, 3):  # documents split over 2 ranks (ZeRO-1), or all on each (ZeRO-3): one score
+        assert_val_is_what_compare_scores(straight)
     if (zero_stage, family) == (1, "bpe"):  # a different world size cannot resume exactly: refused
         codes = wait(launch(1, [*args, f"run.dir={killed}", "train.max_steps=6"], tmp_path / "logs_world"),
                      tmp_path / "logs_world")
@@ -109,6 +125,7 @@ def test_two_stage_pipeline_resume_after_kill_9_is_bit_exact(data, tmp_path, fam
 
     model, cfg = load_export(straight / "export")  # consolidated from the pipeline's layer files
     assert cfg.parallel.pipeline_stages == 2 and cfg.model.family == family
+    assert_val_is_what_compare_scores(straight)  # the pipeline scores the same documents the same way
 
 
 @pytest.mark.slow
@@ -206,3 +223,44 @@ def test_wandb_offline_run_id_survives_a_resume(data, tmp_path):
     saved = torch.load(checkpoint_root(run_dir) / "step_00000002" / "rank_00000.pt", weights_only=False)
     runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(name.endswith(saved["wandb_id"]) for name in runs), runs
+
+
+def _wait_unaided(procs, log_dir, timeout: float = 180) -> list[int]:
+    """Exit codes, without killing anyone: a rank still running at the timeout was left waiting."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+        time.sleep(0.2)
+    stuck = [rank for rank, p in enumerate(procs) if p.poll() is None]
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert not stuck, f"ranks {stuck} were left waiting after another failed mid-save\n{logs(log_dir)}"
+    return [p.returncode for p in procs]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, allowed, expected", [
+    ("io", 0, "stop"),  # a full disk on rank 1 at the periodic save of step 2: the run stops, clearly
+    ("io", 1, "finish"),  # ... unless checkpoint.max_failed_saves lets it train on
+    ("bug", 0, "raise"),  # not an I/O error: a bug; every rank raises, none hangs
+])
+def test_a_save_that_fails_on_one_rank_of_two(data, tmp_path, kind, allowed, expected):
+    run_dir, log_dir = tmp_path / "run", tmp_path / "logs"
+    args = ["train", *family_args(data, "entropy"), f"run.dir={run_dir}", "train.max_steps=4", "checkpoint.every=2",
+            "parallel.zero_stage=1", f"checkpoint.max_failed_saves={allowed}"]  # ZeRO-1: rank 1 writes its own shard
+    codes = _wait_unaided(launch(2, args, log_dir, {"BLT_FAULTS": f"save_error=2:1:{kind}"}), log_dir)
+    text = logs(log_dir)
+    if expected == "finish":
+        assert codes == [0, 0], text
+        assert "save failed on rank 1" in text and [p.name for p in list_checkpoints(run_dir)] == ["step_00000004"]
+        assert (run_dir / "export" / "model.safetensors").is_file()
+        return
+    assert codes[0] != 0 and codes[1] != 0, text
+    assert list_checkpoints(run_dir) == [], text  # the partial step-2 directory was removed
+    assert (run_dir / "metrics.jsonl").is_file() and max(r["step"] for r in metrics(run_dir)) == 2  # no step 3
+    if expected == "stop":
+        assert "save failed on rank 1" in text and "No space left on device" in text, text
+        assert "stopping at step 2 (1 failed saves, checkpoint.max_failed_saves=0)" in text, text
+    else:
+        assert "BLT_FAULTS: injected bug while saving" in text, text  # rank 1's own traceback
+        assert "another rank failed while saving with an error that is not I/O" in text, text  # rank 0

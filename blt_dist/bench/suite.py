@@ -56,10 +56,10 @@ from blt_dist.bench.datapath import (
 from blt_dist.bench.workloads import (
     CONFIGS,
     Workload,
-    hf_forward,
     bpe_batch,
     config_model,
     hf_blt,
+    hf_forward,
     hf_llama,
     measure_workload,
     measure_workloads,

@@ -45,7 +45,6 @@ from typing import Optional, Sequence, Union
 
 import deepspeed
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from blt_dist.bench.workloads import blt_batch, bpe_batch
@@ -53,15 +52,14 @@ from blt_dist.config import load_config
 from blt_dist.errors import UserError
 from blt_dist.model import build_model, model_inputs
 from blt_dist.model.loss import loss_and_sums
+from blt_dist.parallel.collectives import all_gather_object, shutdown
 from blt_dist.parallel.engine import (
     deepspeed_config,
     free_port,
     init_distributed,
     local_rank_env,
     optimizer_groups,
-    shutdown_distributed,
 )
-
 
 # Objects whose attributes are walked for tensors: DeepSpeed's engine parts and torch's
 # optimizers. Anything else (process groups, the accelerator, loggers) holds no training state.
@@ -143,8 +141,7 @@ def _rank_main(config: str, overrides: Sequence[str], stages: Sequence[int], dty
         gc.collect()
         mine = engine_state_bytes(engine)
         engine.step()
-        every = [None] * env.world_size
-        dist.all_gather_object(every, mine)
+        every = all_gather_object(mine)
         results.append({"stage": stage, "dtype": dtype, "params": params, "ranks": env.world_size,
                         "bytes_per_rank": [r["bytes"] for r in every], "by_dtype": every[0]["by_dtype"],
                         "by_holder": every[0]["by_holder"]})
@@ -154,7 +151,7 @@ def _rank_main(config: str, overrides: Sequence[str], stages: Sequence[int], dty
         gc.collect()
     if env.is_main:
         Path(out).write_text(json.dumps(results))
-    shutdown_distributed()
+    shutdown()
 
 
 def _wait_all(procs: list[subprocess.Popen], timeout: float) -> list[Optional[int]]:

@@ -88,7 +88,9 @@ class TrainConfig:
     dtype: str = "fp32"  # fp32 | bf16 | fp16 (fp16 needs a GPU)
     activation_checkpointing: bool = False
     eval_every: int = 0  # steps; 0 = only at the end
-    eval_batches: int = 16
+    # validation: whole documents of each content type of data.val's val split up to this many
+    # bytes (0 = every document), the documents `compare` scores with its default --eval-bytes
+    eval_bytes: int = 60000
     max_nonfinite_steps: int = 5  # consecutive NaN/inf losses before aborting
 
 
@@ -108,6 +110,9 @@ class CheckpointConfig:
     every: int = 0  # steps between checkpoints; 0 = only at the end and on a stop signal
     keep_last: int = 2  # ephemeral checkpoints kept
     permanent_every: int = 0  # steps; checkpoints at multiples of this are never deleted
+    # periodic saves that may fail (disk full, I/O errors) before the run stops; 0 = the first
+    # failed save stops it (training on without checkpoints would lose everything at a crash)
+    max_failed_saves: int = 0
     resume: bool = True  # resume from the newest complete checkpoint in run.dir
     resume_from: str = ""  # another run dir to resume from (must hold a complete checkpoint)
 
@@ -297,9 +302,9 @@ def validate(cfg: Config) -> None:
     _positive("optim.eps", o.eps)
 
     t = cfg.train
-    for key in ("max_steps", "flops", "max_bytes", "eval_every"):
+    for key in ("max_steps", "flops", "max_bytes", "eval_every", "eval_bytes"):
         _positive(f"train.{key}", getattr(t, key), allow_zero=True)
-    for key in ("micro_batch_size", "grad_accum", "eval_batches", "max_nonfinite_steps"):
+    for key in ("micro_batch_size", "grad_accum", "max_nonfinite_steps"):
         _positive(f"train.{key}", getattr(t, key))
     _choice("train.dtype", t.dtype, ("fp32", "bf16", "fp16"))
 
@@ -317,7 +322,7 @@ def validate(cfg: Config) -> None:
         )
 
     c = cfg.checkpoint
-    for key in ("every", "permanent_every"):
+    for key in ("every", "permanent_every", "max_failed_saves"):
         _positive(f"checkpoint.{key}", getattr(c, key), allow_zero=True)
     _positive("checkpoint.keep_last", c.keep_last)
 

@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 
 from blt_dist.corpus import rdata, sword
 from blt_dist.corpus.fetch import Package
-from blt_dist.corpus.text import decode, keep_language, is_language, normalise
+from blt_dist.corpus.text import decode, is_language, keep_language, normalise
 
 Docs = Iterator[tuple[str, str]]
 Extractor = Callable[[Mapping[str, Package]], Iterable[tuple[str, str]]]

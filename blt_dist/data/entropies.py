@@ -78,6 +78,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from blt_dist import shims
 from blt_dist.data.loader import ENTROPY_FORMAT
 from blt_dist.data.shards import COLUMNS, MANIFEST, ByteDataset, StreamHash, iter_stream, verify_stream
 from blt_dist.errors import UserError
@@ -204,6 +205,40 @@ def entropy_nats(logits: torch.Tensor) -> torch.Tensor:
     pass and online patching in generation share."""
     log_p = torch.log_softmax(logits, dim=-1)
     return -(log_p.exp() * log_p).sum(-1)
+
+
+def cached_entropies(model: torch.nn.Module, tokens: torch.Tensor, cache, dtype: str = "fp32") -> torch.Tensor:
+    """Entropies (nats) after each of the next tokens [B, t] fed to the model's cache
+    (generation's online patching): the blocks in `dtype` as the offline pass runs them, the
+    head in fp32 (see _logits_at)."""
+    device_type = tokens.device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+        hidden = model.hidden_cached(tokens, cache)
+    with torch.autocast(device_type, enabled=False):
+        return entropy_nats(model.head(hidden.float()))
+
+
+def recorded_dtype(entropy_dataset: Union[str, Path, None]) -> Optional[str]:
+    """The dtype an entropy dataset's entropies were computed in (its dataset.json; fp32 for
+    datasets made before it was recorded), or None when `entropy_dataset` is not one."""
+    if not entropy_dataset:
+        return None
+    manifest = _read_json(Path(entropy_dataset) / MANIFEST)
+    if not manifest or "entropy_model" not in manifest:
+        return None
+    return manifest.get("compute_dtype", "fp32")
+
+
+def entropy_dtype_for(cfg, given: Optional[str] = None) -> tuple[str, str]:
+    """(dtype, where it comes from) for recomputing a BLT's entropies as its training data
+    has them: `given` (a command-line choice), else the dtype recorded by the entropy dataset
+    the BLT trained on (data.train), else fp32."""
+    if given:
+        return resolve_dtype(given, torch.device("cpu")) if given == "auto" else given, "given"
+    recorded = recorded_dtype(getattr(cfg.data, "train", None))
+    if recorded:
+        return recorded, f"as recorded by {cfg.data.train}"
+    return "fp32", "fp32: no entropy dataset of the training data found"
 
 
 def receptive_field(model: torch.nn.Module, window: int) -> int:
@@ -403,33 +438,6 @@ def part_complete(out: Path, task: ShardTask) -> bool:
     return (part / PART_INFO).is_file() and (part / "index.json").is_file()
 
 
-def _local_mds_writer(out_dir: Path, shard_size):
-    """An MDSWriter for a local directory, without the 1 s stall at finish().
-
-    MDSWriter._write_index (streaming 0.13) polls its upload queue with sleep(1) before writing
-    index.json; for a local directory the queued "uploads" are no-ops, but the poll runs right
-    after the last one is queued and usually loses the race: one second per part directory,
-    which dominates small runs and tests. Here the queue is drained by shutting the executor
-    down (waiting for it), then index.json is written exactly as upstream writes it."""
-    # lazy: `import streaming` costs 2 s over torch (measured); only shard I/O needs it
-    from streaming import MDSWriter
-    from streaming.base.util import get_index_basename
-
-    class LocalMDSWriter(MDSWriter):
-        def _write_index(self) -> None:
-            if self.remote is not None:
-                return super()._write_index()
-            if self.new_samples:
-                raise RuntimeError("internal error: not all samples have been written")
-            self.executor.shutdown(wait=True)
-            if self.event.is_set():
-                raise RuntimeError(f"{self.local}: writing a shard failed (see the traceback above)")
-            with open(os.path.join(self.local, get_index_basename()), "w") as f:
-                json.dump({"version": 2, "shards": self.shards}, f, sort_keys=True)
-
-    return LocalMDSWriter(out=str(out_dir), columns=ENTROPY_COLUMNS, size_limit=shard_size)
-
-
 def write_part(task: ShardTask, model, window: int, out: Path, batch_positions: int, shard_size, bar,
                dtype: str = "fp32") -> dict:
     """Computes one input shard's entropies into its part directory (temp name, checked, renamed).
@@ -467,7 +475,7 @@ def write_part(task: ShardTask, model, window: int, out: Path, batch_positions: 
             bar.update(len(sample["data"]))
 
     try:
-        writer = _local_mds_writer(tmp, shard_size)
+        writer = shims.local_mds_writer(tmp, ENTROPY_COLUMNS, shard_size)
         group, positions = [], 0
         for i in range(reader.samples):
             sample = reader.get_item(i)

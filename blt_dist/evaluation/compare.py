@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Optional
 
 from blt_dist.config import load_config
+from blt_dist.data.entropies import entropy_dtype_for
 from blt_dist.data.loader import ENTROPY_FORMAT
 from blt_dist.data.patching import ENTROPY_MODES
 from blt_dist.data.shards import MANIFEST, ByteDataset
@@ -272,6 +273,7 @@ def _encoder_inputs(cfg) -> dict:
                 raise UserError(f"its entropy model {cfg.data.entropy_model!r} (data.entropy_model) is not there; "
                                 "run compare from the directory the run was trained in")
             inputs["entropy_model_sha256"] = export_info(cfg.data.entropy_model)["weights_sha256"]
+            inputs["entropy_dtype"] = entropy_dtype_for(cfg)[0]  # eval recomputes them as training had them
         return inputs
     return {}
 

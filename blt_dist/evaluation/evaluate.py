@@ -30,7 +30,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from blt_dist.data.entropies import check_entropy_source, document_entropies, load_entropy_model
+from blt_dist.data.entropies import check_entropy_source, document_entropies, entropy_dtype_for, load_entropy_model
 from blt_dist.data.loader import BPEEncoder, ByteEncoder, PatchEncoder
 from blt_dist.data.packing import IGNORE, Packer
 from blt_dist.data.shards import ByteDataset
@@ -83,9 +83,10 @@ def heldout_documents(data: Optional[str], files: list[str], split: Optional[str
 class Encoder:
     """One document -> (tokens, nbytes, patch_start) for the model's family."""
 
-    def __init__(self, cfg, entropy_model: Optional[str], tokenizer: Optional[str]):
+    def __init__(self, cfg, entropy_model: Optional[str], tokenizer: Optional[str], entropy_dtype: Optional[str] = None):
         self.family = cfg.model.family
         self.entropy = None
+        self.entropy_dtype, self.entropy_dtype_source = None, ""
         if self.family == "bpe":
             path = tokenizer or cfg.data.tokenizer
             if not path:
@@ -111,6 +112,9 @@ class Encoder:
                     check_entropy_source(cfg.data.train, entropy_model)
                 self.entropy, entropy_cfg = load_entropy_model(entropy_model)
                 self.window = entropy_cfg.model.attention_window
+                # the dtype the training entropies were computed in (bf16 and fp32 entropies cut
+                # a few patches differently at a calibrated threshold)
+                self.entropy_dtype, self.entropy_dtype_source = entropy_dtype_for(cfg, entropy_dtype)
 
     def encode(self, data: bytes):
         if self.family == "bpe":
@@ -119,16 +123,28 @@ class Encoder:
             return self.bytes.encode({"data": data}, -1)
         sample = {"data": data}
         if self.entropy is not None:
-            # float16, as stored in entropy shards: evaluation patches exactly as training did
-            sample["entropies"] = document_entropies(self.entropy, [data], self.window)[0].astype(np.float16)
+            # in the training entropies' dtype, rounded to float16 as entropy shards store them
+            entropies = document_entropies(self.entropy, [data], self.window, dtype=self.entropy_dtype)[0]
+            sample["entropies"] = entropies.astype(np.float16)
         return self.patcher.encode(sample, -1)
 
 
-def evaluate_model(model, cfg, documents: Iterator[tuple[str, str, bytes]], entropy_model=None, tokenizer=None,
-                   batch_size: int = 8, max_bytes_per_type: int = 0) -> dict:
-    """Scores every document; returns totals, per content type and per document."""
+def plain_forward(model, family: str, device="cpu"):
+    """`forward(batch) -> per-token NLL` of a plain module (or a DeepSpeed engine, whose call
+    runs its module): what evaluate_model scores with unless told otherwise."""
+
+    def forward(batch: dict) -> torch.Tensor:
+        logits = model(*model_inputs(batch, family, device))
+        return token_nll(logits, batch["targets"].to(device))
+
+    return forward
+
+
+def pack_documents(cfg, encoder: Encoder, documents, batch_size: int, full_batches: bool = False):
+    """Encodes the documents and packs them into the training shapes; yields (document infos
+    since the last batch, batch). `full_batches` pads the last batch with all-padding samples
+    to `batch_size` (a pipeline's micro-batches have one static shape)."""
     family = cfg.model.family
-    encoder = Encoder(cfg, entropy_model, tokenizer)
     if family == "blt":
         packer = Packer(cfg.data.byte_capacity, bos_id=encoder.bos_id, pad_id=encoder.pad_id,
                         patches_per_sample=cfg.data.patches_per_sample)
@@ -136,43 +152,78 @@ def evaluate_model(model, cfg, documents: Iterator[tuple[str, str, bytes]], entr
         length = cfg.data.tokens_per_sample if family == "bpe" else cfg.data.seq_len
         packer = Packer(length, bos_id=encoder.bos_id, pad_id=encoder.pad_id)
 
-    docs: list[dict] = []
-    nll = defaultdict(float)  # per document
-    targets = defaultdict(int)
-    pending: list[dict] = []
+    def batch_of(samples: list[dict]) -> dict:
+        if full_batches and len(samples) < batch_size:
+            empty = {k: np.full_like(v, IGNORE if k == "targets" else 0) for k, v in samples[0].items()}
+            empty["doc_ids"] = np.full_like(samples[0]["doc_ids"], -1)
+            samples = samples + [empty] * (batch_size - len(samples))
+        return {k: torch.from_numpy(np.stack([s[k] for s in samples])) for k in samples[0]}
 
-    def score(samples: list[dict]) -> None:
-        batch = {k: torch.from_numpy(np.stack([s[k] for s in samples])) for k in samples[0]}
-        with torch.no_grad():
-            logits = model(*model_inputs(batch, family, "cpu"))
-            per_token = token_nll(logits, batch["targets"]).double()
-        keep = batch["targets"] != IGNORE
-        for doc, value in zip(batch["doc_visit"][keep].tolist(), per_token[keep].tolist()):
-            nll[doc] += value
-            targets[doc] += 1
-
-    total_bytes = 0
-    patch_lengths: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(0, dtype=np.int64))  # BLT: histogram
-    for ctype, source, data in take_per_type(documents, max_bytes_per_type):
-        index = len(docs)
-        docs.append({"content_type": ctype, "source": source, "bytes": len(data)})
-        total_bytes += len(data)
+    infos, pending = [], []
+    for index, (ctype, source, data) in documents:
         tokens, nbytes, patch_start = encoder.encode(data)
-        if family == "blt":
-            starts = np.flatnonzero(patch_start)
-            counts = np.bincount(np.diff(np.append(starts, len(tokens))))
-            seen = patch_lengths[ctype]
-            size = max(len(seen), len(counts))
-            patch_lengths[ctype] = np.pad(seen, (0, size - len(seen))) + np.pad(counts, (0, size - len(counts)))
+        infos.append({"index": index, "content_type": ctype, "source": source, "bytes": len(data),
+                      "patch_start": patch_start if family == "blt" else None, "length": len(tokens)})
         packer.add(index, tokens, nbytes, patch_start)
         while not packer.needs_more():
             pending.append(packer.cut())
             if len(pending) == batch_size:
-                score(pending)
-                pending = []
+                yield infos, batch_of(pending)
+                infos, pending = [], []
     pending += packer.finish()
     for start in range(0, len(pending), batch_size):
-        score(pending[start : start + batch_size])
+        yield infos, batch_of(pending[start : start + batch_size])
+        infos = []
+    if infos:  # documents of no sample (none: every document has at least BOS + EOS)
+        yield infos, None
+
+
+def score_documents(forward, cfg, encoder: Encoder, documents, batch_size: int = 8,
+                    full_batches: bool = False) -> tuple[list[dict], dict[int, float], dict[int, int]]:
+    """(document infos, NLL in nats per document index, predicted targets per document index).
+    `documents` yields (index, (content type, source, bytes)); `forward(batch)` returns the
+    per-token NLL, or None where this process holds no output (a pipeline's earlier stages)."""
+    docs: list[dict] = []
+    nll: dict[int, float] = defaultdict(float)
+    targets: dict[int, int] = defaultdict(int)
+    for infos, batch in pack_documents(cfg, encoder, ((i, d) for i, d in documents), batch_size, full_batches):
+        docs += infos
+        if batch is None:
+            continue
+        with torch.no_grad():
+            per_token = forward(batch)
+        if per_token is None:
+            continue
+        keep = batch["targets"] != IGNORE
+        for doc, value in zip(batch["doc_visit"][keep].tolist(), per_token.double().cpu()[keep].tolist()):
+            nll[doc] += value
+            targets[doc] += 1
+    return docs, nll, targets
+
+
+def evaluate_model(model, cfg, documents: Iterator[tuple[str, str, bytes]], entropy_model=None, tokenizer=None,
+                   batch_size: int = 8, max_bytes_per_type: int = 0, encoder: Optional[Encoder] = None,
+                   forward=None) -> dict:
+    """Scores every document; returns totals, per content type and per document. `forward`
+    (default: the plain model's) and `encoder` (default: built from the config) let the trainer
+    score with its engine through this same function."""
+    family = cfg.model.family
+    encoder = encoder or Encoder(cfg, entropy_model, tokenizer)
+    forward = forward or plain_forward(model, family)
+    picked = enumerate(take_per_type(documents, max_bytes_per_type))
+    infos, nll, targets = score_documents(forward, cfg, encoder, picked, batch_size)
+    docs, total_bytes = [], 0
+    patch_lengths: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(0, dtype=np.int64))  # BLT: histogram
+    for info in infos:
+        docs.append({"content_type": info["content_type"], "source": info["source"], "bytes": info["bytes"]})
+        total_bytes += info["bytes"]
+        if family == "blt":
+            ctype = info["content_type"]
+            starts = np.flatnonzero(info["patch_start"])
+            counts = np.bincount(np.diff(np.append(starts, info["length"])))
+            seen = patch_lengths[ctype]
+            size = max(len(seen), len(counts))
+            patch_lengths[ctype] = np.pad(seen, (0, size - len(seen))) + np.pad(counts, (0, size - len(counts)))
 
     per_type: dict[str, dict] = defaultdict(lambda: {"nll": 0.0, "bytes": 0, "documents": 0, "targets": 0})
     for index, doc in enumerate(docs):
@@ -193,7 +244,7 @@ def evaluate_model(model, cfg, documents: Iterator[tuple[str, str, bytes]], entr
             t["patch_length_histogram"] = histogram.tolist()  # [n] = patches of length n
             t["mean_patch_size"] = t["bytes"] / t["patches"] if t["patches"] else None
     total_nll = sum(t["nll"] for t in per_type.values())
-    return {
+    result = {
         "family": family,
         "bpb": total_nll / (math.log(2) * total_bytes) if total_bytes else None,
         "nll_nats": total_nll,
@@ -203,6 +254,10 @@ def evaluate_model(model, cfg, documents: Iterator[tuple[str, str, bytes]], entr
         "by_content_type": dict(sorted(per_type.items())),
         "documents_detail": docs,
     }
+    if encoder.entropy_dtype:
+        result["entropy_dtype"] = encoder.entropy_dtype
+        result["entropy_dtype_source"] = encoder.entropy_dtype_source
+    return result
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -213,6 +268,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default=None, help="dataset split (default: val if present, else train)")
     parser.add_argument("--entropy-model", default=None,
                         help="entropy model export, for BLT entropy patching (default: the BLT config's data.entropy_model)")
+    parser.add_argument("--entropy-dtype", choices=("fp32", "bf16"), default=None,
+                        help="dtype of the BLT's entropy model (default: the one its training entropies were computed in)")
     parser.add_argument("--tokenizer", default=None, help="sentencepiece model (default: the BPE config's)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-bytes-per-type", type=int, default=0,
@@ -244,7 +301,8 @@ def _run(args: argparse.Namespace) -> int:
     def score(noise=None) -> dict:
         started = time.perf_counter()
         documents = heldout_documents(args.data, args.files, args.split, args.max_bytes_per_type, noise)
-        out = evaluate_model(model, cfg, documents, args.entropy_model, args.tokenizer, args.batch_size)
+        encoder = Encoder(cfg, args.entropy_model, args.tokenizer, args.entropy_dtype)
+        out = evaluate_model(model, cfg, documents, batch_size=args.batch_size, encoder=encoder)
         out["seconds"] = round(time.perf_counter() - started, 2)
         if not args.per_document:
             out.pop("documents_detail")
@@ -265,6 +323,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     print(f"{model_dir} ({result['family']}): {result['bpb']:.4f} bits/byte over {result['bytes']:,} bytes, "
           f"{result['documents']} documents, {result['seconds']} s")
+    if result.get("entropy_dtype"):
+        print(f"  entropies computed in {result['entropy_dtype']} ({result['entropy_dtype_source']})")
     for ctype, t in result["by_content_type"].items():
         patches = f"  {t['mean_patch_size']:.2f} bytes/patch" if t.get("mean_patch_size") else ""
         print(f"  {ctype:<14} {t['bpb']:.4f} bpb  {t['bytes']:>12,} bytes  {t['documents']:>6} documents{patches}")

@@ -28,7 +28,9 @@ Modes (`model.attention`):
              blocked. torch's CPU flex_attention has no backward (pytorch#148752).
     flash    (CUDA) self-attention by flash varlen attention (documents as sequences, the
              window as flash's left window) in half precision; the rest as blocked.
-    auto     blocked: exact, and on CPU the fastest (flex/flash stay opt-in until measured).
+    auto     the fastest exact path for the device: on CUDA flash (varlen flash attention for
+             documents and windows in bf16/fp16, is_causal SDPA (the flash kernel) without
+             them, blocked in fp32); elsewhere blocked. flex is opt-in: it compiles per shape.
 
 Rows no query may attend from (an empty patch, a byte with no completed patch) give exact
 zeros with zero gradient, in every mode.
@@ -53,11 +55,11 @@ MAX_QUERY_BLOCK = 128
 
 
 def resolve_mode(mode: str, device: torch.device) -> str:
-    """The mode actually run: `auto` -> blocked; flex/flash refused off CUDA."""
+    """The mode actually run: `auto` -> flash on CUDA, blocked elsewhere; flex/flash refused off CUDA."""
     if mode not in ATTENTION_MODES:
         raise ConfigError("model.attention", f"one of {', '.join(ATTENTION_MODES)}, got {mode!r}")
     if mode == "auto":
-        return "blocked"
+        return "flash" if torch.device(device).type == "cuda" else "blocked"
     if mode in ("flex", "flash") and torch.device(device).type != "cuda":
         raise ConfigError("model.attention", f"{mode!r} needs a CUDA device (running on {device}); "
                           f"use auto or blocked on CPU (torch's CPU flex_attention has no backward)")

@@ -87,12 +87,17 @@ class CausalLM(nn.Module):
     def forward_cached(self, tokens: torch.Tensor, cache: StackCache) -> torch.Tensor:
         """tokens [B, t]: the next t tokens of each row (one document per row, started at the
         cache's first call) -> logits [B, t, vocab], as `forward` over the whole sequence."""
+        return self.head(self.hidden_cached(tokens, cache))
+
+    def hidden_cached(self, tokens: torch.Tensor, cache: StackCache) -> torch.Tensor:
+        """forward_cached without the head: the final hidden states [B, t, dim] (the entropy
+        pass runs the head itself, in fp32)."""
         h = self.embed(tokens)
         rope = cached_rope(cache, tokens.shape[1], self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta, tokens.device)
         for block, layer_cache in zip(self.blocks, cache.layers):
             h = block.forward_cached(h, rope, layer_cache)
         cache.position += tokens.shape[1]
-        return self.head(h)
+        return h
 
 
 def lm_mask_and_rope(cfg: ModelConfig, length: int, doc_ids: Optional[torch.Tensor], device) -> tuple:

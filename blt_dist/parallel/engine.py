@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import deepspeed
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
@@ -88,24 +87,6 @@ def cuda_device_index(local_rank: int, visible_devices: int) -> int:
             "run one task per GPU (launch --gpus-per-node G starts G tasks per node)"
         )
     return local_rank
-
-
-def reduce_int(value: int, op: str = "sum") -> int:
-    """All-reduce one integer over every rank ("sum", "min" or "max"); itself without a process
-    group. The loop uses it to agree on flags (stop, non-finite, save succeeded) and counts."""
-    if not dist.is_initialized():
-        return int(value)
-    ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
-    t = torch.tensor([int(value)], dtype=torch.int64)
-    dist.all_reduce(t, op=ops[op])
-    return int(t.item())
-
-
-def shutdown_distributed() -> None:
-    """Barrier, then destroy: without the barrier about 1 in 3 ZeRO-1/2 runs aborted at exit (FIELD-NOTES)."""
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def data_parallel_size(cfg: Config, world_size: int) -> int:

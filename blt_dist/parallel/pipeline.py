@@ -47,7 +47,7 @@ checkpoint_wrapper, as engine.apply_activation_checkpointing uses, would rename 
 
 Stage balance. DeepSpeed partitions by parameters, layer count or layer type; none fits BLT
 (the local models are small in parameters but run per byte, the hash embeddings are huge in
-parameters and cost nothing). `FlopBalancedPipelineModule` overrides `_partition_layers` to
+parameters and cost nothing). `shims.pipeline_module_class` overrides `_partition_layers` to
 cut where the per-layer forward FLOPs of blt_dist/flops.py balance (minimising the busiest
 stage); it sets `self.parts` and the local bounds exactly as DeepSpeed's own methods do.
 """
@@ -58,13 +58,13 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-from deepspeed.pipe import PipelineModule
 from torch import nn
 
+from blt_dist import shims
 from blt_dist.flops import SampleShape, blt_forward_flops, lm_forward_flops
 from blt_dist.model import BLT, CausalLM, ModelConfig, build_model, patch_layout
 from blt_dist.model.blt import latent_mask_and_rope
-from blt_dist.model.loss import LossSums, loss_and_sums
+from blt_dist.model.loss import LossSums, loss_and_sums, token_nll
 from blt_dist.model.transformer import lm_mask_and_rope
 
 __all__ = [
@@ -175,12 +175,22 @@ class PipelineLoss:
 
     def __init__(self):
         self.sums = LossSums()
+        self.keep_token_nll = False  # validation: keep the per-token NLL of the next call
+        self.token_nll: Optional[torch.Tensor] = None
 
     def __call__(self, logits: torch.Tensor, labels: tuple) -> torch.Tensor:
         targets, target_bytes = labels
         loss, sums = loss_and_sums(logits, targets, target_bytes)
         self.sums = self.sums.add(sums)
+        if self.keep_token_nll:
+            self.token_nll = token_nll(logits, targets).detach()
         return loss
+
+    def take_token_nll(self) -> Optional[torch.Tensor]:
+        """The kept per-token NLL (validation); its sums are dropped, not added to training's."""
+        nll, self.token_nll = self.token_nll, None
+        self.take_sums()
+        return nll
 
     def take_sums(self) -> LossSums:
         sums, self.sums = self.sums, LossSums()
@@ -234,28 +244,6 @@ def balanced_boundaries(weights: Sequence[float], num_stages: int) -> list[int]:
     return bounds[::-1]
 
 
-def _pipeline_module_class():
-    """Imported lazily: `import deepspeed` costs seconds and is not needed by the twin's users."""
-    class FlopBalancedPipelineModule(PipelineModule):
-        """A PipelineModule cut at explicit boundaries (DeepSpeed's `partition_method` only
-        knows parameters / uniform / type:regex). `_partition_layers` runs inside
-        PipelineModule.__init__, before any layer is built, so the boundaries are passed in via
-        a class attribute set by `build_pipeline` just before construction."""
-
-        pending_boundaries: Optional[list[int]] = None
-
-        def _partition_layers(self, method="flops"):
-            bounds = type(self).pending_boundaries
-            if bounds is None or len(bounds) != self.num_stages + 1 or bounds[-1] != len(self._layer_specs):
-                raise ValueError(f"pipeline boundaries {bounds} do not fit {len(self._layer_specs)} layers "
-                                 f"in {self.num_stages} stages")
-            self.parts = list(bounds)
-            stage = self._topo.get_coord(self.global_rank).pipe
-            self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
-
-    return FlopBalancedPipelineModule
-
-
 def build_pipeline(model_cfg: ModelConfig, num_stages: int, activation_checkpointing: bool, seed: int,
                    sample_shape: Optional[SampleShape] = None):
     """The PipelineModule for `model_cfg`, with the weights of `torch.manual_seed(seed); build_model(model_cfg)`.
@@ -266,7 +254,7 @@ def build_pipeline(model_cfg: ModelConfig, num_stages: int, activation_checkpoin
     model = build_model(model_cfg)
     layers = pipeline_layers(model)
     weights = layer_flops(model_cfg, sample_shape or SampleShape())
-    module_class = _pipeline_module_class()
+    module_class = shims.pipeline_module_class()
     module_class.pending_boundaries = balanced_boundaries(weights, num_stages)
     try:
         pipe = module_class(

@@ -11,7 +11,9 @@ A directory without COMPLETE, or whose files no longer match it (truncated, miss
 checkpoint. Resume takes the newest complete one and falls back to older ones, saying why.
 Retention: the newest `keep_last`, plus every checkpoint at a multiple of `permanent_every`.
 A failed save (disk full, write error) removes its partial directory and leaves every earlier
-checkpoint untouched.
+checkpoint untouched. Only I/O errors count as a failed save; any other exception on any rank is
+a bug, and every rank raises, after the ranks have agreed on it, so none is left waiting in a
+collective for one that is gone.
 """
 from __future__ import annotations
 
@@ -25,11 +27,10 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+from blt_dist import shims
 from blt_dist.errors import UserError
-from blt_dist.parallel.engine import reduce_int
+from blt_dist.parallel.collectives import barrier, broadcast_object, reduce_int
 from blt_dist.parallel.pipeline import consolidate_pipeline_checkpoint
 
 MARKER = "COMPLETE"
@@ -113,6 +114,22 @@ def _all_ok(ok: bool) -> bool:
     return bool(reduce_int(ok, "min"))
 
 
+# What torch's file writer (used by torch.save, inside DeepSpeed's save too) raises when a write
+# fails: a RuntimeError, not an OSError. A full disk reads "unexpected pos" or "file write failed".
+TORCH_WRITE_FAILURES = ("PytorchStreamWriter failed", "file write failed", "unexpected pos")
+
+
+def is_io_error(err: BaseException) -> bool:
+    """A failed write (disk full, permissions, I/O): the save failed, the run may go on."""
+    if isinstance(err, OSError):
+        return True
+    return isinstance(err, RuntimeError) and any(marker in str(err) for marker in TORCH_WRITE_FAILURES)
+
+
+class SaveBug(RuntimeError):
+    """A rank failed while saving with an error that is not I/O: a bug; every rank stops."""
+
+
 def save(engine, run_dir: str | Path, step: int, rank_state: dict, marker_info: dict, rank: int, log=print) -> bool:
     """Collective: every rank calls it. Returns True when the checkpoint was published."""
     root = checkpoint_root(run_dir)
@@ -122,17 +139,32 @@ def save(engine, run_dir: str | Path, step: int, rank_state: dict, marker_info: 
         root.mkdir(parents=True, exist_ok=True)
         if tag_dir.exists():  # left by a crashed save at the same step: never published
             shutil.rmtree(tag_dir)
-    if dist.is_initialized():
-        dist.barrier()
+    barrier()
     error = None
     try:
         engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
-        path = tag_dir / f"rank_{rank:05d}.pt"
-        torch.save(rank_state, str(path) + ".tmp")
-        os.replace(str(path) + ".tmp", path)
-    except (OSError, RuntimeError) as err:  # disk full, permissions, I/O errors
+    except Exception as err:  # noqa: BLE001 -- classified below, after every rank has agreed
         error = err
-    if not _all_ok(error is None):
+        # DeepSpeed's save_checkpoint ends with one barrier after its writes (shims.py checks the
+        # version it was read in). A rank whose write raised skipped it, and the other ranks wait
+        # in it: take it here, so that every rank reaches the agreement below.
+        barrier()
+    if error is None:
+        try:
+            path = tag_dir / f"rank_{rank:05d}.pt"
+            torch.save(rank_state, str(path) + ".tmp")
+            os.replace(str(path) + ".tmp", path)
+        except Exception as err:  # noqa: BLE001
+            error = err
+    # 0: written; 1: an I/O error (the save failed); 2: anything else (a bug: everyone stops)
+    status = 0 if error is None else 1 if is_io_error(error) else 2
+    worst = reduce_int(status, "max")
+    if worst == 2:
+        if status == 2:
+            raise error
+        raise SaveBug(f"checkpoint {tag}: another rank failed while saving with an error that is not I/O "
+                      "(its log has the traceback); stopping every rank")
+    if worst:
         if error is not None:
             free = shutil.disk_usage(root).free / 1e6  # torch reports a full disk as "unexpected pos"
             log(f"checkpoint {tag}: save failed on rank {rank}: {error} ({free:.1f} MB free on {root})")
@@ -179,13 +211,11 @@ def prune(run_dir: str | Path, keep_last: int, permanent_every: int) -> list[Pat
 
 def choose_for_resume(run_dir: str | Path, is_main: bool, log=print) -> Optional[str]:
     """Rank 0 picks the checkpoint (newest complete); every rank gets the same answer."""
-    choice = [None]
+    choice = None
     if is_main:
         found = newest_complete(run_dir, log=log)
-        choice = [found[0].name if found else None]
-    if dist.is_initialized():
-        dist.broadcast_object_list(choice, src=0)
-    return choice[0]
+        choice = found[0].name if found else None
+    return broadcast_object(choice, src=0)
 
 
 def check_compatible(marker: dict, expected: dict) -> None:
@@ -222,7 +252,7 @@ def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     if marker.get("pipeline_stages", 1) > 1:
         return consolidate_pipeline_checkpoint(tag_dir)
     if marker.get("zero_stage", 0) >= 1:
-        return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        return shims.zero_to_fp32_state_dict(str(tag_dir.parent), tag_dir.name)
     model_files = sorted(tag_dir.glob("*model_states.pt"))
     if not model_files:
         raise UserError(f"{tag_dir}: no model_states file")

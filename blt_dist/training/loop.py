@@ -22,14 +22,13 @@ import subprocess
 import sys
 import time
 import zlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import deepspeed
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from blt_dist.config import Config, add_config_arguments, config_from_args, save_resolved, to_dict, to_yaml
 from blt_dist.data.entropies import check_entropy_source
@@ -37,19 +36,18 @@ from blt_dist.data.loader import ENTROPY_FORMAT, Loader, LoaderSpec, dataset_for
 from blt_dist.errors import UserError
 from blt_dist.flops import SampleShape
 from blt_dist.hardware import peak_flops
-from blt_dist.model import build_model, model_inputs
-from blt_dist.model.loss import LossSums, loss_and_sums
+from blt_dist.model import build_model
+from blt_dist.model.loss import LossSums
+from blt_dist.parallel.collectives import abandon, reduce_int, shutdown
 from blt_dist.parallel.engine import (
     apply_activation_checkpointing,
     data_parallel_size,
     deepspeed_config,
     init_distributed,
     optimizer_groups,
-    reduce_int,
     set_lr,
-    shutdown_distributed,
 )
-from blt_dist.parallel.pipeline import build_pipeline, pipeline_batch
+from blt_dist.parallel.pipeline import build_pipeline
 from blt_dist.training import checkpoint
 from blt_dist.training.export import save_export
 from blt_dist.training.metrics import MetricsLogger, format_line, memory_gb
@@ -64,6 +62,7 @@ from blt_dist.training.run_length import (
 from blt_dist.training.schedule import lr_at
 from blt_dist.training.signals import Faults, StopRequest
 from blt_dist.training.step import all_reduce_floats, all_reduce_sums, pipeline_step, plain_step
+from blt_dist.training.validation import ValidationSet, validate
 
 # ---------------------------------------------------------------------------------------------
 # Small pieces the loop uses
@@ -99,27 +98,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def evaluate(engine, cfg: Config, family: str, device, batches: int, dp_rank: int, dp_size: int) -> LossSums:
-    """bpb on the first `batches` batches of the validation data (the same ones every time)."""
-    spec = replace(LoaderSpec.from_config(cfg, family, split="val"), shuffle=False)
-    loader = Loader(spec, dp_rank, dp_size)
-    sums = LossSums()
-    pipelined = cfg.parallel.pipeline_stages > 1
-    engine.eval()
-    with torch.no_grad():
-        for _ in range(batches):
-            batch = next(loader)
-            if pipelined:
-                engine.eval_batch(iter([pipeline_batch(batch, family)]), num_micro_batches=1)
-                if engine.is_last_stage():
-                    sums = sums.add(engine.module.loss_fn.take_sums())
-                continue
-            logits = engine(*model_inputs(batch, family, device))
-            sums = sums.add(loss_and_sums(logits, batch["targets"].to(device), batch["target_bytes"].to(device))[1])
-    engine.train()
-    return all_reduce_sums(sums, device)
-
-
 def drop_metrics_after(run_dir: Path, step: int) -> int:
     """Rewrites metrics.jsonl without the records of steps after `step` (rank 0, on resume).
     A run killed between a log line and its next checkpoint resumes from an earlier step and
@@ -150,6 +128,7 @@ class Run:
     marker_info: dict  # what a checkpoint's marker records, and a resume must match
     origin: dict  # provenance
     pipelined: bool
+    validation: Optional[ValidationSet]  # the fixed validation documents (None without data.val)
     # matmul peak FLOP/s for MFU; measured when the log opens (after the resume: on a CPU the
     # measurement draws random matrices, and the RNG stream a resume restores must not move)
     peak: float = float("nan")
@@ -190,8 +169,7 @@ def train(cfg: Config, stop: "StopRequest | None" = None) -> int:
         return _train(cfg, env, stop)
     except BaseException:
         # no barrier here: the other ranks may not reach it; just release the process group
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        abandon()
         raise
 
 
@@ -202,7 +180,7 @@ def _train(cfg: Config, env, stop: StopRequest) -> int:
     log = open_log(cfg, env, run, progress, run_dir)
 
     faults = Faults(os.environ.get("BLT_FAULTS", ""))
-    nonfinite_in_a_row = 0
+    nonfinite_in_a_row = failed_saves = 0
     window = Window()
     last_saved = progress.step if progress.resumed_from else -1
     while progress.step < run.total_steps:
@@ -249,14 +227,26 @@ def _train(cfg: Config, env, stop: StopRequest) -> int:
             window = Window()
 
         # -- eval
-        if cfg.data.val and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == run.total_steps):
-            val = evaluate(run.engine, cfg, cfg.model.family, env.device, cfg.train.eval_batches, run.dp_rank, run.dp_size)
-            log.log({"step": step, "val_bpb": val.bpb, "val_loss": val.mean_nll, "val_bytes": val.bytes},
-                    f"step {step}/{run.total_steps} | val bpb {val.bpb:.4f} | val loss {val.mean_nll:.4f} ({val.bytes} bytes)")
+        if run.validation and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == run.total_steps):
+            val = validate(run.engine, cfg, run.validation, env.device, run.dp_rank, run.dp_size)
+            log.log({"step": step, "val_bpb": val.bpb, "val_loss": val.mean_nll, "val_bytes": val.bytes,
+                     "val_documents": len(run.validation.documents)},
+                    f"step {step}/{run.total_steps} | val bpb {val.bpb:.4f} | val loss {val.mean_nll:.4f} "
+                    f"({len(run.validation.documents)} documents, {val.bytes} bytes)")
 
         # -- checkpoint, stop
-        if save_now and save(cfg, env, run, progress, log, run_dir):
-            last_saved = step
+        if save_now:
+            faults.before_save(run.engine, step, env.rank)
+            if save(cfg, env, run, progress, log, run_dir):
+                last_saved = step
+            elif step < run.total_steps:  # the final save's failure is reported at the end
+                failed_saves += 1
+                if stop_now or failed_saves > cfg.checkpoint.max_failed_saves:
+                    why = "a stop was asked for" if stop_now else (
+                        f"{failed_saves} failed saves, checkpoint.max_failed_saves={cfg.checkpoint.max_failed_saves}")
+                    log.info(f"stopping at step {step} ({why}): its checkpoint could not be written (see above); "
+                             f"the newest checkpoint is step {last_saved}; fix the cause and rerun to resume")
+                    return finish(log, 1)
         if stop_now:
             log.info(f"stopped by {stop.signal_name or 'a signal on another rank'} at step {step}; checkpoint saved; "
                      "rerun the same command to resume")
@@ -320,8 +310,10 @@ def set_up(cfg: Config, env, run_dir: Path) -> Run:
         "pipeline_stages": cfg.parallel.pipeline_stages,
         "family": family,
     }
+    validation = ValidationSet.from_config(cfg) if cfg.data.val else None
     seed_everything(cfg.run.seed + env.rank)  # per-rank streams for anything random from here on
-    return Run(engine, loader, ds_config, dp_rank, dp_size, total_steps, length_source, marker_info, origin, pipelined)
+    return Run(engine, loader, ds_config, dp_rank, dp_size, total_steps, length_source, marker_info, origin, pipelined,
+               validation)
 
 
 def resume(cfg: Config, env, run: Run, run_dir: Path) -> Progress:
@@ -363,6 +355,8 @@ def open_log(cfg: Config, env, run: Run, progress: Progress, run_dir: Path) -> M
         + (f"; resumed from {tag} (step {step})" if tag else "")
         + (f"; Slurm restart {os.environ['SLURM_RESTART_COUNT']}" if "SLURM_RESTART_COUNT" in os.environ else "")
     )
+    if run.validation:
+        log.info(f"validation: {run.validation.describe(cfg)}")
     if dropped:
         log.info(f"metrics.jsonl: dropped {dropped} records after step {step} (logged before a crash, replayed now)")
     return log
@@ -442,7 +436,7 @@ def save(cfg: Config, env, run: Run, progress: Progress, log: MetricsLogger, run
 
 def finish(log: MetricsLogger, status: int) -> int:
     log.close()
-    shutdown_distributed()
+    shutdown()
     return status
 
 

@@ -7,13 +7,13 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.distributed as dist
 
 from blt_dist.config import Config
 from blt_dist.data.loader import Loader
 from blt_dist.errors import UserError
 from blt_dist.flops import SampleShape, batch_train_flops, params_by_component
 from blt_dist.flops import train_flops_per_byte as nominal_flops_per_byte
+from blt_dist.parallel.collectives import all_reduce
 
 
 def measure_per_sample(cfg: Config, spec, rank: int, world_size: int, probe_bytes: float = 8e6,
@@ -33,8 +33,7 @@ def measure_per_sample(cfg: Config, spec, rank: int, world_size: int, probe_byte
         flops += batch_flops(cfg, batch).useful
         batches += 1
     measured = torch.tensor([total, flops, batches * spec.micro_batch_size], dtype=torch.float64)
-    if dist.is_initialized():  # every rank must derive the same step count
-        dist.all_reduce(measured)
+    measured = all_reduce(measured)  # every rank must derive the same step count
     return float(measured[0] / measured[2]), float(measured[1] / measured[2])
 
 

@@ -9,27 +9,20 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 
 from blt_dist.model import model_inputs
 from blt_dist.model.loss import LossSums, loss_and_sums
-from blt_dist.parallel.engine import reduce_int
+from blt_dist.parallel.collectives import all_reduce, reduce_floats, reduce_int
 from blt_dist.parallel.pipeline import pipeline_batch
 
 
 def all_reduce_sums(sums: LossSums, device) -> LossSums:
-    t = sums.as_tensor().to(device)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return LossSums.from_tensor(t.cpu())
+    return LossSums.from_tensor(all_reduce(sums.as_tensor().to(device)).cpu())
 
 
 def all_reduce_floats(values: list[float], device) -> list[float]:
     """Sums over every rank (float64: FLOP counts overflow what reduce_int's int64 holds)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.cpu().tolist()
+    return reduce_floats(values)
 
 
 def plain_step(engine, batches, family, device, plain_optimizer: bool, poison: bool) -> tuple:

@@ -1,0 +1,86 @@
+"""In-loop validation: bits per byte on one fixed set of whole validation documents.
+
+The documents are those `compare` scores by default: the validation split of data.val, whole
+documents of each content type up to train.eval_bytes (evaluation.evaluate.take_per_type), so
+every family, micro-batch, layout and world size sees the same bytes. They are scored by
+evaluation.evaluate.score_documents, the function behind evaluate_model (and so `compare` and
+`blt-dist eval`), with the training engine as the model:
+
+- ZeRO-0/1/2: data-parallel rank r scores documents r, r + N, ...;
+- ZeRO-3: every rank scores every document (its forward gathers parameters in lock step);
+- pipeline: each data-parallel group scores its share through eval_batch, padded to the static
+  micro-batch shape; the last stage holds the NLL.
+
+Per-document NLLs are gathered to every rank and summed in document order, so the total does
+not depend on how the documents were split, and a document missing or counted twice is an error.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from blt_dist.config import Config
+from blt_dist.evaluation.evaluate import Encoder, heldout_documents, plain_forward, score_documents
+from blt_dist.model.loss import LossSums
+from blt_dist.parallel.collectives import all_gather_object
+from blt_dist.parallel.pipeline import pipeline_batch
+
+
+@dataclass
+class ValidationSet:
+    documents: list  # [(index, (content type, source, bytes))], in a fixed order
+    encoder: Encoder
+    bytes: int
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "ValidationSet":
+        picked = list(enumerate(heldout_documents(cfg.data.val, [], "val", cfg.train.eval_bytes)))
+        return cls(picked, Encoder(cfg, None, None), sum(len(doc[2]) for _, doc in picked))
+
+    def describe(self, cfg: Config) -> str:
+        limit = f"up to {cfg.train.eval_bytes:,} bytes per content type" if cfg.train.eval_bytes else "all of them"
+        return (f"{len(self.documents)} whole validation documents ({self.bytes:,} bytes; {limit}) of "
+                f"{cfg.data.val}, scored as `compare` scores them")
+
+
+def pipeline_forward(engine, family: str):
+    """forward(batch) -> per-token NLL on the last stage, None on the others."""
+    loss_fn = engine.module.loss_fn
+
+    def forward(batch: dict):
+        loss_fn.keep_token_nll = True
+        try:
+            engine.eval_batch(iter([pipeline_batch(batch, family)]), num_micro_batches=1)
+        finally:
+            loss_fn.keep_token_nll = False
+        return loss_fn.take_token_nll() if engine.is_last_stage() else None
+
+    return forward
+
+
+def validate(engine, cfg: Config, validation: ValidationSet, device, dp_rank: int, dp_size: int) -> LossSums:
+    """The validation documents' summed NLL, predicted targets and bytes, on every rank."""
+    family = cfg.model.family
+    pipelined = cfg.parallel.pipeline_stages > 1
+    every_rank_scores_all = cfg.parallel.zero_stage >= 3
+    share = validation.documents if every_rank_scores_all else validation.documents[dp_rank::dp_size]
+    if pipelined:
+        forward, batch_size, full = pipeline_forward(engine, family), cfg.train.micro_batch_size, True
+    else:
+        forward, batch_size, full = plain_forward(engine, family, device), cfg.train.micro_batch_size, False
+    engine.eval()
+    with torch.no_grad():
+        _, nll, targets = score_documents(forward, cfg, validation.encoder, share, batch_size, full)
+    engine.train()
+    scored: dict[int, tuple[float, int]] = {}
+    for part in all_gather_object({index: (nll[index], targets[index]) for index in nll}):
+        for index, value in part.items():
+            scored.setdefault(index, value)  # ZeRO-3: every rank scored it, identically
+    if len(scored) != len(validation.documents):
+        missing = sorted({i for i, _ in validation.documents} - set(scored))[:5]
+        raise RuntimeError(f"validation: {len(validation.documents) - len(scored)} documents were not scored "
+                           f"(first: {missing})")
+    total_nll = sum(scored[index][0] for index in sorted(scored))
+    total_targets = sum(scored[index][1] for index in sorted(scored))
+    return LossSums(total_nll, total_targets, validation.bytes)
