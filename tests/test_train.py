@@ -39,7 +39,8 @@ def assert_val_is_what_compare_scores(run_dir: Path) -> None:
     final = [r for r in metrics(run_dir) if "val_bpb" in r][-1]
     scored = evaluate_model(model, cfg, heldout_documents(cfg.data.val, [], "val", cfg.train.eval_bytes))
     assert (final["val_bytes"], final["val_documents"]) == (scored["bytes"], scored["documents"])
-    assert final["val_bpb"] == pytest.approx(scored["bpb"], rel=1e-9, abs=0), (final, scored["bpb"])
+    # equal but for float rounding: compare batches 8 samples, the trainer a micro-batch
+    assert final["val_bpb"] == pytest.approx(scored["bpb"], rel=1e-6, abs=0), (final, scored["bpb"])
 
 
 def family_args(data: Path, family: str) -> list[str]:
@@ -263,4 +264,4 @@ def test_a_save_that_fails_on_one_rank_of_two(data, tmp_path, kind, allowed, exp
         assert "stopping at step 2 (1 failed saves, checkpoint.max_failed_saves=0)" in text, text
     else:
         assert "BLT_FAULTS: injected bug while saving" in text, text  # rank 1's own traceback
-        assert "another rank failed while saving with an error that is not I/O" in text, text  # rank 0
+        assert "rank 1 failed while saving with an error that is not I/O" in text, text  # rank 0

@@ -31,14 +31,23 @@ import numpy as np
 import torch
 
 from blt_dist.data.entropies import check_entropy_source, document_entropies, entropy_dtype_for, load_entropy_model
-from blt_dist.data.loader import BPEEncoder, ByteEncoder, PatchEncoder
+from blt_dist.data.loader import ENTROPY_FORMAT, BPEEncoder, ByteEncoder, PatchEncoder
 from blt_dist.data.packing import IGNORE, Packer
-from blt_dist.data.shards import ByteDataset
+from blt_dist.data.shards import FORMAT as BYTE_FORMAT
+from blt_dist.data.shards import MANIFEST, ByteDataset
 from blt_dist.errors import UserError
 from blt_dist.evaluation.noise import KINDS, noise_argument, noised, parse_noise
 from blt_dist.model import model_inputs
 from blt_dist.model.loss import token_nll
 from blt_dist.model.weights import load_export
+
+
+def documents_dataset(path: str) -> ByteDataset:
+    """A byte dataset, or an entropy dataset (which holds every document's bytes too: a BLT's
+    data.val), opened as what its manifest says it is."""
+    manifest = Path(path) / MANIFEST
+    recorded = json.loads(manifest.read_text()).get("format") if manifest.is_file() else None
+    return ByteDataset(path, format=ENTROPY_FORMAT if recorded == ENTROPY_FORMAT else BYTE_FORMAT)
 
 
 def iter_documents(data: Optional[str], files: list[str], split: Optional[str]) -> Iterator[tuple[str, str, bytes]]:
@@ -51,7 +60,7 @@ def iter_documents(data: Optional[str], files: list[str], split: Optional[str]) 
             yield "files", str(path), path.read_bytes()
         return
 
-    dataset = ByteDataset(data)
+    dataset = documents_dataset(data)
     splits = [split] if split else (["val"] if dataset.streams("val") else ["train"])
     for name in splits:
         for ctype, sample in dataset.documents(name):
@@ -178,27 +187,44 @@ def pack_documents(cfg, encoder: Encoder, documents, batch_size: int, full_batch
         yield infos, None
 
 
-def score_documents(forward, cfg, encoder: Encoder, documents, batch_size: int = 8,
-                    full_batches: bool = False) -> tuple[list[dict], dict[int, float], dict[int, int]]:
-    """(document infos, NLL in nats per document index, predicted targets per document index).
-    `documents` yields (index, (content type, source, bytes)); `forward(batch)` returns the
-    per-token NLL, or None where this process holds no output (a pipeline's earlier stages)."""
+def score_documents(forward, cfg, encoder: Encoder, documents, batch_size: int = 8, full_batches: bool = False,
+                    shard: tuple[int, int] = (0, 1)) -> tuple[list[dict], dict[int, dict[int, tuple[float, int]]]]:
+    """(document infos, {batch number: {document index: (NLL in nats, predicted targets)}}).
+
+    `documents` yields (index, (content type, source, bytes)); every process packs all of them
+    the same way, and scores batches number `shard[0]`, `shard[0] + shard[1]`, ... only (so a
+    document's context in its samples never depends on how the work is split). `forward(batch)`
+    returns the per-token NLL, or None where this process holds no output (a pipeline's earlier
+    stages)."""
     docs: list[dict] = []
-    nll: dict[int, float] = defaultdict(float)
-    targets: dict[int, int] = defaultdict(int)
-    for infos, batch in pack_documents(cfg, encoder, ((i, d) for i, d in documents), batch_size, full_batches):
+    scored: dict[int, dict[int, tuple[float, int]]] = {}
+    batches = pack_documents(cfg, encoder, ((i, d) for i, d in documents), batch_size, full_batches)
+    for number, (infos, batch) in enumerate(batches):
         docs += infos
-        if batch is None:
+        if batch is None or number % shard[1] != shard[0]:
             continue
         with torch.no_grad():
             per_token = forward(batch)
         if per_token is None:
             continue
         keep = batch["targets"] != IGNORE
+        sums: dict[int, tuple[float, int]] = {}
         for doc, value in zip(batch["doc_visit"][keep].tolist(), per_token.double().cpu()[keep].tolist()):
+            nll, targets = sums.get(doc, (0.0, 0))
+            sums[doc] = (nll + value, targets + 1)
+        scored[number] = sums
+    return docs, scored
+
+
+def per_document(scored: dict[int, dict[int, tuple[float, int]]]) -> tuple[dict[int, float], dict[int, int]]:
+    """Per-document NLL and targets from per-batch sums, added in batch order."""
+    nll: dict[int, float] = defaultdict(float)
+    targets: dict[int, int] = defaultdict(int)
+    for number in sorted(scored):
+        for doc, (value, count) in scored[number].items():
             nll[doc] += value
-            targets[doc] += 1
-    return docs, nll, targets
+            targets[doc] += count
+    return nll, targets
 
 
 def evaluate_model(model, cfg, documents: Iterator[tuple[str, str, bytes]], entropy_model=None, tokenizer=None,
@@ -211,7 +237,8 @@ def evaluate_model(model, cfg, documents: Iterator[tuple[str, str, bytes]], entr
     encoder = encoder or Encoder(cfg, entropy_model, tokenizer)
     forward = forward or plain_forward(model, family)
     picked = enumerate(take_per_type(documents, max_bytes_per_type))
-    infos, nll, targets = score_documents(forward, cfg, encoder, picked, batch_size)
+    infos, scored = score_documents(forward, cfg, encoder, picked, batch_size)
+    nll, targets = per_document(scored)
     docs, total_bytes = [], 0
     patch_lengths: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(0, dtype=np.int64))  # BLT: histogram
     for info in infos:

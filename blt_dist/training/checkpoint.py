@@ -30,7 +30,7 @@ import torch
 
 from blt_dist import shims
 from blt_dist.errors import UserError
-from blt_dist.parallel.collectives import barrier, broadcast_object, reduce_int
+from blt_dist.parallel.collectives import all_gather_object, barrier, broadcast_object, reduce_int
 from blt_dist.parallel.pipeline import consolidate_pipeline_checkpoint
 
 MARKER = "COMPLETE"
@@ -156,18 +156,26 @@ def save(engine, run_dir: str | Path, step: int, rank_state: dict, marker_info: 
             os.replace(str(path) + ".tmp", path)
         except Exception as err:  # noqa: BLE001
             error = err
-    # 0: written; 1: an I/O error (the save failed); 2: anything else (a bug: everyone stops)
+    # 0: written; 1: an I/O error (the save failed); 2: anything else (a bug: everyone stops).
+    # Every rank's outcome reaches every rank, so rank 0 (the one that logs) can name them all.
     status = 0 if error is None else 1 if is_io_error(error) else 2
-    worst = reduce_int(status, "max")
-    if worst == 2:
+    message = ""
+    if error is not None:
+        free = shutil.disk_usage(root).free / 1e6  # torch reports a full disk as "unexpected pos"
+        message = f"{type(error).__name__}: {error} ({free:.1f} MB free on {root})"
+    outcomes = all_gather_object((status, message))
+    failed = [(r, m) for r, (st, m) in enumerate(outcomes) if st]
+    for failed_rank, text in failed:
+        log(f"checkpoint {tag}: save failed on rank {failed_rank}: {text}")
+    if max(st for st, _ in outcomes) == 2:
+        if rank == 0:
+            shutil.rmtree(tag_dir, ignore_errors=True)  # never published: nothing may resume from it
         if status == 2:
             raise error
-        raise SaveBug(f"checkpoint {tag}: another rank failed while saving with an error that is not I/O "
-                      "(its log has the traceback); stopping every rank")
-    if worst:
-        if error is not None:
-            free = shutil.disk_usage(root).free / 1e6  # torch reports a full disk as "unexpected pos"
-            log(f"checkpoint {tag}: save failed on rank {rank}: {error} ({free:.1f} MB free on {root})")
+        bugs = [r for r, (st, _) in enumerate(outcomes) if st == 2]
+        raise SaveBug(f"checkpoint {tag}: rank {bugs[0]} failed while saving with an error that is not I/O "
+                      f"(its log has the traceback); stopping every rank")
+    if failed:
         if rank == 0:
             shutil.rmtree(tag_dir, ignore_errors=True)
             log(f"checkpoint {tag}: not published; earlier checkpoints are untouched")

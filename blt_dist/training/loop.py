@@ -244,8 +244,9 @@ def _train(cfg: Config, env, stop: StopRequest) -> int:
                 if stop_now or failed_saves > cfg.checkpoint.max_failed_saves:
                     why = "a stop was asked for" if stop_now else (
                         f"{failed_saves} failed saves, checkpoint.max_failed_saves={cfg.checkpoint.max_failed_saves}")
+                    newest = f"the newest checkpoint is step {last_saved}" if last_saved >= 0 else "no checkpoint yet"
                     log.info(f"stopping at step {step} ({why}): its checkpoint could not be written (see above); "
-                             f"the newest checkpoint is step {last_saved}; fix the cause and rerun to resume")
+                             f"{newest}; fix the cause and rerun to resume")
                     return finish(log, 1)
         if stop_now:
             log.info(f"stopped by {stop.signal_name or 'a signal on another rank'} at step {step}; checkpoint saved; "

@@ -6,13 +6,17 @@ every family, micro-batch, layout and world size sees the same bytes. They are s
 evaluation.evaluate.score_documents, the function behind evaluate_model (and so `compare` and
 `blt-dist eval`), with the training engine as the model:
 
-- ZeRO-0/1/2: data-parallel rank r scores documents r, r + N, ...;
-- ZeRO-3: every rank scores every document (its forward gathers parameters in lock step);
+Every rank packs all the documents the same way (compare's packing, at the training shapes),
+so a document's context never depends on the world size; the packed batches are then split:
+
+- ZeRO-0/1/2: data-parallel rank r scores batches r, r + N, ...;
+- ZeRO-3: every rank scores every batch (its forward gathers parameters in lock step);
 - pipeline: each data-parallel group scores its share through eval_batch, padded to the static
   micro-batch shape; the last stage holds the NLL.
 
-Per-document NLLs are gathered to every rank and summed in document order, so the total does
-not depend on how the documents were split, and a document missing or counted twice is an error.
+Per-batch sums are gathered to every rank and added in batch order; a document that no batch
+scored is an error. Against `compare`'s score of the same export the total differs only by
+float rounding (the batch sizes differ: rows are computed in other groupings).
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from blt_dist.config import Config
-from blt_dist.evaluation.evaluate import Encoder, heldout_documents, plain_forward, score_documents
+from blt_dist.evaluation.evaluate import Encoder, heldout_documents, per_document, plain_forward, score_documents
 from blt_dist.model.loss import LossSums
 from blt_dist.parallel.collectives import all_gather_object
 from blt_dist.parallel.pipeline import pipeline_batch
@@ -64,23 +68,23 @@ def validate(engine, cfg: Config, validation: ValidationSet, device, dp_rank: in
     family = cfg.model.family
     pipelined = cfg.parallel.pipeline_stages > 1
     every_rank_scores_all = cfg.parallel.zero_stage >= 3
-    share = validation.documents if every_rank_scores_all else validation.documents[dp_rank::dp_size]
+    shard = (0, 1) if every_rank_scores_all else (dp_rank, dp_size)
     if pipelined:
-        forward, batch_size, full = pipeline_forward(engine, family), cfg.train.micro_batch_size, True
+        forward, full = pipeline_forward(engine, family), True
     else:
-        forward, batch_size, full = plain_forward(engine, family, device), cfg.train.micro_batch_size, False
+        forward, full = plain_forward(engine, family, device), False
     engine.eval()
     with torch.no_grad():
-        _, nll, targets = score_documents(forward, cfg, validation.encoder, share, batch_size, full)
+        _, scored = score_documents(forward, cfg, validation.encoder, validation.documents,
+                                    cfg.train.micro_batch_size, full, shard)
     engine.train()
-    scored: dict[int, tuple[float, int]] = {}
-    for part in all_gather_object({index: (nll[index], targets[index]) for index in nll}):
-        for index, value in part.items():
-            scored.setdefault(index, value)  # ZeRO-3: every rank scored it, identically
-    if len(scored) != len(validation.documents):
-        missing = sorted({i for i, _ in validation.documents} - set(scored))[:5]
-        raise RuntimeError(f"validation: {len(validation.documents) - len(scored)} documents were not scored "
+    if not every_rank_scores_all:  # each batch was scored by one process: put them together
+        scored = {number: sums for part in all_gather_object(scored) for number, sums in part.items()}
+    nll, targets = per_document(scored)
+    if len(nll) != len(validation.documents):
+        missing = sorted({i for i, _ in validation.documents} - set(nll))[:5]
+        raise RuntimeError(f"validation: {len(validation.documents) - len(nll)} documents were not scored "
                            f"(first: {missing})")
-    total_nll = sum(scored[index][0] for index in sorted(scored))
-    total_targets = sum(scored[index][1] for index in sorted(scored))
+    total_nll = sum(nll[index] for index in sorted(nll))
+    total_targets = sum(targets[index] for index in sorted(targets))
     return LossSums(total_nll, total_targets, validation.bytes)
