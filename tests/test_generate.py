@@ -356,3 +356,19 @@ def test_bench_row_measures_both_sides():
     g = cached_generation_speed(16, timed_lengths=2)
     assert g["bytes"] == 16 and g["cached_bytes_per_s"] > 0 and g["full_bytes_per_s"] > 0 and g["speedup"] > 0
     assert 1 <= g["mean_patch"] <= 16
+
+
+def test_blt_generation_computes_entropies_in_the_training_dtype():
+    """With entropy_dtype="bf16" (what load_decoder passes for bf16 training entropies) the
+    online entropies are the bf16 pass's, not the fp32 ones."""
+    entropy = entropy_model()
+    cfg = blt_config("entropy", median_entropy(entropy), None)
+    model = blt_model(cfg)
+    with torch.no_grad():
+        decoder = BLTDecoder(model, cfg, entropy, record=True, entropy_dtype="bf16")
+        generate(decoder, PROMPT, 40, GREEDY)
+    fed = np.array(decoder.tokens)
+    got = np.array(decoder.entropies)
+    offline = {d: document_entropies(entropy, [fed], entropy.window, dtype=d)[0] for d in ("fp32", "bf16")}
+    to_bf16, to_fp32 = (np.abs(got - offline[d]).mean() for d in ("bf16", "fp32"))
+    assert to_bf16 < to_fp32 and np.abs(got - offline["bf16"]).max() < 0.05, (to_bf16, to_fp32)
