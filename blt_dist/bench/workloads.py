@@ -20,7 +20,7 @@ import torch
 from blt_dist.config import load_config
 from blt_dist.flops import SampleShape, train_flops_per_byte
 from blt_dist.model import ModelConfig, build_model
-from blt_dist.model.loss import loss_and_sums
+from blt_dist.model.loss import loss_and_sum_tensor
 from blt_dist.vocab import BOS_ID, OFFSET
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -101,7 +101,7 @@ class Workload:
 
 def training_step(model: torch.nn.Module, batch: dict, dtype: str, device: torch.device,
                   forward: Optional[Callable] = None) -> Callable[[], None]:
-    """A fwd + bwd + AdamW step on one batch, as the trainer does it (loss.loss_and_sums).
+    """A fwd + bwd + AdamW step on one batch, as the trainer does it (loss.loss_and_sum_tensor).
     `forward(model, batch) -> loss` replaces ours for a peer model."""
     batch = {k: v.to(device) for k, v in batch.items()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -111,7 +111,7 @@ def training_step(model: torch.nn.Module, batch: dict, dtype: str, device: torch
             logits = model(batch["tokens"], batch["patch_lengths"], batch["doc_ids"])
         else:
             logits = model(batch["tokens"], batch["doc_ids"])
-        return loss_and_sums(logits, batch["targets"], batch["target_bytes"])[0]
+        return loss_and_sum_tensor(logits, batch["targets"], batch["target_bytes"])[0]
 
     forward = forward or our_forward
 

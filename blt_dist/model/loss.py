@@ -52,11 +52,21 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     ).view(targets.shape)
 
 
-def loss_and_sums(logits: torch.Tensor, targets: torch.Tensor, target_bytes: torch.Tensor) -> tuple[torch.Tensor, LossSums]:
-    """(mean NLL over predicted targets, for backward; detached sums for logging/bpb)."""
+def loss_and_sum_tensor(logits: torch.Tensor, targets: torch.Tensor,
+                        target_bytes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean NLL over predicted targets, for backward; the detached sums [nll, targets, bytes]
+    as a float64 tensor on the logits' device). The training step adds these up on the device
+    and reads them at log steps only: reading them here would stall a GPU's queue per micro-batch."""
     nll = token_nll(logits, targets)
     predicted = targets != IGNORE
     count = predicted.sum()
     loss = nll.sum() / count.clamp(min=1)
-    sums = LossSums(float(nll.detach().sum(dtype=torch.float64)), int(count), int(target_bytes[predicted].sum()))
+    sums = torch.stack([nll.detach().sum(dtype=torch.float64), count.to(torch.float64),
+                        target_bytes[predicted].sum().to(torch.float64)])
     return loss, sums
+
+
+def loss_and_sums(logits: torch.Tensor, targets: torch.Tensor, target_bytes: torch.Tensor) -> tuple[torch.Tensor, LossSums]:
+    """(mean NLL over predicted targets, for backward; detached sums for logging/bpb)."""
+    loss, sums = loss_and_sum_tensor(logits, targets, target_bytes)
+    return loss, LossSums.from_tensor(sums.cpu())

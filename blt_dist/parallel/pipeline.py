@@ -64,7 +64,7 @@ from blt_dist import shims
 from blt_dist.flops import SampleShape, blt_forward_flops, lm_forward_flops
 from blt_dist.model import BLT, CausalLM, ModelConfig, build_model, patch_layout
 from blt_dist.model.blt import latent_mask_and_rope
-from blt_dist.model.loss import LossSums, loss_and_sums, token_nll
+from blt_dist.model.loss import LossSums, loss_and_sum_tensor, token_nll
 from blt_dist.model.transformer import lm_mask_and_rope
 
 __all__ = [
@@ -174,14 +174,14 @@ class PipelineLoss:
     __name__ = "PipelineLoss"  # DeepSpeed prints loss_fn.__name__
 
     def __init__(self):
-        self.sums = LossSums()
+        self.sums: Optional[torch.Tensor] = None  # [nll, targets, bytes] on the device, read by take_sums
         self.keep_token_nll = False  # validation: keep the per-token NLL of the next call
         self.token_nll: Optional[torch.Tensor] = None
 
     def __call__(self, logits: torch.Tensor, labels: tuple) -> torch.Tensor:
         targets, target_bytes = labels
-        loss, sums = loss_and_sums(logits, targets, target_bytes)
-        self.sums = self.sums.add(sums)
+        loss, sums = loss_and_sum_tensor(logits, targets, target_bytes)
+        self.sums = sums if self.sums is None else self.sums + sums
         if self.keep_token_nll:
             self.token_nll = token_nll(logits, targets).detach()
         return loss
@@ -193,8 +193,9 @@ class PipelineLoss:
         return nll
 
     def take_sums(self) -> LossSums:
-        sums, self.sums = self.sums, LossSums()
-        return sums
+        """The sums since the last call (read on the host: the pipeline step's one read)."""
+        sums, self.sums = self.sums, None
+        return LossSums() if sums is None else LossSums.from_tensor(sums.cpu())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,7 +37,6 @@ from blt_dist.errors import UserError
 from blt_dist.flops import SampleShape
 from blt_dist.hardware import peak_flops
 from blt_dist.model import build_model
-from blt_dist.model.loss import LossSums
 from blt_dist.parallel.collectives import abandon, reduce_int, shutdown
 from blt_dist.parallel.engine import (
     apply_activation_checkpointing,
@@ -61,7 +60,7 @@ from blt_dist.training.run_length import (
 )
 from blt_dist.training.schedule import lr_at
 from blt_dist.training.signals import Faults, StopRequest
-from blt_dist.training.step import all_reduce_floats, all_reduce_sums, pipeline_step, plain_step
+from blt_dist.training.step import all_reduce_floats, all_reduce_sums, pipeline_step, plain_step, zero_sums
 from blt_dist.training.validation import ValidationSet, validate
 
 # ---------------------------------------------------------------------------------------------
@@ -148,14 +147,14 @@ class Progress:
 class Window:
     """What accumulates between two log lines."""
 
-    sums: LossSums = field(default_factory=LossSums)
+    sums: Optional[torch.Tensor] = None  # [nll, targets, bytes] on the device (step.py), read when logged
     time: float = 0.0
     data_time: float = 0.0
     patches: int = 0
     filled: int = 0
     steps: int = 0
     digest: int = 0
-    gnorm: float = float("nan")
+    gnorm: object = float("nan")  # the last finite step's: a float or a device scalar, read when logged
     flops: float = 0.0
     flops_executed: float = 0.0
 
@@ -212,7 +211,7 @@ def _train(cfg: Config, env, stop: StopRequest) -> int:
                 return finish(log, 1)
         else:
             nonfinite_in_a_row = 0
-            window.sums = window.sums.add(step_sums)
+            window.sums = step_sums if window.sums is None else window.sums + step_sums
             # FLOPs seen, like bytes seen, are those of the steps that updated the model
             window.flops += step_useful
             window.flops_executed += step_executed
@@ -390,7 +389,7 @@ def log_window(cfg: Config, env, run: Run, progress: Progress, window: Window, l
     """One metrics record for the steps since the last one, summed over every rank; adds the
     window's bytes and FLOPs to what the run has seen."""
     seen, step, total_steps = progress.seen, progress.step, run.total_steps
-    sums = all_reduce_sums(window.sums, env.device)
+    sums = all_reduce_sums(window.sums if window.sums is not None else zero_sums(env.device), env.device)
     useful, executed = all_reduce_floats([window.flops, window.flops_executed], env.device)
     seen["bytes"] += sums.bytes
     seen["targets"] += sums.targets
@@ -405,7 +404,7 @@ def log_window(cfg: Config, env, run: Run, progress: Progress, window: Window, l
     samples = window.steps * run.ds_config["train_batch_size"]
     record = {
         "step": step, "total_steps": total_steps, "loss": sums.mean_nll, "bpb": sums.bpb, "lr": lr,
-        "grad_norm": window.gnorm, "data_digest": reduce_int(window.digest),
+        "grad_norm": float(window.gnorm), "data_digest": reduce_int(window.digest),
         "bytes_per_s": sums.bytes / elapsed, "tflops": useful / elapsed / 1e12,
         "mfu": useful / elapsed / job_peak if peak == peak else float("nan"),
         "mfu_executed": executed / elapsed / job_peak if peak == peak else float("nan"),

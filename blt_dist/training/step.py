@@ -3,6 +3,10 @@
 Returns (loss sums, non-finite?, grad norm). A non-finite loss on any rank skips the update on
 every rank: DeepSpeed skips it itself under ZeRO-1/2/3 and bf16; its ZeRO-0 fp32 path has no
 overflow check, so the step is ended here without one.
+
+The sums stay on the device (a float64 tensor [nll, targets, bytes], LossSums.as_tensor's layout)
+and so does the grad norm: the loop reads them at log steps. A step reads one value on the host:
+the agreed non-finite flag, which decides whether the update may run.
 """
 from __future__ import annotations
 
@@ -11,13 +15,18 @@ import math
 import torch
 
 from blt_dist.model import model_inputs
-from blt_dist.model.loss import LossSums, loss_and_sums
+from blt_dist.model.loss import LossSums, loss_and_sum_tensor
 from blt_dist.parallel.collectives import all_reduce, reduce_floats, reduce_int
 from blt_dist.parallel.pipeline import pipeline_batch
 
 
-def all_reduce_sums(sums: LossSums, device) -> LossSums:
-    return LossSums.from_tensor(all_reduce(sums.as_tensor().to(device)).cpu())
+def all_reduce_sums(sums: torch.Tensor, device) -> LossSums:
+    """A window's device sums [nll, targets, bytes], summed over every rank, read on the host."""
+    return LossSums.from_tensor(all_reduce(sums.to(device)).cpu())
+
+
+def zero_sums(device) -> torch.Tensor:
+    return torch.zeros(3, dtype=torch.float64, device=device)
 
 
 def all_reduce_floats(values: list[float], device) -> list[float]:
@@ -27,17 +36,18 @@ def all_reduce_floats(values: list[float], device) -> list[float]:
 
 def plain_step(engine, batches, family, device, plain_optimizer: bool, poison: bool) -> tuple:
     """Forward/backward per micro-batch, one optimizer update: (sums, non-finite?, grad norm)."""
-    total, nonfinite, gnorm = LossSums(), False, float("nan")
+    total, nonfinite, gnorm = zero_sums(device), False, float("nan")
+    bad = torch.zeros((), dtype=torch.bool, device=device)  # a non-finite loss in this step, on the device
     for batch in batches:
         logits = engine(*model_inputs(batch, family, device))
-        loss, sums = loss_and_sums(logits, batch["targets"].to(device), batch["target_bytes"].to(device))
+        loss, sums = loss_and_sum_tensor(logits, batch["targets"].to(device), batch["target_bytes"].to(device))
         if poison:  # fault injection (tests)
-            loss, sums = loss * float("nan"), LossSums(float("nan"), sums.targets, sums.bytes)
-        nonfinite |= not math.isfinite(sums.nll)
-        total = total.add(sums)
+            loss, sums = loss * float("nan"), sums * torch.tensor([float("nan"), 1.0, 1.0], dtype=sums.dtype, device=device)
+        bad = bad | ~torch.isfinite(sums[0])
+        total = total + sums
         engine.backward(loss)
         if engine.is_gradient_accumulation_boundary():
-            nonfinite = bool(reduce_int(nonfinite, "max"))
+            nonfinite = bool(all_reduce(bad.to(torch.int64), "max").item())  # the step's one host read
             if nonfinite and plain_optimizer:
                 _skip_update(engine)  # DeepSpeed's ZeRO-0 fp32 path has no overflow check
                 return total, True, gnorm
@@ -45,7 +55,8 @@ def plain_step(engine, batches, family, device, plain_optimizer: bool, poison: b
                 gnorm = _grad_norm(engine)
         engine.step()  # ZeRO-1/2/3 and bf16 see non-finite gradients and skip the update themselves
     if engine.zero_optimization_stage() > 0:
-        gnorm = float(engine.get_global_grad_norm() or float("nan"))
+        gnorm = engine.get_global_grad_norm()
+        gnorm = float("nan") if gnorm is None else gnorm
     return total, nonfinite, gnorm
 
 
@@ -56,13 +67,14 @@ def pipeline_step(engine, batches, family) -> tuple:
     engine.train_batch(data_iter=iter([pipeline_batch(b, family) for b in batches]))
     sums = engine.module.loss_fn.take_sums() if engine.is_last_stage() else LossSums()
     nonfinite = bool(reduce_int(not math.isfinite(sums.nll), "max"))
-    return sums, nonfinite, float(engine.get_global_grad_norm() or float("nan"))
+    gnorm = engine.get_global_grad_norm()
+    return sums.as_tensor(), nonfinite, float("nan") if gnorm is None else gnorm
 
 
-def _grad_norm(engine) -> float:
-    """Global L2 norm of the (already all-reduced) gradients, for ZeRO-0."""
+def _grad_norm(engine):
+    """Global L2 norm of the (already all-reduced) gradients, for ZeRO-0 (a device scalar)."""
     grads = [p.grad.detach().float() for p in engine.module.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else float("nan")
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else float("nan")
 
 
 def _skip_update(engine) -> None:
