@@ -234,8 +234,8 @@ def entropy_dtype_for(cfg, given: Optional[str] = None) -> tuple[str, str]:
     has them: `given` (a command-line choice), else the dtype recorded by the entropy dataset
     the BLT trained on (data.train), else fp32."""
     if given:
-        return resolve_dtype(given, torch.device("cpu")) if given == "auto" else given, "given"
-    recorded = recorded_dtype(getattr(cfg.data, "train", None))
+        return given, "given"
+    recorded = recorded_dtype(cfg.data.train)
     if recorded:
         return recorded, f"as recorded by {cfg.data.train}"
     return "fp32", "fp32: no entropy dataset of the training data found"

@@ -69,9 +69,9 @@ class ByteDataset:
     """A prepared dataset, checked on open: manifest, every stream's index, shard sizes.
 
     Byte datasets (`prepare`) and entropy datasets (`entropies`) share this layout; `format`
-    says which one the caller expects."""
+    says which one the caller expects (a tuple: any of them)."""
 
-    def __init__(self, root: str | Path, verify: bool = True, format: str = FORMAT):
+    def __init__(self, root: str | Path, verify: bool = True, format: str | tuple[str, ...] = FORMAT):
         self.root = Path(root)
         manifest_path = self.root / MANIFEST
         if not self.root.is_dir():
@@ -82,8 +82,10 @@ class ByteDataset:
             self.manifest = json.loads(manifest_path.read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise UserError(f"{manifest_path}: unreadable ({err})") from err
-        if self.manifest.get("format") != format:
-            raise UserError(f"{manifest_path}: format {self.manifest.get('format')!r}, expected {format!r}")
+        expected = (format,) if isinstance(format, str) else format
+        if self.manifest.get("format") not in expected:
+            raise UserError(f"{manifest_path}: format {self.manifest.get('format')!r}, expected "
+                            f"{' or '.join(repr(f) for f in expected)}")
         self.fingerprint: str = self.manifest["fingerprint"]
         if verify:
             for stream in self.streams():

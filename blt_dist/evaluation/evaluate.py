@@ -34,20 +34,12 @@ from blt_dist.data.entropies import check_entropy_source, document_entropies, en
 from blt_dist.data.loader import ENTROPY_FORMAT, BPEEncoder, ByteEncoder, PatchEncoder
 from blt_dist.data.packing import IGNORE, Packer
 from blt_dist.data.shards import FORMAT as BYTE_FORMAT
-from blt_dist.data.shards import MANIFEST, ByteDataset
+from blt_dist.data.shards import ByteDataset
 from blt_dist.errors import UserError
 from blt_dist.evaluation.noise import KINDS, noise_argument, noised, parse_noise
 from blt_dist.model import model_inputs
 from blt_dist.model.loss import token_nll
 from blt_dist.model.weights import load_export
-
-
-def documents_dataset(path: str) -> ByteDataset:
-    """A byte dataset, or an entropy dataset (which holds every document's bytes too: a BLT's
-    data.val), opened as what its manifest says it is."""
-    manifest = Path(path) / MANIFEST
-    recorded = json.loads(manifest.read_text()).get("format") if manifest.is_file() else None
-    return ByteDataset(path, format=ENTROPY_FORMAT if recorded == ENTROPY_FORMAT else BYTE_FORMAT)
 
 
 def iter_documents(data: Optional[str], files: list[str], split: Optional[str]) -> Iterator[tuple[str, str, bytes]]:
@@ -60,7 +52,8 @@ def iter_documents(data: Optional[str], files: list[str], split: Optional[str]) 
             yield "files", str(path), path.read_bytes()
         return
 
-    dataset = documents_dataset(data)
+    # a byte dataset, or an entropy dataset (it holds every document's bytes too: a BLT's data.val)
+    dataset = ByteDataset(data, format=(BYTE_FORMAT, ENTROPY_FORMAT))
     splits = [split] if split else (["val"] if dataset.streams("val") else ["train"])
     for name in splits:
         for ctype, sample in dataset.documents(name):
@@ -149,10 +142,20 @@ def plain_forward(model, family: str, device="cpu"):
     return forward
 
 
-def pack_documents(cfg, encoder: Encoder, documents, batch_size: int, full_batches: bool = False):
-    """Encodes the documents and packs them into the training shapes; yields (document infos
-    since the last batch, batch). `full_batches` pads the last batch with all-padding samples
-    to `batch_size` (a pipeline's micro-batches have one static shape)."""
+def encode_documents(encoder: Encoder, documents) -> Iterator[tuple[dict, tuple]]:
+    """(document info, (tokens, nbytes, patch_start)) for each (index, (content type, source,
+    bytes)) of `documents`: the model's input for it (a BLT's entropies and patches included)."""
+    for index, (ctype, source, data) in documents:
+        tokens, nbytes, patch_start = encoder.encode(data)
+        info = {"index": index, "content_type": ctype, "source": source, "bytes": len(data),
+                "patch_start": patch_start if encoder.family == "blt" else None, "length": len(tokens)}
+        yield info, (tokens, nbytes, patch_start)
+
+
+def pack_documents(cfg, encoder: Encoder, encoded, batch_size: int, full_batches: bool = False):
+    """Packs encoded documents (encode_documents) into the training shapes; yields (document
+    infos since the last batch, batch). `full_batches` pads the last batch with all-padding
+    samples to `batch_size` (a pipeline's micro-batches have one static shape)."""
     family = cfg.model.family
     if family == "blt":
         packer = Packer(cfg.data.byte_capacity, bos_id=encoder.bos_id, pad_id=encoder.pad_id,
@@ -169,39 +172,33 @@ def pack_documents(cfg, encoder: Encoder, documents, batch_size: int, full_batch
         return {k: torch.from_numpy(np.stack([s[k] for s in samples])) for k in samples[0]}
 
     infos, pending = [], []
-    for index, (ctype, source, data) in documents:
-        tokens, nbytes, patch_start = encoder.encode(data)
-        infos.append({"index": index, "content_type": ctype, "source": source, "bytes": len(data),
-                      "patch_start": patch_start if family == "blt" else None, "length": len(tokens)})
-        packer.add(index, tokens, nbytes, patch_start)
+    for info, (tokens, nbytes, patch_start) in encoded:
+        infos.append(info)
+        packer.add(info["index"], tokens, nbytes, patch_start)
         while not packer.needs_more():
             pending.append(packer.cut())
             if len(pending) == batch_size:
                 yield infos, batch_of(pending)
                 infos, pending = [], []
     pending += packer.finish()
-    for start in range(0, len(pending), batch_size):
+    for start in range(0, len(pending), batch_size):  # every document has a sample: BOS + EOS at least
         yield infos, batch_of(pending[start : start + batch_size])
         infos = []
-    if infos:  # documents of no sample (none: every document has at least BOS + EOS)
-        yield infos, None
 
 
-def score_documents(forward, cfg, encoder: Encoder, documents, batch_size: int = 8, full_batches: bool = False,
+def score_documents(forward, cfg, encoder: Encoder, encoded, batch_size: int = 8, full_batches: bool = False,
                     shard: tuple[int, int] = (0, 1)) -> tuple[list[dict], dict[int, dict[int, tuple[float, int]]]]:
     """(document infos, {batch number: {document index: (NLL in nats, predicted targets)}}).
 
-    `documents` yields (index, (content type, source, bytes)); every process packs all of them
-    the same way, and scores batches number `shard[0]`, `shard[0] + shard[1]`, ... only (so a
+    `encoded` holds encode_documents' output; every process packs all of it the same way, and scores batches number `shard[0]`, `shard[0] + shard[1]`, ... only (so a
     document's context in its samples never depends on how the work is split). `forward(batch)`
     returns the per-token NLL, or None where this process holds no output (a pipeline's earlier
     stages)."""
     docs: list[dict] = []
     scored: dict[int, dict[int, tuple[float, int]]] = {}
-    batches = pack_documents(cfg, encoder, ((i, d) for i, d in documents), batch_size, full_batches)
-    for number, (infos, batch) in enumerate(batches):
+    for number, (infos, batch) in enumerate(pack_documents(cfg, encoder, encoded, batch_size, full_batches)):
         docs += infos
-        if batch is None or number % shard[1] != shard[0]:
+        if number % shard[1] != shard[0]:
             continue
         with torch.no_grad():
             per_token = forward(batch)
@@ -237,7 +234,7 @@ def evaluate_model(model, cfg, documents: Iterator[tuple[str, str, bytes]], entr
     encoder = encoder or Encoder(cfg, entropy_model, tokenizer)
     forward = forward or plain_forward(model, family)
     picked = enumerate(take_per_type(documents, max_bytes_per_type))
-    infos, scored = score_documents(forward, cfg, encoder, picked, batch_size)
+    infos, scored = score_documents(forward, cfg, encoder, encode_documents(encoder, picked), batch_size)
     nll, targets = per_document(scored)
     docs, total_bytes = [], 0
     patch_lengths: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(0, dtype=np.int64))  # BLT: histogram

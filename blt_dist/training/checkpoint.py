@@ -167,17 +167,16 @@ def save(engine, run_dir: str | Path, step: int, rank_state: dict, marker_info: 
     failed = [(r, m) for r, (st, m) in enumerate(outcomes) if st]
     for failed_rank, text in failed:
         log(f"checkpoint {tag}: save failed on rank {failed_rank}: {text}")
-    if max(st for st, _ in outcomes) == 2:
-        if rank == 0:
-            shutil.rmtree(tag_dir, ignore_errors=True)  # never published: nothing may resume from it
-        if status == 2:
-            raise error
-        bugs = [r for r, (st, _) in enumerate(outcomes) if st == 2]
-        raise SaveBug(f"checkpoint {tag}: rank {bugs[0]} failed while saving with an error that is not I/O "
-                      f"(its log has the traceback); stopping every rank")
     if failed:
         if rank == 0:
-            shutil.rmtree(tag_dir, ignore_errors=True)
+            shutil.rmtree(tag_dir, ignore_errors=True)  # never published: nothing may resume from it
+        bugs = [r for r, (st, _) in enumerate(outcomes) if st == 2]
+        if status == 2:
+            raise error
+        if bugs:
+            raise SaveBug(f"checkpoint {tag}: rank {bugs[0]} failed while saving with an error that is not I/O "
+                          f"(its log has the traceback); stopping every rank")
+        if rank == 0:
             log(f"checkpoint {tag}: not published; earlier checkpoints are untouched")
         return False
     published = True

@@ -37,7 +37,7 @@ from blt_dist.errors import UserError
 from blt_dist.flops import SampleShape
 from blt_dist.hardware import peak_flops
 from blt_dist.model import build_model
-from blt_dist.parallel.collectives import abandon, reduce_int, shutdown
+from blt_dist.parallel.collectives import abandon, reduce_floats, reduce_int, shutdown
 from blt_dist.parallel.engine import (
     apply_activation_checkpointing,
     data_parallel_size,
@@ -60,7 +60,7 @@ from blt_dist.training.run_length import (
 )
 from blt_dist.training.schedule import lr_at
 from blt_dist.training.signals import Faults, StopRequest
-from blt_dist.training.step import all_reduce_floats, all_reduce_sums, pipeline_step, plain_step, zero_sums
+from blt_dist.training.step import all_reduce_sums, pipeline_step, plain_step, zero_sums
 from blt_dist.training.validation import ValidationSet, validate
 
 # ---------------------------------------------------------------------------------------------
@@ -243,9 +243,8 @@ def _train(cfg: Config, env, stop: StopRequest) -> int:
                 if stop_now or failed_saves > cfg.checkpoint.max_failed_saves:
                     why = "a stop was asked for" if stop_now else (
                         f"{failed_saves} failed saves, checkpoint.max_failed_saves={cfg.checkpoint.max_failed_saves}")
-                    newest = f"the newest checkpoint is step {last_saved}" if last_saved >= 0 else "no checkpoint yet"
                     log.info(f"stopping at step {step} ({why}): its checkpoint could not be written (see above); "
-                             f"{newest}; fix the cause and rerun to resume")
+                             f"{newest_checkpoint(last_saved)}; fix the cause and rerun to resume")
                     return finish(log, 1)
         if stop_now:
             log.info(f"stopped by {stop.signal_name or 'a signal on another rank'} at step {step}; checkpoint saved; "
@@ -256,7 +255,7 @@ def _train(cfg: Config, env, stop: StopRequest) -> int:
     step = progress.step
     if step == run.total_steps and last_saved != step:
         log.info(f"training finished at step {step}, but its final checkpoint could not be written (see above); "
-                 f"the newest checkpoint is step {last_saved}")
+                 f"{newest_checkpoint(last_saved)}")
         return finish(log, 1)
     if step == run.total_steps and env.is_main:
         tag_dir = checkpoint.checkpoint_root(run_dir) / checkpoint.tag_for(step)
@@ -390,7 +389,7 @@ def log_window(cfg: Config, env, run: Run, progress: Progress, window: Window, l
     window's bytes and FLOPs to what the run has seen."""
     seen, step, total_steps = progress.seen, progress.step, run.total_steps
     sums = all_reduce_sums(window.sums if window.sums is not None else zero_sums(env.device), env.device)
-    useful, executed = all_reduce_floats([window.flops, window.flops_executed], env.device)
+    useful, executed = reduce_floats([window.flops, window.flops_executed])  # float64: FLOPs overflow int64
     seen["bytes"] += sums.bytes
     seen["targets"] += sums.targets
     seen["flops"] += useful
@@ -432,6 +431,10 @@ def save(cfg: Config, env, run: Run, progress: Progress, log: MetricsLogger, run
     if ok and env.is_main:
         checkpoint.prune(run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.permanent_every)
     return ok
+
+
+def newest_checkpoint(step: int) -> str:
+    return f"the newest checkpoint is step {step}" if step >= 0 else "no checkpoint yet"
 
 
 def finish(log: MetricsLogger, status: int) -> int:

@@ -16,7 +16,7 @@ import torch
 
 from blt_dist.model import model_inputs
 from blt_dist.model.loss import LossSums, loss_and_sum_tensor
-from blt_dist.parallel.collectives import all_reduce, reduce_floats, reduce_int
+from blt_dist.parallel.collectives import all_reduce, reduce_int
 from blt_dist.parallel.pipeline import pipeline_batch
 
 
@@ -27,11 +27,6 @@ def all_reduce_sums(sums: torch.Tensor, device) -> LossSums:
 
 def zero_sums(device) -> torch.Tensor:
     return torch.zeros(3, dtype=torch.float64, device=device)
-
-
-def all_reduce_floats(values: list[float], device) -> list[float]:
-    """Sums over every rank (float64: FLOP counts overflow what reduce_int's int64 holds)."""
-    return reduce_floats(values)
 
 
 def plain_step(engine, batches, family, device, plain_optimizer: bool, poison: bool) -> tuple:

@@ -25,7 +25,14 @@ from dataclasses import dataclass
 import torch
 
 from blt_dist.config import Config
-from blt_dist.evaluation.evaluate import Encoder, heldout_documents, per_document, plain_forward, score_documents
+from blt_dist.evaluation.evaluate import (
+    Encoder,
+    encode_documents,
+    heldout_documents,
+    per_document,
+    plain_forward,
+    score_documents,
+)
 from blt_dist.model.loss import LossSums
 from blt_dist.parallel.collectives import all_gather_object
 from blt_dist.parallel.pipeline import pipeline_batch
@@ -33,14 +40,18 @@ from blt_dist.parallel.pipeline import pipeline_batch
 
 @dataclass
 class ValidationSet:
-    documents: list  # [(index, (content type, source, bytes))], in a fixed order
+    # encode_documents' (info, encoded) per document, in a fixed order: encoded once at set-up (a
+    # BLT's entropy-model pass included), scored at every validation
+    documents: list
     encoder: Encoder
     bytes: int
 
     @classmethod
     def from_config(cls, cfg: Config) -> "ValidationSet":
-        picked = list(enumerate(heldout_documents(cfg.data.val, [], "val", cfg.train.eval_bytes)))
-        return cls(picked, Encoder(cfg, None, None), sum(len(doc[2]) for _, doc in picked))
+        encoder = Encoder(cfg, None, None)
+        picked = enumerate(heldout_documents(cfg.data.val, [], "val", cfg.train.eval_bytes))
+        documents = list(encode_documents(encoder, picked))
+        return cls(documents, encoder, sum(info["bytes"] for info, _ in documents))
 
     def describe(self, cfg: Config) -> str:
         limit = f"up to {cfg.train.eval_bytes:,} bytes per content type" if cfg.train.eval_bytes else "all of them"
@@ -82,7 +93,7 @@ def validate(engine, cfg: Config, validation: ValidationSet, device, dp_rank: in
         scored = {number: sums for part in all_gather_object(scored) for number, sums in part.items()}
     nll, targets = per_document(scored)
     if len(nll) != len(validation.documents):
-        missing = sorted({i for i, _ in validation.documents} - set(nll))[:5]
+        missing = sorted({info["index"] for info, _ in validation.documents} - set(nll))[:5]
         raise RuntimeError(f"validation: {len(validation.documents) - len(nll)} documents were not scored "
                            f"(first: {missing})")
     total_nll = sum(nll[index] for index in sorted(nll))
