@@ -17,6 +17,10 @@ The shims:
                           release the other ranks when one rank's write raises).
   sbatch_script           submitit's `_make_sbatch_string`, the script `launch --dry-run` prints.
   zero_to_fp32            deepspeed.utils.zero_to_fp32's consolidation of ZeRO checkpoints.
+  optimizer_masters       where the fp32 master weights sit in the checkpoints of DeepSpeed's
+                          mixed-precision optimizers that zero_to_fp32 does not read: the unfused
+                          FP16/bf16 optimizer (ZeRO-0) and BF16_Optimizer (pipelines).
+  unfused_optimizer_init  undoes the optimizer step FP16_UnfusedOptimizer takes at construction.
 
 Ground layer. The imports are inside the functions: each shim is needed by one wing only, and
 `import streaming` costs 2 s, `import deepspeed` 0.3 s over torch.
@@ -59,6 +63,16 @@ UPSTREAM = {
     "zero_to_fp32": Upstream("deepspeed", "0.19.8", (
         "deepspeed.utils.zero_to_fp32:get_fp32_state_dict_from_zero_checkpoint",
     ), "c505a9abfd9aa0257caace8a9fe724d6dc9d089c3d9c80abaf622a88e07f8ca6"),
+    "optimizer_masters": Upstream("deepspeed", "0.19.8", (
+        "deepspeed.runtime.fp16.unfused_optimizer:FP16_UnfusedOptimizer.state_dict",
+        "deepspeed.runtime.bf16_optimizer:BF16_Optimizer.state_dict",
+        "deepspeed.runtime.bf16_optimizer:BF16_Optimizer._create_param_mapping",
+    ), "5dabf7b4bc3f7bfb9ffe1a66681d356f03d11332463a2853b0b5a4c642c17024"),
+    "unfused_optimizer_init": Upstream("deepspeed", "0.19.8", (
+        "deepspeed.runtime.fp16.unfused_optimizer:FP16_UnfusedOptimizer.__init__",
+        "deepspeed.runtime.fp16.unfused_optimizer:FP16_UnfusedOptimizer.initialize_optimizer_states",
+        "deepspeed.runtime.fp16.unfused_optimizer:FP16_UnfusedOptimizer.refresh_fp32_params",
+    ), "13c1cdcfd466540befd1c3e0dc60a5f3f7b9ecaa56dcbb2c1e821c146989f822"),
 }
 
 
@@ -110,6 +124,47 @@ def zero_to_fp32_state_dict(checkpoint_dir: str, tag: str) -> dict:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
+
+
+def undo_unfused_optimizer_init_step(optimizer) -> bool:
+    """DeepSpeed's unfused mixed-precision optimizer (what ZeRO-0 with bf16 runs) creates its
+    state at construction by taking one real step on zero gradients: Adam's step count starts
+    at 1, so every later bias correction is one step off, and AdamW decays the fp32 masters once
+    with the config's lr. A ZeRO-0 run then trained a different model from a ZeRO-1/2/3 or
+    pipeline run of the same seed (first update 0.74 lr instead of lr, measured). Clearing the
+    state (torch optimizers create it lazily at the first real step) and copying the untouched
+    bf16 weights back into the masters restores the optimizer DeepSpeed was asked for. Returns
+    whether there was anything to undo."""
+    # lazy: deepspeed, only the trainer's engine set-up needs it
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    if not isinstance(optimizer, FP16_UnfusedOptimizer):
+        return False
+    optimizer.optimizer.state.clear()
+    optimizer.refresh_fp32_params()
+    return True
+
+
+def unfused_optimizer_masters(model_states: dict) -> list[list]:
+    """The fp32 master weights of a ZeRO-0 mixed-precision run (FP16_UnfusedOptimizer, which
+    DeepSpeed also uses for bf16 without ZeRO): one list of tensors per optimizer param group,
+    in the group's parameter order. They sit in `mp_rank_00_model_states.pt` under "optimizer"."""
+    optimizer = model_states.get("optimizer")
+    if not isinstance(optimizer, dict) or "fp32_groups" not in optimizer:
+        raise KeyError("no 'fp32_groups' in the model states' optimizer entry (not DeepSpeed's unfused "
+                       "mixed-precision optimizer: a fused Adam keeps 'fp32_groups_flat', which is not read here)")
+    return optimizer["fp32_groups"]
+
+
+def bf16_optimizer_fragments(optim_states: dict) -> list[dict]:
+    """This rank's slices of the fp32 master weights in a BF16_Optimizer checkpoint file
+    (`bf16_zero_pp_rank_D_mp_rank_SS_optim_states.pt`, written by pipelines): per param group,
+    {parameter name (the module's, pipeline-layer prefix included): flat fp32 fragment}. A
+    parameter split over data-parallel ranks has one fragment per rank, in rank order."""
+    state = optim_states["optimizer_state_dict"]
+    partitions, mappings = state["single_partition_of_fp32_groups"], state["param_slice_mappings"]
+    return [{name: partition.narrow(0, address.start, address.numel) for name, address in mapping.items()}
+            for partition, mapping in zip(partitions, mappings)]
 
 
 # ---------------------------------------------------------------------------------------------

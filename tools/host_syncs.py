@@ -25,7 +25,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import deepspeed  # noqa: E402
 import torch  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
 from torch.utils._pytree import tree_flatten  # noqa: E402
@@ -34,7 +33,7 @@ from blt_dist.bench.workloads import blt_batch, bpe_batch  # noqa: E402
 from blt_dist.config import load_config  # noqa: E402
 from blt_dist.model import build_model  # noqa: E402
 from blt_dist.parallel.collectives import shutdown  # noqa: E402
-from blt_dist.parallel.engine import deepspeed_config, free_port, init_distributed, optimizer_groups  # noqa: E402
+from blt_dist.parallel.engine import deepspeed_config, free_port, init_distributed, initialize_engine  # noqa: E402
 from blt_dist.training.step import plain_step  # noqa: E402
 
 READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy"}
@@ -87,8 +86,7 @@ def measure(config: str, overrides: list[str], steps: int) -> dict:
     env = init_distributed("gloo")
     torch.manual_seed(0)
     model = build_model(cfg.model)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=optimizer_groups(model, cfg.optim.weight_decay),
-                                      config=deepspeed_config(cfg, 1))
+    engine = initialize_engine(model, cfg.optim.weight_decay, deepspeed_config(cfg, 1))
     family, mb = cfg.model.family, cfg.train.micro_batch_size
     if family == "blt":
         batch = blt_batch(cfg.data.byte_capacity, mb)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
+from blt_dist import shims
 from blt_dist.config import Config
 from blt_dist.errors import UserError
 from blt_dist.model.layers import CrossAttentionBlock, TransformerBlock
@@ -129,15 +130,29 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     return ds
 
 
+def initialize_engine(model: nn.Module, weight_decay: float, ds_config: dict):
+    """deepspeed.initialize with the trainer's parameter groups, and the optimizer state exactly
+    as a fresh AdamW's on every ZeRO stage and layout (shims.undo_unfused_optimizer_init_step)."""
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=optimizer_groups(model, weight_decay),
+                                      config=ds_config)
+    shims.undo_unfused_optimizer_init_step(engine.optimizer)
+    return engine
+
+
 def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only: not on norms, biases or embedding tables."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        is_embedding = "embed" in name or "hash" in name
-        (decay if param.dim() >= 2 and not is_embedding else no_decay).append(param)
+        if param.requires_grad:
+            (decay if decays(name, param.dim()) else no_decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def decays(name: str, dim: int) -> bool:
+    """Whether a parameter is in the weight-decay group (the first of `optimizer_groups`); the
+    export reads a ZeRO-0 checkpoint's master weights back in this order."""
+    is_embedding = "embed" in name or "hash" in name
+    return dim >= 2 and not is_embedding
 
 
 def apply_activation_checkpointing(model: nn.Module) -> int:

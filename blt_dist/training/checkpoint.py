@@ -31,7 +31,7 @@ import torch
 from blt_dist import shims
 from blt_dist.errors import UserError
 from blt_dist.parallel.collectives import all_gather_object, barrier, broadcast_object, reduce_int
-from blt_dist.parallel.pipeline import consolidate_pipeline_checkpoint
+from blt_dist.parallel.pipeline import consolidate_pipeline_checkpoint, to_model_state_dict
 
 MARKER = "COMPLETE"
 TAG_RE = re.compile(r"^step_(\d{8})$")
@@ -249,19 +249,93 @@ def load(engine, run_dir: str | Path, tag: str, rank: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Consolidation: a (ZeRO-sharded) checkpoint -> one fp32 state dict
+# Consolidation: a checkpoint of any layout -> the fp32 master weights under the plain names
+#
+# Where the masters sit depends on the optimizer DeepSpeed chose for the layout (read in 0.19.8;
+# shims.py tracks the code):
+#   fp32 training          the module weights are the masters, on every layout;
+#   ZeRO-1/2/3             the ZeRO optimizer's flat shards (DeepSpeed's zero_to_fp32 reads them);
+#   ZeRO-0, bf16           FP16_UnfusedOptimizer's fp32_groups in mp_rank_00_model_states.pt;
+#   pipeline, bf16         BF16_Optimizer's flat partitions, one file per stage and data rank.
+# The module weights of a bf16 run are the masters rounded to bf16: each reader checks that
+# every master it returns rounds to its module weight, so a misread layout fails loudly.
 
 
 def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """The fp32 master weights of a complete checkpoint, whatever its ZeRO stage or pipeline
+    layout, as the plain model's state dict (buffers included)."""
     ok, reason, marker = verify(tag_dir)
     if not ok:
         raise UserError(f"{tag_dir}: not a complete checkpoint ({reason})")
-    if marker.get("pipeline_stages", 1) > 1:
-        return consolidate_pipeline_checkpoint(tag_dir)
-    if marker.get("zero_stage", 0) >= 1:
+    pipelined = marker.get("pipeline_stages", 1) > 1
+    if marker.get("zero_stage", 0) >= 1 and not pipelined:
         return shims.zero_to_fp32_state_dict(str(tag_dir.parent), tag_dir.name)
-    model_files = sorted(tag_dir.glob("*model_states.pt"))
-    if not model_files:
-        raise UserError(f"{tag_dir}: no model_states file")
-    state = torch.load(model_files[0], map_location="cpu", weights_only=False)["module"]
-    return {k: v.float() for k, v in state.items()}
+    if pipelined:
+        module = consolidate_pipeline_checkpoint(tag_dir)
+        bf16 = sorted(tag_dir.glob("bf16_zero_pp_rank_*_optim_states.pt"))
+        masters = _pipeline_masters(bf16) if bf16 else {}
+        buffers: set = set()  # the models have none; a layer file does not say which are
+    else:
+        states = _model_states(tag_dir)
+        buffers = set(states.get("buffer_names") or ())
+        module = {name: t.float() for name, t in states["module"].items()}
+        bf16_weights = any(t.dtype == torch.bfloat16 for t in states["module"].values())
+        masters = _zero0_masters(states, buffers, tag_dir) if bf16_weights else {}
+    if not masters:  # fp32 training: the module weights are the masters
+        return module
+    return _checked_masters(module, masters, buffers, tag_dir)
+
+
+def _model_states(tag_dir: Path) -> dict:
+    path = tag_dir / "mp_rank_00_model_states.pt"
+    if not path.is_file():
+        raise UserError(f"{tag_dir}: no mp_rank_00_model_states.pt")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _zero0_masters(states: dict, buffers: set, tag_dir: Path) -> dict[str, torch.Tensor]:
+    """Names for the unfused optimizer's fp32 groups: the trainer's optimizer_groups order (the
+    decay group, then the rest, each in parameter order)."""
+    from blt_dist.parallel.engine import decays  # lazy: engine imports deepspeed (0.3 s) for training only
+
+    params = [(name, t) for name, t in states["module"].items() if name not in buffers]
+    order = [[name for name, t in params if decays(name, t.dim())],
+             [name for name, t in params if not decays(name, t.dim())]]
+    groups = shims.unfused_optimizer_masters(states)
+    if [len(g) for g in groups] != [len(names) for names in order]:
+        raise UserError(f"{tag_dir}: optimizer groups of {[len(g) for g in groups]} tensors, but the model's "
+                        f"parameters split {[len(n) for n in order]} (written by another version of the trainer?)")
+    return {name: t.float() for names, group in zip(order, groups) for name, t in zip(names, group)}
+
+
+def _pipeline_masters(files: list[Path]) -> dict[str, torch.Tensor]:
+    """Every stage's and data rank's fragments, joined in data-rank order, under plain names."""
+    name_re = re.compile(r"bf16_zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+    fragments: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    for path in files:
+        dp_rank = int(name_re.search(path.name).group(1))
+        for group in shims.bf16_optimizer_fragments(torch.load(path, map_location="cpu", weights_only=False)):
+            for name, fragment in group.items():
+                fragments.setdefault(name, []).append((dp_rank, fragment))
+    joined = {name: torch.cat([f for _, f in sorted(parts, key=lambda p: p[0])]).float()
+              for name, parts in fragments.items()}
+    return to_model_state_dict(joined)
+
+
+def _checked_masters(module: dict[str, torch.Tensor], masters: dict[str, torch.Tensor], buffers: set,
+                     tag_dir: Path) -> dict[str, torch.Tensor]:
+    """The masters shaped as the module's weights, each checked to round to it; buffers (no
+    master) keep the module's values."""
+    out = dict(module)
+    for name, master in masters.items():
+        if name not in module or master.numel() != module[name].numel():
+            raise UserError(f"{tag_dir}: master weight {name!r} ({master.numel()} values) does not match the model")
+        master = master.view(module[name].shape)
+        if not torch.equal(master.to(torch.bfloat16).float(), module[name]):
+            raise UserError(f"{tag_dir}: master weight {name!r} does not round to the module's bf16 weight "
+                            "(the checkpoint's optimizer state was misread)")
+        out[name] = master
+    missing = sorted(set(module) - set(masters) - buffers)
+    if missing:
+        raise UserError(f"{tag_dir}: no master weights for {missing[:5]}")
+    return out

@@ -43,7 +43,7 @@ from blt_dist.parallel.engine import (
     data_parallel_size,
     deepspeed_config,
     init_distributed,
-    optimizer_groups,
+    initialize_engine,
     set_lr,
 )
 from blt_dist.parallel.pipeline import build_pipeline
@@ -257,10 +257,14 @@ def _train(cfg: Config, env, stop: StopRequest) -> int:
         log.info(f"training finished at step {step}, but its final checkpoint could not be written (see above); "
                  f"{newest_checkpoint(last_saved)}")
         return finish(log, 1)
+    # Every rank leaves the process group before rank 0 consolidates the final checkpoint from
+    # its files: a long ZeRO-3 consolidation must not hold the others in a barrier until the
+    # process group times out and turns a finished run into a failed one.
+    shutdown()
     if step == run.total_steps and env.is_main:
         tag_dir = checkpoint.checkpoint_root(run_dir) / checkpoint.tag_for(step)
         export_dir = save_export(checkpoint.consolidated_state_dict(tag_dir), cfg, run_dir / "export", {"step": step})
-        log.info(f"done: {step} steps; weights exported to {export_dir}")
+        log.info(f"done: {step} steps; fp32 master weights exported to {export_dir}")
     return finish(log, 0)
 
 
@@ -289,9 +293,7 @@ def set_up(cfg: Config, env, run_dir: Path) -> Run:
         model = build_model(cfg.model)
         if cfg.train.activation_checkpointing:
             apply_activation_checkpointing(model)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=optimizer_groups(model, cfg.optim.weight_decay), config=ds_config
-    )
+    engine = initialize_engine(model, cfg.optim.weight_decay, ds_config)
     # every stage of a pipeline reads the same batches: the loader is indexed by data-parallel rank
     dp_rank = engine.grid.get_data_parallel_rank() if pipelined else env.rank
     loader = Loader(LoaderSpec.from_config(cfg, family), dp_rank, dp_size, cfg.data.num_workers)
