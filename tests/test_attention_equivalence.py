@@ -321,3 +321,54 @@ def test_gpu_blt_equals_dense(mode):
     """fp32 on the GPU: flash falls back to the blocked path there, flex runs its kernels."""
     tokens, lengths, docs = random_batch(0, batch=3, capacity=40, num_patches=16)
     assert_models_agree(gpu_blt(), tokens, lengths, docs, fast=mode, tol=1e-4, device="cuda")
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout facts: the loader's host-side reading of doc_ids gives the forward it would have read
+
+
+@pytest.mark.parametrize("max_docs,padding", [(1, False), (1, True), (5, True), (4, False)])
+def test_sequence_facts_are_what_the_kernels_would_read(max_docs, padding):
+    doc_ids = random_doc_ids(7, 3, 50, max_docs, padding=padding)
+    facts = attn.SequenceFacts.of(doc_ids)
+    assert facts.one_document == bool((doc_ids == doc_ids[:, :1]).all()) == (max_docs == 1 and not padding)
+    assert facts.runs and facts.first_key.shape == (50,)
+    flash = attn.FlashSelfAttention(50, doc_ids, None, "cpu")
+    cu_seqlens, longest = flash.sequences(3)
+    assert torch.equal(facts.cu_seqlens, cu_seqlens) and facts.longest == longest
+    for window in (None, 7):
+        with_facts = attn.self_attention("blocked", 50, doc_ids, window, "cpu", facts)
+        without = attn.self_attention("blocked", 50, doc_ids, window, "cpu")
+        assert type(with_facts) is type(without)
+        if isinstance(without, attn.BlockedSelfAttention):
+            assert with_facts.first_block == without.first_block
+        assert_same(with_facts, without, *qkv(3, 2, 50, 50))
+
+
+def test_models_given_the_loaders_facts_compute_the_same_logits():
+    from blt_dist.model import batch_facts
+
+    tokens, lengths, docs = random_batch(3, batch=3, capacity=40, num_patches=16)
+    torch.manual_seed(0)
+    blt = build_model(tiny_blt())
+    facts = batch_facts({"patch_lengths": lengths, "doc_ids": docs}, "blt")
+    assert facts.longest_patch == int(lengths.max()) and facts.patches is not None
+    assert torch.equal(blt(tokens, lengths, docs, facts), blt(tokens, lengths, docs))
+    lm = build_model(ModelConfig(family="entropy", vocab_size=260, dim=32, n_layers=2, n_heads=4, window=9))
+    docs = random_doc_ids(4, 3, 45, 5)
+    ids = torch.randint(0, 260, (3, 45), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(lm(ids, docs, batch_facts({"doc_ids": docs}, "entropy")), lm(ids, docs))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_flash_blt_with_the_loaders_facts_equals_without():
+    """bf16 flash: the host-planned sequences give the kernels the tensors would have."""
+    from blt_dist.model import batch_facts
+
+    tokens, lengths, docs = random_batch(0, batch=3, capacity=40, num_patches=16)
+    torch.manual_seed(0)
+    model = build_model(dataclasses.replace(gpu_blt(), attention="flash")).cuda().bfloat16()
+    facts = batch_facts({"patch_lengths": lengths, "doc_ids": docs}, "blt")
+    inputs = [x.cuda() for x in (tokens, lengths, docs)]
+    assert torch.equal(model(*inputs, facts), model(*inputs))

@@ -1,13 +1,17 @@
 """Loaders for all families: exact resume, exactly-once coverage per epoch, disjoint ranks."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
+import torch
 
 from blt_dist.data.loader import Loader, LoaderSpec
 from blt_dist.data.packing import IGNORE
 from blt_dist.data.prepare import prepare
 from blt_dist.data.tokenizer import train_tokenizer
 from blt_dist.errors import UserError
+from blt_dist.model import batch_facts
 from blt_dist.vocab import encode_document
 from tests.conftest import write_word_documents
 
@@ -35,7 +39,25 @@ def spec_for(data, family: str, **kw) -> LoaderSpec:
 
 
 def take(loader: Loader, n: int) -> list[dict]:
-    return [{k: v.clone() for k, v in next(loader).items()} for _ in range(n)]
+    """n batches' tensors, each checked to carry the layout facts of its own tensors."""
+    batches = []
+    for _ in range(n):
+        batch = next(loader)
+        tensors = {k: v.clone() for k, v in batch.items() if k != "facts"}
+        assert_facts_equal(batch["facts"], batch_facts(tensors, loader.spec.family))
+        batches.append(tensors)
+    return batches
+
+
+def assert_facts_equal(got, want) -> None:
+    for field in dataclasses.fields(want):
+        a, b = getattr(got, field.name), getattr(want, field.name)
+        if dataclasses.is_dataclass(b):
+            assert_facts_equal(a, b)
+        elif isinstance(b, torch.Tensor):
+            assert torch.equal(a, b), field.name
+        else:
+            assert a == b, field.name
 
 
 FAMILIES = ["bytes", "bpe", "blt"]

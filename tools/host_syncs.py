@@ -1,6 +1,6 @@
 """Host syncs per training step, and steps/s: what `blt-dist train`'s step costs a GPU's launch queue.
 
-    python tools/host_syncs.py configs/blt/tiny.yaml [key=value ...] [--steps 5] [--json]
+    python tools/host_syncs.py configs/blt/tiny.yaml [key=value ...] [--steps 5] [--documents 3] [--json]
 
 A host sync is a Python read of a value computed on the device (`.item()`, `.tolist()`,
 `bool()`, `float()`, `int()`, `.numpy()`): on a GPU each one waits for every kernel queued
@@ -31,12 +31,14 @@ from torch.utils._pytree import tree_flatten  # noqa: E402
 
 from blt_dist.bench.workloads import blt_batch, bpe_batch  # noqa: E402
 from blt_dist.config import load_config  # noqa: E402
-from blt_dist.model import build_model  # noqa: E402
+from blt_dist.model import batch_facts, build_model  # noqa: E402
 from blt_dist.parallel.collectives import shutdown  # noqa: E402
 from blt_dist.parallel.engine import deepspeed_config, free_port, init_distributed, initialize_engine  # noqa: E402
 from blt_dist.training.step import plain_step  # noqa: E402
 
-READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy"}
+# Python reads of a value, and ops whose output shape or result depends on values (they wait too)
+READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "equal", "nonzero",
+         "unique", "masked_select", "allclose"}
 
 
 class HostSyncCounter(TorchFunctionMode):
@@ -79,7 +81,23 @@ class HostSyncCounter(TorchFunctionMode):
         return "elsewhere"
 
 
-def measure(config: str, overrides: list[str], steps: int) -> dict:
+def split_documents(batch: dict, documents: int) -> torch.Tensor:
+    """doc_ids for `documents` documents per row, as packing makes them (a BLT's documents start
+    at a patch start): the loader's common case, where the attention set-up has masks to build."""
+    rows, length = batch["doc_ids"].shape
+    doc_ids = torch.zeros(rows, length, dtype=torch.int64)
+    for row in range(rows):
+        if "patch_lengths" in batch:
+            starts = torch.cumsum(batch["patch_lengths"][row], 0)[:-1]
+            cuts = [int(starts[len(starts) * d // documents]) for d in range(1, documents)]
+        else:
+            cuts = [length * d // documents for d in range(1, documents)]
+        for cut in cuts:
+            doc_ids[row, cut:] += 1
+    return doc_ids
+
+
+def measure(config: str, overrides: list[str], steps: int, documents: int = 1) -> dict:
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(free_port()))
     cfg = load_config(config, overrides)
@@ -93,6 +111,9 @@ def measure(config: str, overrides: list[str], steps: int) -> dict:
     else:
         length = cfg.data.tokens_per_sample if family == "bpe" else cfg.data.seq_len
         batch = bpe_batch(length, mb, cfg.model.vocab_size)
+    if documents > 1:
+        batch["doc_ids"] = split_documents(batch, documents)
+    batch["facts"] = batch_facts(batch, family)  # as the loader makes them
     batches = [batch] * cfg.train.grad_accum
     plain = cfg.parallel.zero_stage == 0 and cfg.train.dtype == "fp32"
     plain_step(engine, batches, family, env.device, plain, False)  # warm-up
@@ -105,7 +126,7 @@ def measure(config: str, overrides: list[str], steps: int) -> dict:
         plain_step(engine, batches, family, env.device, plain, False)
     seconds = time.perf_counter() - started
     shutdown()
-    return {"config": config, "overrides": overrides, "steps": steps,
+    return {"config": config, "overrides": overrides, "steps": steps, "documents_per_row": documents,
             "host_syncs_per_step": sum(counter.counts.values()) / steps,
             "by_site": {site: n / steps for site, n in counter.counts.most_common()},
             "steps_per_s": steps / seconds}
@@ -116,9 +137,10 @@ def main() -> int:
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--documents", type=int, default=1, help="documents per row (packed batches: 3)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    result = measure(args.config, args.overrides, args.steps)
+    result = measure(args.config, args.overrides, args.steps, args.documents)
     if args.json:
         print(json.dumps(result))
         return 0

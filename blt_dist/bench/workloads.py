@@ -19,7 +19,7 @@ import torch
 
 from blt_dist.config import load_config
 from blt_dist.flops import SampleShape, train_flops_per_byte
-from blt_dist.model import ModelConfig, build_model
+from blt_dist.model import ModelConfig, batch_facts, build_model, model_inputs
 from blt_dist.model.loss import loss_and_sum_tensor
 from blt_dist.vocab import BOS_ID, OFFSET
 
@@ -47,13 +47,24 @@ def blt_batch(sample_bytes: int, batch: int, seed: int = 0, max_patch_length: in
         ends = np.cumsum(draws)
         count = int(np.searchsorted(ends, sample_bytes))  # patches that fit entirely
         lengths[row, :count] = draws[:count]
-        lengths[row, count] = sample_bytes - (ends[count - 1] if count else 0)
+        left = sample_bytes - (ends[count - 1] if count else 0)
+        if count < patch_slots:
+            lengths[row, count] = left
+        else:  # every slot filled short of the row (rare draws): lengthen patches from the end
+            for slot in range(patch_slots - 1, 0, -1):
+                grow = min(left, max_patch_length - lengths[row, slot])
+                lengths[row, slot] += grow
+                left -= grow
+            if left:
+                raise ValueError(f"{sample_bytes} bytes do not fit {patch_slots} patches of <= {max_patch_length}")
     targets = np.concatenate([tokens[:, 1:], np.full((batch, 1), -100)], axis=1)  # packing.IGNORE
-    return {
+    out = {
         "tokens": torch.from_numpy(tokens), "patch_lengths": torch.from_numpy(lengths),
         "doc_ids": torch.zeros(batch, sample_bytes, dtype=torch.int64),
         "targets": torch.from_numpy(targets), "target_bytes": torch.from_numpy((targets >= 0).astype(np.int64)),
     }
+    out["facts"] = batch_facts(out, "blt")  # as the loader makes them
+    return out
 
 
 def bpe_batch(tokens_per_sample: int, batch: int, vocab_size: int, seed: int = 0) -> dict:
@@ -61,10 +72,12 @@ def bpe_batch(tokens_per_sample: int, batch: int, vocab_size: int, seed: int = 0
     tokens = rng.integers(0, vocab_size, (batch, tokens_per_sample), dtype=np.int64)
     targets = np.concatenate([tokens[:, 1:], np.full((batch, 1), -100)], axis=1)
     nbytes = np.where(targets >= 0, 4, 0)  # only for the loss sums; throughput counts 4.4 bytes/token
-    return {
+    out = {
         "tokens": torch.from_numpy(tokens), "doc_ids": torch.zeros(batch, tokens_per_sample, dtype=torch.int64),
         "targets": torch.from_numpy(targets), "target_bytes": torch.from_numpy(nbytes),
     }
+    out["facts"] = batch_facts(out, "bpe")
+    return out
 
 
 def tokens_for(sample_bytes: int) -> int:
@@ -103,14 +116,12 @@ def training_step(model: torch.nn.Module, batch: dict, dtype: str, device: torch
                   forward: Optional[Callable] = None) -> Callable[[], None]:
     """A fwd + bwd + AdamW step on one batch, as the trainer does it (loss.loss_and_sum_tensor).
     `forward(model, batch) -> loss` replaces ours for a peer model."""
-    batch = {k: v.to(device) for k, v in batch.items()}
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def our_forward(model, batch):
-        if "patch_lengths" in batch:
-            logits = model(batch["tokens"], batch["patch_lengths"], batch["doc_ids"])
-        else:
-            logits = model(batch["tokens"], batch["doc_ids"])
+        family = "blt" if "patch_lengths" in batch else "bpe"  # the LMs take the same inputs
+        logits = model(*model_inputs(batch, family, device))
         return loss_and_sum_tensor(logits, batch["targets"], batch["target_bytes"])[0]
 
     forward = forward or our_forward

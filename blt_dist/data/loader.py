@@ -42,6 +42,7 @@ from blt_dist.data.shards import FORMAT as BYTE_FORMAT
 from blt_dist.data.shards import ByteDataset, SplitReader
 from blt_dist.data.tokenizer import ByteExactTokenizer
 from blt_dist.errors import UserError
+from blt_dist.model import batch_facts
 from blt_dist.vocab import BOS_ID, OFFSET, PAD_ID, encode_document
 
 ENTROPY_FORMAT = "blt-dist/entropy-shards/v1"
@@ -220,7 +221,9 @@ class PackedStream:
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         samples = [self.next_sample() for _ in range(self.spec.micro_batch_size)]
-        return {key: torch.from_numpy(np.stack([s[key] for s in samples])) for key in samples[0]}
+        batch = {key: torch.from_numpy(np.stack([s[key] for s in samples])) for key in samples[0]}
+        batch["facts"] = batch_facts(batch, self.spec.family)  # read here, so the forward reads no device value
+        return batch
 
     def state_dict(self) -> dict:
         visits, consumed = self.packer.buffered_documents()

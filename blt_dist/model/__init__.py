@@ -15,10 +15,12 @@ from torch import nn
 
 from blt_dist.config.model import ModelConfig
 from blt_dist.errors import ConfigError
-from blt_dist.model.blt import BLT, patch_layout
+from blt_dist.model.attention import BatchFacts, SequenceFacts
+from blt_dist.model.blt import BLT, blt_batch_facts, patch_layout
 from blt_dist.model.transformer import CausalLM
 
-__all__ = ["BLT", "CausalLM", "ModelConfig", "build_model", "model_inputs", "patch_layout"]
+__all__ = ["BLT", "BatchFacts", "CausalLM", "ModelConfig", "batch_facts", "build_model", "model_inputs",
+           "patch_layout"]
 
 
 def build_model(model_cfg: ModelConfig) -> nn.Module:
@@ -37,7 +39,17 @@ def build_model(model_cfg: ModelConfig) -> nn.Module:
 
 def model_inputs(batch: dict, family: str, device) -> tuple:
     """The forward's arguments from a loader batch (the model's input contract): a BLT takes
-    byte ids, patch lengths and document ids; the LMs take ids and document ids."""
+    byte ids, patch lengths and document ids; the LMs take ids and document ids. Both take the
+    batch's layout facts when the loader made them (batch["facts"], see batch_facts)."""
+    facts = (batch["facts"],) if "facts" in batch else ()
     if family == "blt":
-        return batch["tokens"].to(device), batch["patch_lengths"].to(device), batch["doc_ids"].to(device)
-    return batch["tokens"].to(device), batch["doc_ids"].to(device)
+        return batch["tokens"].to(device), batch["patch_lengths"].to(device), batch["doc_ids"].to(device), *facts
+    return batch["tokens"].to(device), batch["doc_ids"].to(device), *facts
+
+
+def batch_facts(batch: dict, family: str) -> BatchFacts:
+    """The layout facts of a batch of host tensors, which the attention set-up would otherwise
+    read from device tensors in every forward (a host sync each on a GPU)."""
+    if family == "blt":
+        return blt_batch_facts(batch["patch_lengths"], batch["doc_ids"])
+    return BatchFacts(SequenceFacts.of(batch["doc_ids"]))

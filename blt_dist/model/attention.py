@@ -38,6 +38,7 @@ zeros with zero gradient, in every mode.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -119,39 +120,96 @@ class DenseCrossAttention:
 
 
 # ---------------------------------------------------------------------------------------------
+# Layout facts: what the kernel choice reads from doc_ids, known before the forward
+
+
+@dataclass(frozen=True)
+class SequenceFacts:
+    """Facts about one [B, T] doc_ids tensor that decide the self-attention kernel. Reading them
+    from a device tensor in the forward is a host sync per attention set-up (on a GPU, a stall
+    that empties the launch queue), so the loader computes them on its host copy of the batch
+    (`model.batch_facts`) and they travel with it. Without them (evaluation, pipeline stages)
+    the set-up reads the tensors itself."""
+
+    one_document: bool  # every row is one document (no padding): no document mask at all
+    runs: bool  # every document is one contiguous run of its row (the loaders' packing)
+    cu_seqlens: torch.Tensor  # int32 [N + 1], host: the runs, cut at row ends (flash's sequences)
+    longest: int  # the longest run
+    first_key: torch.Tensor  # int64 [T], host: each position's document start, lowest over the rows
+
+    @classmethod
+    def of(cls, doc_ids: torch.Tensor) -> "SequenceFacts":
+        cu_seqlens, longest = run_sequences(doc_ids)
+        return cls(bool((doc_ids == doc_ids[:, :1]).all()), documents_are_runs(doc_ids), cu_seqlens, longest,
+                   document_starts(doc_ids).amin(dim=0))
+
+
+@dataclass(frozen=True)
+class BatchFacts:
+    """A batch's layout facts: its positions (bytes or tokens) and, for a BLT, its latent
+    patch sequence and longest patch (the pooling gather's width)."""
+
+    positions: SequenceFacts
+    patches: Optional[SequenceFacts] = None
+    longest_patch: Optional[int] = None
+
+
+def document_starts(doc_ids: torch.Tensor) -> torch.Tensor:
+    """[B, T]: the position where each position's document (run of equal ids) starts."""
+    positions = torch.arange(doc_ids.shape[1], device=doc_ids.device)
+    run_start = torch.ones_like(doc_ids, dtype=torch.bool)
+    run_start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return torch.where(run_start, positions, 0).cummax(dim=1).values
+
+
+def run_sequences(doc_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(cu_seqlens int32 [N + 1], longest sequence): runs of equal doc ids, cut at row ends."""
+    run_start = torch.ones_like(doc_ids, dtype=torch.bool)
+    run_start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]  # column 0 starts a run in every row
+    starts = run_start.flatten().nonzero().flatten()
+    bounds = torch.cat([starts, starts.new_tensor([doc_ids.numel()])])
+    return bounds.to(torch.int32), int((bounds[1:] - bounds[:-1]).max())
+
+
+# ---------------------------------------------------------------------------------------------
 # Self-attention
 
 
 def self_attention(mode: str, length: int, doc_ids: Optional[torch.Tensor], window: Optional[int],
-                   device) -> Kernel:
+                   device, facts: Optional[SequenceFacts] = None) -> Kernel:
     """The kernel for causal self-attention over `length` positions (see the module docstring).
 
     doc_ids [B, length] (None: one document per row); documents are contiguous runs of equal
-    ids, as the loaders make them (a row where an id comes back after another runs dense)."""
+    ids, as the loaders make them (a row where an id comes back after another runs dense).
+    facts: doc_ids' SequenceFacts, read on the host (None: read here, a host sync on a GPU)."""
     mode = resolve_mode(mode, device)
     if mode == "dense":
         return DenseSelfAttention(self_attention_mask(length, doc_ids, window, device))
     if window is not None and window >= length:
         window = None  # a window the row cannot exceed changes nothing
-    if doc_ids is not None and bool((doc_ids == doc_ids[:, :1]).all()):
+    if doc_ids is not None and (facts.one_document if facts else bool((doc_ids == doc_ids[:, :1]).all())):
         doc_ids = None  # every row is one document: no document mask needed
     if mode == "flex":
         return FlexSelfAttention(length, doc_ids, window, device)
     if mode == "flash" and (doc_ids is not None or window is not None):
-        if doc_ids is None or documents_are_runs(doc_ids):  # flash's sequences are runs of ids
-            return FlashSelfAttention(length, doc_ids, window, device)
+        if doc_ids is None or _are_runs(doc_ids, facts):  # flash's sequences are runs of ids
+            return FlashSelfAttention(length, doc_ids, window, device, facts)
     # blocked, and flash without documents or window: is_causal SDPA is the flash kernel on GPU.
-    return blocked_self_attention(length, doc_ids, window, device)
+    return blocked_self_attention(length, doc_ids, window, device, facts)
 
 
 def blocked_self_attention(length: int, doc_ids: Optional[torch.Tensor], window: Optional[int],
-                           device) -> Kernel:
+                           device, facts: Optional[SequenceFacts] = None) -> Kernel:
     """is_causal SDPA where nothing but causality applies, else the blocked kernel."""
     if doc_ids is None and window is None:
         return CausalSelfAttention()
-    if doc_ids is not None and not documents_are_runs(doc_ids):
+    if doc_ids is not None and not _are_runs(doc_ids, facts):
         return DenseSelfAttention(self_attention_mask(length, doc_ids, window, device))
-    return BlockedSelfAttention(length, doc_ids, window, query_block(length), device)
+    return BlockedSelfAttention(length, doc_ids, window, query_block(length), device, facts)
+
+
+def _are_runs(doc_ids: torch.Tensor, facts: Optional[SequenceFacts]) -> bool:
+    return facts.runs if facts is not None else documents_are_runs(doc_ids)
 
 
 def documents_are_runs(doc_ids: torch.Tensor) -> bool:
@@ -192,18 +250,22 @@ class BlockedSelfAttention:
     full-length gradient per slice.
     """
 
-    def __init__(self, length: int, doc_ids: Optional[torch.Tensor], window: Optional[int], block: int, device):
+    def __init__(self, length: int, doc_ids: Optional[torch.Tensor], window: Optional[int], block: int, device,
+                 facts: Optional[SequenceFacts] = None):
+        """facts: doc_ids' SequenceFacts, whose host copy of the document starts lets the key
+        ranges be planned without reading the device (None: read from doc_ids)."""
         self.block = block
         positions = torch.arange(length, device=device)
-        first_key = positions.new_zeros(1, length)
-        if doc_ids is not None:
-            run_start = torch.ones_like(doc_ids, dtype=torch.bool)
-            run_start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-            first_key = torch.where(run_start, positions, 0).cummax(dim=1).values  # each one's document start
+        if doc_ids is None:
+            first_key = torch.zeros(length, dtype=torch.long)
+        elif facts is not None:
+            first_key = facts.first_key
+        else:
+            first_key = document_starts(doc_ids).amin(dim=0)  # the lowest over the rows
         if window is not None:
-            first_key = first_key.clamp(min=positions - window + 1)
+            first_key = first_key.clamp(min=torch.arange(length, device=first_key.device) - window + 1)
         # first_key never decreases along a row: a block's first query has the block's lowest.
-        self.first_block = (first_key[:, ::block].amin(dim=0) // block).tolist()
+        self.first_block = (first_key.cpu()[::block] // block).tolist()
         self.masks = []  # per query block: [B or 1, 1, its queries, its keys]
         for i, first in enumerate(self.first_block):
             queries, keys = slice(i * block, (i + 1) * block), slice(first * block, (i + 1) * block)
@@ -289,10 +351,13 @@ class FlashSelfAttention:
     Flash kernels exist for fp16/bf16 only: fp32 inputs (and a torch without varlen) take the
     blocked path, which is exact too."""
 
-    def __init__(self, length: int, doc_ids: Optional[torch.Tensor], window: Optional[int], device):
+    def __init__(self, length: int, doc_ids: Optional[torch.Tensor], window: Optional[int], device,
+                 facts: Optional[SequenceFacts] = None):
         self.length, self.doc_ids, self.window, self.device = length, doc_ids, window, device
         self._fallback: Optional[Kernel] = None
         self._sequences: Optional[tuple] = None
+        if facts is not None:  # runs cut at row ends: also right when doc_ids was dropped as one per row
+            self._sequences = (facts.cu_seqlens.to(device, non_blocking=True), facts.longest)
 
     def sequences(self, batch: int) -> tuple[torch.Tensor, int]:
         """(cu_seqlens int32 [N + 1], longest sequence): runs of equal doc ids, cut at row ends."""
@@ -300,11 +365,7 @@ class FlashSelfAttention:
             doc_ids = self.doc_ids
             if doc_ids is None:
                 doc_ids = torch.zeros(batch, self.length, dtype=torch.long, device=self.device)
-            run_start = torch.ones_like(doc_ids, dtype=torch.bool)
-            run_start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]  # column 0 starts a run in every row
-            starts = run_start.flatten().nonzero().flatten()
-            bounds = torch.cat([starts, starts.new_tensor([doc_ids.numel()])])
-            self._sequences = (bounds.to(torch.int32), int((bounds[1:] - bounds[:-1]).max()))
+            self._sequences = run_sequences(doc_ids)
         return self._sequences
 
     def __call__(self, q, k, v):
@@ -381,7 +442,7 @@ class PatchReadAttention:
 
 
 def patch_pool_attention(mode: str, byte_patch: torch.Tensor, patch_starts: torch.Tensor,
-                         patch_lengths: torch.Tensor, k: int) -> Kernel:
+                         patch_lengths: torch.Tensor, k: int, longest_patch: Optional[int] = None) -> Kernel:
     """Encoder pooling: query slot s (patch s // k) reads exactly the bytes of its patch
     (byte_patch == s // k; byte_patch is P for padding bytes). Empty patches read nothing."""
     mode = resolve_mode(mode, byte_patch.device)
@@ -389,16 +450,20 @@ def patch_pool_attention(mode: str, byte_patch: torch.Tensor, patch_starts: torc
         num_patches = patch_lengths.shape[1]
         query_patch = torch.arange(num_patches, device=byte_patch.device).repeat_interleave(k)
         return DenseCrossAttention(byte_patch[:, None, None, :] == query_patch[None, None, :, None])
-    return PatchPoolAttention(patch_starts, patch_lengths, byte_patch.shape[1], k)
+    return PatchPoolAttention(patch_starts, patch_lengths, byte_patch.shape[1], k, longest_patch)
 
 
 class PatchPoolAttention:
     """Each patch's k queries read its bytes, gathered as patch_start + arange(L) with L the
     longest patch in the batch (<= max_patch_length): O(P k L), keys [B, P, L]."""
 
-    def __init__(self, patch_starts: torch.Tensor, patch_lengths: torch.Tensor, capacity: int, k: int):
+    def __init__(self, patch_starts: torch.Tensor, patch_lengths: torch.Tensor, capacity: int, k: int,
+                 longest: Optional[int] = None):
+        """longest: the batch's longest patch, read on the host by the loader (None: read here)."""
         self.k = k
-        longest = max(int(patch_lengths.max()), 1) if patch_lengths.numel() else 1
+        if longest is None:
+            longest = int(patch_lengths.max()) if patch_lengths.numel() else 1
+        longest = max(longest, 1)
         offsets = torch.arange(longest, device=patch_lengths.device)
         self.byte_index = (patch_starts[..., None] + offsets).clamp(max=capacity - 1)  # [B, P, L]
         valid = (offsets < patch_lengths[..., None]) & (patch_starts[..., None] + offsets < capacity)

@@ -50,6 +50,8 @@ from torch import nn
 
 from blt_dist.config.model import ModelConfig
 from blt_dist.model.attention import (
+    BatchFacts,
+    SequenceFacts,
     every_key_attention,
     patch_pool_attention,
     patch_read_attention,
@@ -134,11 +136,13 @@ class LocalEncoder(nn.Module):
         self.pool_attention.init_weights(std, std)
         init_linear(self.patch_proj, std)
 
-    def forward(self, tokens: torch.Tensor, doc_ids: torch.Tensor, layout: PatchLayout):
+    def forward(self, tokens: torch.Tensor, doc_ids: torch.Tensor, layout: PatchLayout,
+                facts: Optional[BatchFacts] = None):
         enc, k = self.cfg.encoder, self.cfg.cross_attn_k
         batch, capacity = tokens.shape
         h = self.byte_embedding(tokens) + self.hash_embeddings(tokens, doc_ids)
-        attention = self_attention(self.cfg.attention, capacity, doc_ids, enc.window, tokens.device)
+        attention = self_attention(self.cfg.attention, capacity, doc_ids, enc.window, tokens.device,
+                                   facts.positions if facts else None)
         rope = rotary_cos_sin(capacity, enc.dim // enc.n_heads, self.cfg.rope_theta, tokens.device)
         for block in self.layers:
             h = block(h, attention, rope)
@@ -151,7 +155,7 @@ class LocalEncoder(nn.Module):
         queries = self.pool_query(pooled).reshape(batch, num_patches * k, enc.dim)
         # Query slot s belongs to patch s // k and sees exactly that patch's bytes.
         pooling = patch_pool_attention(self.cfg.attention, layout.byte_patch, layout.patch_starts,
-                                       layout.patch_lengths, k)
+                                       layout.patch_lengths, k, facts.longest_patch if facts else None)
         queries = self.pool_attention(queries, h, pooling)
         patch_states = self.patch_proj(queries.reshape(batch, num_patches, k * enc.dim))
         return patch_states, h
@@ -204,13 +208,14 @@ class LocalDecoder(nn.Module):
         init_linear(self.output, self.cfg.decoder.dim ** -0.5)
 
     def forward(self, patch_states: torch.Tensor, byte_states: torch.Tensor, doc_ids: torch.Tensor,
-                layout: PatchLayout) -> torch.Tensor:
+                layout: PatchLayout, facts: Optional[BatchFacts] = None) -> torch.Tensor:
         dec, k = self.cfg.decoder, self.cfg.cross_attn_k
         batch, capacity, _ = byte_states.shape
         num_patches = layout.num_patches
         memory = self.patch_proj(self.latent_norm(patch_states)).reshape(batch, num_patches * k, dec.dim)
         reading = patch_read_attention(self.cfg.attention, layout.read_patch, layout.can_read, num_patches, k)
-        attention = self_attention(self.cfg.attention, capacity, doc_ids, dec.window, doc_ids.device)
+        attention = self_attention(self.cfg.attention, capacity, doc_ids, dec.window, doc_ids.device,
+                                   facts.positions if facts else None)
         rope = rotary_cos_sin(capacity, dec.dim // dec.n_heads, self.cfg.rope_theta, doc_ids.device)
         h = byte_states
         for cross, block in zip(self.cross_attentions, self.layers):
@@ -258,26 +263,31 @@ class BLT(nn.Module):
 
     # -- stages ----------------------------------------------------------------------------------
 
-    def encode(self, tokens: torch.Tensor, patch_lengths: torch.Tensor, doc_ids: torch.Tensor):
+    def encode(self, tokens: torch.Tensor, patch_lengths: torch.Tensor, doc_ids: torch.Tensor,
+               facts: Optional[BatchFacts] = None):
         """-> (patch_states [B, P, D], byte_states [B, C, d_local], patch_lengths, doc_ids)."""
         layout = patch_layout(patch_lengths, doc_ids)
-        patch_states, byte_states = self.encoder(tokens, doc_ids, layout)
+        patch_states, byte_states = self.encoder(tokens, doc_ids, layout, facts)
         return patch_states, byte_states, patch_lengths, doc_ids
 
-    def latent_mask_and_rope(self, patch_lengths: torch.Tensor, doc_ids: torch.Tensor) -> tuple:
-        return latent_mask_and_rope(self.cfg, patch_lengths, doc_ids)
+    def latent_mask_and_rope(self, patch_lengths: torch.Tensor, doc_ids: torch.Tensor,
+                             facts: Optional[BatchFacts] = None) -> tuple:
+        return latent_mask_and_rope(self.cfg, patch_lengths, doc_ids, facts)
 
     def decode(self, patch_states: torch.Tensor, byte_states: torch.Tensor, patch_lengths: torch.Tensor,
-               doc_ids: torch.Tensor) -> torch.Tensor:
+               doc_ids: torch.Tensor, facts: Optional[BatchFacts] = None) -> torch.Tensor:
         """-> logits [B, C, 260]; byte i predicts byte i+1."""
-        return self.decoder(patch_states, byte_states, doc_ids, patch_layout(patch_lengths, doc_ids))
+        return self.decoder(patch_states, byte_states, doc_ids, patch_layout(patch_lengths, doc_ids), facts)
 
-    def forward(self, tokens: torch.Tensor, patch_lengths: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
-        patch_states, byte_states, patch_lengths, doc_ids = self.encode(tokens, patch_lengths, doc_ids)
-        mask, rope = self.latent_mask_and_rope(patch_lengths, doc_ids)
+    def forward(self, tokens: torch.Tensor, patch_lengths: torch.Tensor, doc_ids: torch.Tensor,
+                facts: Optional[BatchFacts] = None) -> torch.Tensor:
+        """facts: the loader's layout facts of the batch (model.batch_facts), so that setting up
+        attention reads no device value; None: read from the tensors."""
+        patch_states, byte_states, patch_lengths, doc_ids = self.encode(tokens, patch_lengths, doc_ids, facts)
+        mask, rope = self.latent_mask_and_rope(patch_lengths, doc_ids, facts)
         for block in self.latent:
             patch_states = block(patch_states, mask, rope)
-        return self.decode(patch_states, byte_states, patch_lengths, doc_ids)
+        return self.decode(patch_states, byte_states, patch_lengths, doc_ids, facts)
 
     # -- incremental decoding (one document, one byte at a time) --------------------------------
 
@@ -320,7 +330,8 @@ class BLTCache:
     memory: Optional[torch.Tensor] = None  # [1, k, d]: the latest completed patch, as the decoder reads it
 
 
-def latent_mask_and_rope(cfg: ModelConfig, patch_lengths: torch.Tensor, doc_ids: torch.Tensor) -> tuple:
+def latent_mask_and_rope(cfg: ModelConfig, patch_lengths: torch.Tensor, doc_ids: torch.Tensor,
+                         facts: Optional[BatchFacts] = None) -> tuple:
     """The latent blocks' attention (causal over patches, never across documents) and rotary
     tables; a function of the config so that pipeline stages, which hold blocks but not the
     BLT, rebuild the same ones from the layout tensors they carry."""
@@ -328,12 +339,24 @@ def latent_mask_and_rope(cfg: ModelConfig, patch_lengths: torch.Tensor, doc_ids:
     num_patches, device = layout.num_patches, doc_ids.device
     patch_doc = layout.patch_doc
     if resolve_mode(cfg.attention, device) != "dense":
-        # Empty patches (trailing, document -1) are never read by a byte (see patch_layout), so
-        # what the latent computes for them cannot reach a logit or a gradient. Letting them
-        # join the row's last document turns a one-document row into plain causal attention
-        # (no mask); the dense reference keeps them apart.
-        last_doc = patch_doc.gather(1, ((patch_doc >= 0).sum(1, keepdim=True) - 1).clamp(min=0))
-        patch_doc = torch.where(patch_doc >= 0, patch_doc, last_doc)
-    attention = self_attention(cfg.attention, num_patches, patch_doc, cfg.attention_window, device)
+        patch_doc = latent_patch_doc(patch_doc)
+    attention = self_attention(cfg.attention, num_patches, patch_doc, cfg.attention_window, device,
+                               facts.patches if facts else None)
     rope = rotary_cos_sin(num_patches, cfg.dim // cfg.n_heads, cfg.rope_theta, device)
     return attention, rope
+
+
+def latent_patch_doc(patch_doc: torch.Tensor) -> torch.Tensor:
+    """The latent's document of each patch, outside the dense reference. Empty patches (trailing,
+    document -1) are never read by a byte (see patch_layout), so what the latent computes for
+    them cannot reach a logit or a gradient. Letting them join the row's last document turns a
+    one-document row into plain causal attention (no mask); the dense reference keeps them apart."""
+    last_doc = patch_doc.gather(1, ((patch_doc >= 0).sum(1, keepdim=True) - 1).clamp(min=0))
+    return torch.where(patch_doc >= 0, patch_doc, last_doc)
+
+
+def blt_batch_facts(patch_lengths: torch.Tensor, doc_ids: torch.Tensor) -> BatchFacts:
+    """A BLT batch's layout facts, from its host tensors (the loader calls this per batch)."""
+    patch_doc = latent_patch_doc(patch_layout(patch_lengths, doc_ids).patch_doc)
+    longest = int(patch_lengths.max()) if patch_lengths.numel() else 1
+    return BatchFacts(SequenceFacts.of(doc_ids), SequenceFacts.of(patch_doc), longest)

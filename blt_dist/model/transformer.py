@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from blt_dist.config.model import ModelConfig
-from blt_dist.model.attention import self_attention
+from blt_dist.model.attention import BatchFacts, self_attention
 from blt_dist.model.layers import (
     RMSNorm,
     StackCache,
@@ -61,20 +61,22 @@ class CausalLM(nn.Module):
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.tok_embeddings(tokens)
 
-    def mask_and_rope(self, length: int, doc_ids: Optional[torch.Tensor], device) -> tuple:
-        return lm_mask_and_rope(self.cfg, length, doc_ids, device)
+    def mask_and_rope(self, length: int, doc_ids: Optional[torch.Tensor], device,
+                      facts: Optional[BatchFacts] = None) -> tuple:
+        return lm_mask_and_rope(self.cfg, length, doc_ids, device, facts)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         return self.output(self.norm(h))
 
-    def forward(self, tokens: torch.Tensor, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, doc_ids: Optional[torch.Tensor] = None,
+                facts: Optional[BatchFacts] = None) -> torch.Tensor:
         """tokens, doc_ids: [B, T] -> logits [B, T, vocab]. Position i predicts token i+1.
 
         Padding (doc id -1 from the loaders) is its own document, so it never reaches a real
         position; without doc_ids, padding at the end is harmless because attention is causal.
         """
         h = self.embed(tokens)
-        attention, rope = self.mask_and_rope(tokens.shape[1], doc_ids, tokens.device)
+        attention, rope = self.mask_and_rope(tokens.shape[1], doc_ids, tokens.device, facts)
         for block in self.blocks:
             h = block(h, attention, rope)
         return self.head(h)
@@ -100,9 +102,12 @@ class CausalLM(nn.Module):
         return h
 
 
-def lm_mask_and_rope(cfg: ModelConfig, length: int, doc_ids: Optional[torch.Tensor], device) -> tuple:
+def lm_mask_and_rope(cfg: ModelConfig, length: int, doc_ids: Optional[torch.Tensor], device,
+                     facts: Optional[BatchFacts] = None) -> tuple:
     """The blocks' attention kernel and rotary tables; a function of the config so that pipeline
-    stages (parallel/pipeline.py), which hold blocks but not the CausalLM, rebuild the same ones."""
-    attention = self_attention(cfg.attention, length, doc_ids, cfg.attention_window, device)
+    stages (parallel/pipeline.py), which hold blocks but not the CausalLM, rebuild the same ones.
+    facts: the loader's layout facts of the batch (model.batch_facts), or None."""
+    attention = self_attention(cfg.attention, length, doc_ids, cfg.attention_window, device,
+                               facts.positions if facts else None)
     rope = rotary_cos_sin(length, cfg.dim // cfg.n_heads, cfg.rope_theta, device)
     return attention, rope
