@@ -92,6 +92,10 @@ class TrainConfig:
     # bytes (0 = every document), the documents `compare` scores with its default --eval-bytes
     eval_bytes: int = 60000
     max_nonfinite_steps: int = 5  # consecutive NaN/inf losses before aborting
+    # deterministic GPU kernels (torch.use_deterministic_algorithms, cuBLAS workspace): a resumed
+    # run then repeats the uninterrupted one bit for bit on a GPU too, at some speed. CPU runs are
+    # deterministic without it.
+    deterministic: bool = False
 
 
 @dataclass

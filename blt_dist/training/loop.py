@@ -97,6 +97,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def use_deterministic_kernels() -> None:
+    """Deterministic kernels where torch has them (a warning names any op without one). cuBLAS
+    reads its workspace setting when its first handle is made, at the first matmul: in time."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+
+
 def drop_metrics_after(run_dir: Path, step: int) -> int:
     """Rewrites metrics.jsonl without the records of steps after `step` (rank 0, on resume).
     A run killed between a log line and its next checkpoint resumes from an earlier step and
@@ -284,6 +292,8 @@ def set_up(cfg: Config, env, run_dir: Path) -> Run:
         (run_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=2) + "\n")
         (run_dir / "provenance.json").write_text(json.dumps(origin, indent=2) + "\n")
 
+    if cfg.train.deterministic:
+        use_deterministic_kernels()
     seed_everything(cfg.run.seed)  # identical initial weights on every rank
     pipelined = cfg.parallel.pipeline_stages > 1
     if pipelined:
