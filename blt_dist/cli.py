@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "entropies": ("blt_dist.data.entropies", "run an entropy model over byte shards -> entropy shards"),
     "calibrate": ("blt_dist.data.calibrate", "find the entropy threshold that hits a target mean patch size"),
     "tokenizer": ("blt_dist.data.tokenizer", "train a sentencepiece BPE tokenizer on byte shards"),
+    "verify": ("blt_dist.data.verify", "check a dataset: indexes, shard hashes, documents; --stamp adds hashes to an old one"),
     "export": ("blt_dist.training.export", "consolidate a (ZeRO-sharded or pipelined) checkpoint into one safetensors file"),
     "eval": ("blt_dist.evaluation.evaluate", "bits per byte of a checkpoint on shards or text files"),
     "patch": ("blt_dist.data.patch_cli", "show how a text is cut into patches"),

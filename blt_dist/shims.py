@@ -171,7 +171,7 @@ def bf16_optimizer_fragments(optim_states: dict) -> list[dict]:
 # mosaicml-streaming
 
 
-def local_mds_writer(out_dir: str, columns: dict, shard_size):
+def local_mds_writer(out_dir: str, columns: dict, shard_size, hashes: list[str] | None = None):
     """An MDSWriter for a local directory, without the 1 s stall at finish().
 
     MDSWriter._write_index (streaming 0.13) polls its upload queue with sleep(1) before writing
@@ -195,7 +195,7 @@ def local_mds_writer(out_dir: str, columns: dict, shard_size):
             with open(os.path.join(self.local, get_index_basename()), "w") as f:
                 json.dump({"version": 2, "shards": self.shards}, f, sort_keys=True)
 
-    return LocalMDSWriter(out=str(out_dir), columns=columns, size_limit=shard_size)
+    return LocalMDSWriter(out=str(out_dir), columns=columns, size_limit=shard_size, hashes=hashes)
 
 
 # ---------------------------------------------------------------------------------------------

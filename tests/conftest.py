@@ -16,6 +16,7 @@ def _isolated_tmpdir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("libtmp")
     old = os.environ.get("TMPDIR")
     os.environ["TMPDIR"] = str(tmp)
+    os.environ["BLT_DIST_CACHE"] = str(tmp / "blt-dist-cache")  # shard stamps: not in the user's home
     yield
     if old is None:
         os.environ.pop("TMPDIR", None)

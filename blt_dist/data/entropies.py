@@ -80,7 +80,17 @@ from tqdm import tqdm
 
 from blt_dist import shims
 from blt_dist.data.loader import ENTROPY_FORMAT
-from blt_dist.data.shards import COLUMNS, MANIFEST, ByteDataset, StreamHash, iter_stream, verify_stream
+from blt_dist.data.shards import (
+    COLUMNS,
+    MANIFEST,
+    SHARD_HASHES,
+    ByteDataset,
+    StreamHash,
+    index_digest,
+    iter_stream,
+    verify_shard,
+    verify_stream,
+)
 from blt_dist.errors import UserError
 from blt_dist.hardware import bf16_is_native
 from blt_dist.model.weights import WEIGHTS, export_info, file_sha256, load_export
@@ -360,7 +370,7 @@ class ShardTask:
 def list_shards(dataset: ByteDataset) -> list[ShardTask]:
     tasks = []
     for stream in dataset.streams():
-        for index, info in enumerate(verify_stream(stream.path)["shards"]):
+        for index, info in enumerate(verify_stream(stream.path, dataset.index_sha256(stream))["shards"]):
             tasks.append(ShardTask(len(tasks), stream.split, stream.content_type, index, stream.path, info))
     return tasks
 
@@ -450,6 +460,9 @@ def write_part(task: ShardTask, model, window: int, out: Path, batch_positions: 
     if tmp.exists():  # left by a crashed run of this part: never published, safe to discard
         shutil.rmtree(tmp)
     tmp.parent.mkdir(parents=True, exist_ok=True)
+    # the input is checked (sha256: this job is long, the hash is not) before its bytes are passed
+    # on: a corrupt shard would otherwise leave here under a fresh, valid hash
+    verify_shard(task.stream_dir, task.info["raw_data"], None, f"{task.stream_dir}", algo="sha256")
     reader = reader_from_json(str(task.stream_dir), None, task.info)
     written_bytes, written_entropies = StreamHash(), hashlib.sha256()
     documents = nbytes = 0
@@ -475,7 +488,7 @@ def write_part(task: ShardTask, model, window: int, out: Path, batch_positions: 
             bar.update(len(sample["data"]))
 
     try:
-        writer = shims.local_mds_writer(tmp, ENTROPY_COLUMNS, shard_size)
+        writer = shims.local_mds_writer(tmp, ENTROPY_COLUMNS, shard_size, SHARD_HASHES)
         group, positions = [], 0
         for i in range(reader.samples):
             sample = reader.get_item(i)
@@ -556,6 +569,7 @@ def _merge(out: Path, dataset: ByteDataset, tasks: list[ShardTask], job: dict) -
             "shards": len(shards),
             "parts": len(streams.get(key, [])),
             "entropies_sha256": entropies_sha256,
+            "index_sha256": index_digest(out / stream.split / stream.content_type),
         }
         fingerprint_lines.append(f"{stream.split}/{stream.content_type}:{entropies_sha256}")
     manifest = {

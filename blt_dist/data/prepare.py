@@ -36,9 +36,11 @@ from blt_dist.data.shards import (
     COLUMNS,
     FORMAT,
     MANIFEST,
+    SHARD_HASHES,
     ByteDataset,
     StreamHash,
     dataset_fingerprint,
+    index_digest,
     iter_stream,
     publish,
 )
@@ -184,7 +186,7 @@ def prepare(
                     key = (split_of(doc.data, val_fraction, split_seed), doc.content_type)
                     if key not in writers:
                         writers[key] = MDSWriter(
-                            out=str(tmp / key[0] / key[1]), columns=COLUMNS, size_limit=shard_size
+                            out=str(tmp / key[0] / key[1]), columns=COLUMNS, size_limit=shard_size, hashes=SHARD_HASHES
                         )
                     writers[key].write({"data": doc.data, "doc": counts[key][0], "source": doc.source})
                     hashes[key].add_document(doc.data)
@@ -223,6 +225,7 @@ def _manifest(tmp: Path, counts, hashes, val_fraction: float, split_seed: int, i
             "bytes": nbytes,
             "shards": len(index["shards"]),
             "sha256": hashes[(split, ctype)].hexdigest(),
+            "index_sha256": index_digest(tmp / split / ctype),  # the root of trust for the shards' hashes
         }
     return {
         "format": FORMAT,

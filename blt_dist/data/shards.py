@@ -13,6 +13,15 @@ One MDS sample per document, columns:
 The fingerprint is a sha256 over every stream's (split, content type) and its documents' bytes
 in order. Later
 stages store it (entropy shards, checkpoints) and refuse to mix data from different datasets.
+
+Verified shards. The manifest is the root of trust: it records each stream's index.json sha256,
+each index records its shards' xxh3_64 and sha256 (mosaicml-streaming's `hashes`). Opening a
+dataset checks the indexes against the manifest; a reader checks every shard's xxh3_64 (2 ms per
+64 MB) before its first sample is used, once per node: a stamp under $BLT_DIST_CACHE (default
+~/.cache/blt-dist) keyed by the dataset fingerprint, the shard's size, mtime and hash lets other
+ranks, workers and runs skip the re-hash. `blt-dist verify DIR` checks everything (sha256 too);
+`--stamp` adds the hashes to a dataset written before they existed, after checking its documents
+against the manifest's per-stream sha256.
 """
 from __future__ import annotations
 
@@ -31,8 +40,11 @@ from blt_dist.errors import UserError
 
 FORMAT = "blt-dist/byte-shards/v1"
 MANIFEST = "dataset.json"
+INDEX = "index.json"
 SPLITS = ("train", "val")
 COLUMNS = {"data": "bytes", "doc": "int64", "source": "str"}
+SHARD_HASHES = ["sha256", "xxh3_64"]  # sorted, as MDSWriter requires
+READ_HASH = "xxh3_64"  # what every reader checks; sha256 is for `blt-dist verify` and other tools
 
 
 class StreamHash:
@@ -89,7 +101,17 @@ class ByteDataset:
         self.fingerprint: str = self.manifest["fingerprint"]
         if verify:
             for stream in self.streams():
-                verify_stream(stream.path)
+                verify_stream(stream.path, self.index_sha256(stream))
+
+    def index_sha256(self, stream: "StreamInfo") -> str:
+        """The stream's index.json sha256 from the manifest; a dataset written before verified
+        shards has none and is refused, with the command that checks it and adds them."""
+        digest = self.manifest["splits"][stream.split][stream.content_type].get("index_sha256")
+        if digest is None:
+            raise UserError(f"{self.root}: written before shard hashes, so its shards cannot be verified; "
+                            f"run `blt-dist verify {self.root} --stamp` (checks every document against the "
+                            "manifest's sha256, then records the hashes)")
+        return digest
 
     def streams(self, split: str | None = None) -> list[StreamInfo]:
         out = []
@@ -112,7 +134,7 @@ class ByteDataset:
     def documents(self, split: str) -> Iterator[tuple[str, dict]]:
         """Yields (content_type, sample) for every document of a split, in stored order."""
         for stream in self.streams(split):
-            for sample in iter_stream(stream.path):
+            for sample in iter_stream(stream.path, self.index_sha256(stream), self.fingerprint):
                 yield stream.content_type, sample
 
 
@@ -134,7 +156,10 @@ class SplitReader:
         self._shard_starts = []  # per stream: first document id of each shard
         stream_sizes = []
         for stream in self.streams:
-            index = verify_stream(stream.path)
+            index = verify_stream(stream.path, dataset.index_sha256(stream))
+            for info in index["shards"]:  # before any sample is used; once per node (a stamp)
+                verify_shard(stream.path, info["raw_data"], dataset.fingerprint,
+                             f"{dataset.root}: stream {stream.split}/{stream.content_type}")
             readers = [reader_from_json(str(stream.path), None, info) for info in index["shards"]]
             counts = [r.samples for r in readers]
             if sum(counts) != stream.documents:
@@ -159,14 +184,19 @@ class SplitReader:
         return self.streams[stream].content_type, sample
 
 
-def verify_stream(stream_dir: Path) -> dict:
-    """Checks an MDS stream directory: index.json present and parsable, every shard file present
-    with the size the index records. Returns the parsed index. Raises UserError naming the file."""
-    index_path = stream_dir / "index.json"
+def verify_stream(stream_dir: Path, index_sha256: str | None = None) -> dict:
+    """Checks an MDS stream directory: index.json present, parsable and (given the manifest's
+    digest) the one the manifest names, every shard file present with the size the index
+    records. Returns the parsed index. Raises UserError naming the file."""
+    index_path = stream_dir / INDEX
     if not index_path.is_file():
         raise UserError(f"{stream_dir}: shard directory without index.json (incomplete or not an MDS dataset)")
+    raw = index_path.read_bytes()
+    if index_sha256 is not None and hashlib.sha256(raw).hexdigest() != index_sha256:
+        raise UserError(f"{index_path}: sha256 {hashlib.sha256(raw).hexdigest()}, the manifest says {index_sha256} "
+                        "(the index changed after the dataset was written: re-copy or re-prepare it)")
     try:
-        index = json.loads(index_path.read_text())
+        index = json.loads(raw)
         shards = index["shards"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
         raise UserError(f"{index_path}: unreadable MDS index ({err})") from err
@@ -183,17 +213,76 @@ def verify_stream(stream_dir: Path) -> dict:
     return index
 
 
-def iter_stream(stream_dir: Path) -> Iterator[dict]:
+def iter_stream(stream_dir: Path, index_sha256: str | None = None, fingerprint: str | None = None,
+                check_shards: bool = True) -> Iterator[dict]:
     """Reads one MDS stream in order, without the streaming dataset machinery (no shared memory,
-    no cache copy): for offline tools that walk every document once."""
+    no cache copy): for offline tools that walk every document once. Each shard is verified
+    before it is read (check_shards=False: the caller checks the documents themselves)."""
     # lazy: `import streaming` costs 2 s over torch (measured); generate, patch and eval --files never read a shard
     from streaming.base.format import reader_from_json
 
-    index = verify_stream(stream_dir)
+    index = verify_stream(stream_dir, index_sha256)
     for shard_info in index["shards"]:
+        if check_shards:
+            verify_shard(stream_dir, shard_info["raw_data"], fingerprint, str(stream_dir))
         reader = reader_from_json(str(stream_dir), None, shard_info)
         for i in range(reader.samples):
             yield reader.get_item(i)
+
+
+def file_digest(path: Path, algo: str) -> str:
+    """Hex digest of a whole file, as mosaicml-streaming's get_hash gives it for the same bytes."""
+    import xxhash  # lazy: a dependency of mosaicml-streaming, only shard checks need it
+
+    digest = getattr(xxhash, algo)() if algo.startswith("xxh") else hashlib.new(algo)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def stamp_root() -> Path:
+    return Path(os.environ.get("BLT_DIST_CACHE") or Path.home() / ".cache" / "blt-dist") / "verified"
+
+
+def verify_shard(stream_dir: Path, info: dict, fingerprint: str | None, where: str, algo: str = READ_HASH) -> None:
+    """Checks one shard file (`info`: its index entry's raw_data) against the hash its index
+    records, unless this node already did for the same file (a stamp keyed by the dataset
+    fingerprint, the file's size and mtime and the expected hash). Raises UserError naming the
+    dataset and stream (`where`), the shard and both hashes."""
+    path = stream_dir / info["basename"]
+    expected = (info.get("hashes") or {}).get(algo)
+    if expected is None:
+        raise UserError(f"{where}: shard {info['basename']} has no {algo} in its index (written before shard "
+                        "hashes; `blt-dist verify DATASET --stamp` adds them)")
+    stat = path.stat()
+    key = f"{stat.st_size} {stat.st_mtime_ns} {algo}:{expected}\n"
+    stamp = None
+    if fingerprint is not None:
+        name = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32]
+        stamp = stamp_root() / fingerprint / name
+        try:
+            if stamp.read_text() == key:
+                return
+        except OSError:
+            pass
+    actual = file_digest(path, algo)
+    if actual != expected:
+        raise UserError(f"{where}: shard {info['basename']} ({path}) is corrupt: {algo} {actual}, its index says "
+                        f"{expected}; re-copy or re-prepare the dataset")
+    if stamp is not None:
+        try:
+            stamp.parent.mkdir(parents=True, exist_ok=True)
+            tmp = stamp.with_name(f".{stamp.name}.{os.getpid()}")
+            tmp.write_text(key)
+            os.replace(tmp, stamp)
+        except OSError:
+            pass  # a read-only home: every open re-hashes, nothing is trusted without a check
+
+
+def index_digest(stream_dir: Path) -> str:
+    """The sha256 the manifest records for a stream's index.json."""
+    return hashlib.sha256((stream_dir / INDEX).read_bytes()).hexdigest()
 
 
 def publish(tmp_dir: Path, final_dir: Path) -> None:
