@@ -87,6 +87,8 @@ class SweepSpec:
     flops: List[float] = field(default_factory=list)
     flops_per_size: Dict[str, List[float]] = field(default_factory=dict)
     seeds: List[int] = field(default_factory=lambda: [0])
+    # BLT mean patch sizes (bytes/patch) for the fixed-inference-cost axis (issue #21, item 1)
+    patch_sizes: List[float] = field(default_factory=list)
     overrides: Dict[str, List[str]] = field(default_factory=dict)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     launch_per_size: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # size -> launch.* keys
@@ -165,6 +167,8 @@ def load_sweep(path: Path, cli_overrides: list[str] = ()) -> SweepSpec:
             raise ConfigError(f"overrides.{key}", f"{path}: expected 'all' or a family ({', '.join(FAMILIES)})")
     if not 0 < spec.estimate.mfu <= 1:
         raise ConfigError("estimate.mfu", f"{path}: expected a fraction in (0, 1], got {spec.estimate.mfu}")
+    if spec.patch_sizes:
+        _check_patch_sizes(spec, path)
     # The command line comes last: it wins over the grid file's overrides, family ones included.
     for item in cli_overrides:
         family, sep, rest = item.partition(":")
@@ -175,6 +179,21 @@ def load_sweep(path: Path, cli_overrides: list[str] = ()) -> SweepSpec:
         else:
             spec.command_line.setdefault("all", []).append(item)
     return spec
+
+
+def _check_patch_sizes(spec: SweepSpec, path: Path) -> None:
+    """Refuse, before anything runs, a patch size no threshold can give: a patch holds 1 to
+    max_patch_length bytes, so the mean over the entropies lies in [1, max_patch_length] whatever
+    the threshold (the exact reachable range needs the entropies: `blt-dist calibrate` reports it)."""
+    if "blt" not in spec.families:
+        raise ConfigError("patch_sizes", f"{path}: patch sizes are a BLT axis, but the sweep has no blt family")
+    for size in spec.sizes:
+        longest = load_config(CONFIGS / "blt" / f"{size}.yaml", spec.overrides_for("blt")).data.patching.max_patch_length
+        for i, target in enumerate(spec.patch_sizes):
+            if not 1 <= target <= longest:
+                raise ConfigError(f"patch_sizes[{i}]", f"{path}: a mean patch size of {target:g} bytes cannot be reached "
+                                  f"by any threshold for BLT {size}: patches hold 1 to data.patching.max_patch_length="
+                                  f"{longest} bytes, so their mean lies in [1, {longest}]")
 
 
 def _launch_overrides(launch: LaunchConfig) -> list[str]:
@@ -192,6 +211,11 @@ def _budget_name(budget: float) -> str:
 
 def plan(spec: SweepSpec) -> list[PlannedRun]:
     """Every run's resolved config, in grid order (size, family, budget, seed)."""
+    if spec.patch_sizes:
+        # Refused rather than planned with the grid file's threshold: a run labelled with a patch size
+        # it was not calibrated to would be a wrong result, not a missing one.
+        raise UserError("patch_sizes: planning runs per patch size (threshold calibrated per size, latent resized to "
+                        "the BPE twin's inference FLOPs/byte) is not implemented yet (issue #21, item 1)")
     out = Path(spec.out).resolve()
     runs = []
     for size in spec.sizes:

@@ -308,3 +308,18 @@ def test_continue_resubmits_from_the_run_directory_with_new_resources(tmp_path):
     assert "#SBATCH --time=30" in result.stdout and str(run_dir / "code") in result.stdout
     both = run_cli("launch", "configs/blt/tiny.yaml", "--continue", str(run_dir))
     assert both.returncode == 1 and "not a config file" in both.stderr
+
+
+def test_unreachable_patch_size_is_refused_with_the_reason(tmp_path):
+    from launch.sweep import load_sweep
+
+    # tiny BLT: max_patch_length=16, so no threshold gives a mean of 40 bytes per patch
+    with pytest.raises(ConfigError, match=r"patch_sizes\[1\].*40 bytes.*max_patch_length=16"):
+        load_sweep(write_grid(tmp_path, patch_sizes=[4.5, 40]))
+    with pytest.raises(ConfigError, match=r"patch_sizes\[0\].*0.5 bytes"):
+        load_sweep(write_grid(tmp_path, patch_sizes=[0.5]))
+    with pytest.raises(ConfigError, match="no blt family"):
+        load_sweep(write_grid(tmp_path, families=["bpe"], patch_sizes=[4.5]))
+    # a longer cap makes 40 reachable in principle: the check reads the overridden config
+    spec = load_sweep(write_grid(tmp_path, patch_sizes=[40], overrides={"blt": ["data.patching.max_patch_length=48"]}))
+    assert spec.patch_sizes == [40]
