@@ -1,0 +1,103 @@
+"""`blt-dist export RUN --hf OUT`: a run (or a project export) as a transformers directory that
+`AutoModelForCausalLM.from_pretrained(OUT)` loads with no custom code.
+
+bpe and byte runs become LlamaForCausalLM (plus, for bpe, the run's sentencepiece model as a
+LlamaTokenizer). A run HF cannot express exactly is refused with every difference listed: an
+approximate export would score differently from the run it claims to be.
+Without --hf this is the project's own export (training/export.py), unchanged.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from blt_dist.config import Config, load_config
+from blt_dist.config.model import ModelConfig
+from blt_dist.interop import InteropError, hf_llama
+from blt_dist.model.weights import WEIGHTS
+from blt_dist.training import checkpoint
+from blt_dist.training import export as project_export
+
+# What BltForCausalLM (transformers 4.57) computes differently from the project's BLT; no
+# weight mapping fixes these (see issue 20 for the measurements).
+BLT_DIFFERENCES = (
+    "hash n-grams: HF/Meta hash raw ids by sum_j x[i-n+1+j]*1000000007**j (int64), no document reset; "
+    "the project hashes (x+1)*1000003**k mod 2**31-1, reset per document",
+    "cross-attention residual: HF/Meta add it twice (q + (q + attn)); the project once",
+    "latent_norm: the project normalises before the latent-to-decoder projection; HF has none",
+    "encoder-to-latent projection: HF drops it when cross_attn_k * encoder_dim == latent_dim; the project keeps it",
+    "first patch: HF forces BOS alone in the first patch; the project's patcher does not",
+    "local attention windows and document masks: HF attends causally over the whole input",
+)
+
+
+def differences(m: ModelConfig) -> list[str]:
+    if m.family == "blt":
+        return list(BLT_DIFFERENCES)
+    if m.family == "entropy":
+        return [f"family 'entropy' (sliding window {m.attention_window}): it ships inside a BLT's patcher, "
+                "not as a standalone LlamaForCausalLM"]
+    return hf_llama.differences(m)
+
+
+def write_hf(state: dict[str, torch.Tensor], cfg: Config, out_dir: str | Path) -> Path:
+    """Writes config.json + model.safetensors (+ tokenizer) into out_dir; raises InteropError
+    naming every difference when HF cannot express the model exactly."""
+    found = differences(cfg.model)
+    if found:
+        raise InteropError(f"cannot export a {cfg.model.family} run to transformers exactly: " + "; ".join(found))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous()
+               for k, v in hf_llama.to_hf_state(state, cfg.model).items()}
+    # transformers reads the "format" metadata to know these are torch tensors.
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(hf_llama.hf_config_dict(cfg.model), indent=2) + "\n")
+    (out_dir / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}, indent=2) + "\n")
+    if cfg.model.family == "bpe" and cfg.data.tokenizer and Path(cfg.data.tokenizer).is_file():
+        write_bpe_tokenizer(Path(cfg.data.tokenizer), out_dir)
+    return out_dir
+
+
+def write_bpe_tokenizer(model_file: Path, out_dir: Path) -> None:
+    """The run's sentencepiece model as a LlamaTokenizer (slow, sentencepiece-backed: it encodes
+    as the project does, no conversion to a fast tokenizer)."""
+    shutil.copyfile(model_file, out_dir / "tokenizer.model")
+    (out_dir / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": True,
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "sp_model_kwargs": {},
+    }, indent=2) + "\n")
+
+
+def read_state(source: Path, step: int | None) -> tuple[dict[str, torch.Tensor], Config]:
+    """A project export directory, or a run directory's checkpoint (newest complete by default)."""
+    if (source / WEIGHTS).is_file() and (source / "config.yaml").is_file() and step is None:
+        return load_file(str(source / WEIGHTS)), load_config(source / "config.yaml")
+    if not (source / "config.yaml").is_file():
+        raise InteropError(f"{source}: not a run directory or model export (no config.yaml)")
+    found = checkpoint.newest_complete(source) if step is None else (
+        checkpoint.checkpoint_root(source) / checkpoint.tag_for(step),)
+    if found is None:
+        raise InteropError(f"{source}: no complete checkpoint to export")
+    return checkpoint.consolidated_state_dict(found[0]), load_config(source / "config.yaml")
+
+
+def add_arguments(parser) -> None:
+    project_export.add_arguments(parser)
+    parser.add_argument("--hf", default=None, metavar="OUT",
+                        help="write a transformers directory instead (LlamaForCausalLM for bpe/byte runs; "
+                             "RUN_DIR may also be a model export)")
+
+
+def run(args) -> int:
+    if args.hf is None:
+        return project_export.run(args)
+    state, cfg = read_state(Path(args.run_dir), args.step)
+    out = write_hf(state, cfg, args.hf)
+    print(f"{args.run_dir} -> {out} ({hf_llama.HF_ARCHITECTURE})")
+    return 0
