@@ -14,7 +14,13 @@ from blt_dist.config import Config
 from blt_dist.config.model import ModelConfig
 from blt_dist.evaluation.generate import ByteLMDecoder, Sampling, TokenLMDecoder, generate
 from blt_dist.interop import InteropError
-from blt_dist.interop.hf_export import BLT_DIFFERENCES, write_hf
+from blt_dist.interop.hf_export import (
+    ALWAYS_DIFFERENT,
+    BLT_DIFFERENCES,
+    HASH_DIFFERENCE,
+    LATENT_NORM_DIFFERENCE,
+    write_hf,
+)
 from blt_dist.interop.hf_import import convert
 from blt_dist.model import build_model
 from blt_dist.model.weights import load_export
@@ -136,6 +142,7 @@ def test_bpe_export_carries_a_tokenizer_transformers_loads(tmp_path):
 def test_refused_export_names_each_difference(tmp_path, family):
     cfg = Config()
     cfg.model = ModelConfig(family=family, dim=32, n_layers=1, n_heads=2)
+    cfg.model.encoder.dim = cfg.model.decoder.dim = 16  # 2 * 16 == 32: HF would drop the projection
     with pytest.raises(InteropError) as err:
         write_hf({}, cfg, tmp_path / "hf")
     if family == "blt":
@@ -144,6 +151,18 @@ def test_refused_export_names_each_difference(tmp_path, family):
     else:
         assert "sliding window 512" in str(err.value)
     assert not (tmp_path / "hf").exists()
+
+
+def test_a_meta_layout_blt_is_refused_only_for_what_remains():
+    cfg = Config()
+    cfg.model = ModelConfig(family="blt", dim=32, n_layers=1, n_heads=2, layout="meta")
+    cfg.model.encoder.window = None
+    with pytest.raises(InteropError) as err:
+        write_hf({}, cfg, "unused")
+    message = str(err.value)
+    assert HASH_DIFFERENCE not in message and LATENT_NORM_DIFFERENCE not in message
+    assert "encoder window" not in message and "decoder window 512" in message
+    assert all(difference in message for difference in ALWAYS_DIFFERENT)
 
 
 def bad_dirs(tmp_path):

@@ -22,22 +22,44 @@ from blt_dist.model.weights import WEIGHTS
 from blt_dist.training import checkpoint
 from blt_dist.training import export as project_export
 
-# What BltForCausalLM (transformers 4.57) computes differently from the project's BLT; no
-# weight mapping fixes these (see issue 20 for the measurements).
-BLT_DIFFERENCES = (
-    "hash n-grams: HF/Meta hash raw ids by sum_j x[i-n+1+j]*1000000007**j (int64), no document reset; "
-    "the project hashes (x+1)*1000003**k mod 2**31-1, reset per document",
-    "cross-attention residual: HF/Meta add it twice (q + (q + attn)); the project once",
-    "latent_norm: the project normalises before the latent-to-decoder projection; HF has none",
-    "encoder-to-latent projection: HF drops it when cross_attn_k * encoder_dim == latent_dim; the project keeps it",
+# What BltForCausalLM (transformers 4.57) computes differently from a BLT of this project, by the
+# config switch that decides it (see issue 20 for the measurements). The first four are removed by
+# `model.layout=meta`; the rest are not built yet, so every BLT is refused today.
+HASH_DIFFERENCE = ("hash n-grams: HF/Meta hash raw ids by sum_j x[i-n+1+j]*1000000007**j (int64); this run hashes "
+                   "(x+1)*1000003**k mod 2**31-1 (model.hash.function=meta)")
+RESIDUAL_DIFFERENCE = "cross-attention residual: HF/Meta add it twice (q + (q + attn)) (model.double_residual=true)"
+LATENT_NORM_DIFFERENCE = ("latent_norm: HF/Meta have no norm before the latent-to-decoder projection "
+                          "(model.latent_norm=false)")
+PROJECTION_DIFFERENCE = ("encoder-to-latent projection: HF drops it when cross_attn_k * encoder.dim == dim "
+                         "(model.encoder_projection=null with model.layout=meta)")
+ALWAYS_DIFFERENT = (
+    "decoder read: HF reads the previous patch by a one-patch lag from patch_lengths, this project the latest "
+    "completed patch (no exporter for that layout yet)",
     "first patch: HF forces BOS alone in the first patch; the project's patcher does not",
-    "local attention windows and document masks: HF attends causally over the whole input",
+    "patcher: the entropy model is not converted to HF's BltPatcher yet",
 )
+BLT_DIFFERENCES = (HASH_DIFFERENCE, RESIDUAL_DIFFERENCE, LATENT_NORM_DIFFERENCE, PROJECTION_DIFFERENCE) + ALWAYS_DIFFERENT
+
+
+def blt_differences(m: ModelConfig) -> list[str]:
+    found = []
+    if m.hash_function != "meta":
+        found.append(HASH_DIFFERENCE)
+    if not m.uses_double_residual:
+        found.append(RESIDUAL_DIFFERENCE)
+    if m.uses_latent_norm:
+        found.append(LATENT_NORM_DIFFERENCE)
+    if m.uses_encoder_projection != (m.cross_attn_k * m.encoder.dim != m.dim):
+        found.append(PROJECTION_DIFFERENCE)
+    for name, window in (("encoder", m.encoder.window), ("decoder", m.decoder.window), ("latent", m.window)):
+        if window is not None:
+            found.append(f"{name} window {window}: HF attends causally over the whole input")
+    return found + list(ALWAYS_DIFFERENT)
 
 
 def differences(m: ModelConfig) -> list[str]:
     if m.family == "blt":
-        return list(BLT_DIFFERENCES)
+        return blt_differences(m)
     if m.family == "entropy":
         return [f"family 'entropy' (sliding window {m.attention_window}): it ships inside a BLT's patcher, "
                 "not as a standalone LlamaForCausalLM"]
