@@ -100,6 +100,11 @@ def test_hf_model_imports_with_equal_logits(tmp_path):
     ours, cfg = load_export(tmp_path / "export")
     assert cfg.model.family == "byte" and cfg.model.norm_eps == 1e-6
     assert max_logit_difference(ours, hf, 260) < 1e-4
+    # The import is an export the project's commands read.
+    (tmp_path / "doc.txt").write_bytes(DOCUMENTS[0])
+    assert main(["eval", "--model", str(tmp_path / "export"), "--files", str(tmp_path / "doc.txt")]) == 0
+    assert main(["generate", "--model", str(tmp_path / "export"), "--prompt", "ab", "--greedy",
+                 "--max-bytes", "4"]) == 0
 
 
 def test_greedy_generation_from_the_export_equals_the_project(tmp_path):
