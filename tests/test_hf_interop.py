@@ -206,3 +206,22 @@ def test_bad_input_is_one_line_and_exit_status_2(tmp_path, capsys):
         assert main(["import-hf", str(path), "--out", str(tmp_path / "out")]) == 2, case
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, (case, err)
+
+
+def test_export_command_writes_hf_from_an_export_and_refuses_a_blt(tmp_path, capsys):
+    model, cfg = project_model("byte", 260, 32, 1, 4, None, 10000.0)
+    save_export(model.state_dict(), cfg, tmp_path / "export")
+    assert main(["export", str(tmp_path / "export"), "--hf", str(tmp_path / "hf")]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert max_logit_difference(model, hf, 260) < 1e-4
+
+    blt = Config()
+    blt.model = ModelConfig(family="blt", dim=32, n_layers=1, n_heads=2)
+    blt.model.encoder.dim = blt.model.decoder.dim = 16
+    blt.model.hash.buckets = 16
+    save_export(build_model(blt.model).state_dict(), blt, tmp_path / "blt")
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "blt"), "--hf", str(tmp_path / "blt-hf")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and all(difference in err for difference in BLT_DIFFERENCES)
+    assert not (tmp_path / "blt-hf").exists()
