@@ -111,9 +111,12 @@ def test_greedy_generation_from_the_export_equals_the_project(tmp_path):
     model, cfg = project_model("byte", 260, 32, 2, 4, 2, 10000.0, seed=5)
     write_hf(model.state_dict(), cfg, tmp_path / "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    prompt = "Grüße, ".encode()
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    prompt = "Grüße, 東京 🙂 ".encode()
     ours = generate(ByteLMDecoder(model), prompt, 24, Sampling(greedy=True))
     ids = torch.from_numpy(encode_document(prompt)[:-1])[None]
+    assert tok(prompt.decode(), return_tensors="pt").input_ids.tolist() == ids.tolist()
+    assert tok.decode(ids[0, 1:]) == prompt.decode()
     # The project never picks PAD, BOS or the reserved id; ban them in HF too.
     out = hf.generate(ids, max_new_tokens=len(ours.tokens) - ours.prompt_tokens, do_sample=False,
                       bad_words_ids=[[0], [1], [3]], eos_token_id=2, pad_token_id=0)

@@ -2,7 +2,7 @@
 `AutoModelForCausalLM.from_pretrained(OUT)` loads with no custom code.
 
 bpe and byte runs become LlamaForCausalLM (plus, for bpe, the run's sentencepiece model as a
-LlamaTokenizer). A run HF cannot express exactly is refused with every difference listed: an
+LlamaTokenizer; for byte runs a byte-level fast tokenizer over the project's byte ids). A run HF cannot express exactly is refused with every difference listed: an
 approximate export would score differently from the run it claims to be.
 Without --hf this is the project's own export (training/export.py), unchanged.
 """
@@ -21,6 +21,7 @@ from blt_dist.interop import InteropError, hf_llama
 from blt_dist.model.weights import WEIGHTS
 from blt_dist.training import checkpoint
 from blt_dist.training import export as project_export
+from blt_dist.vocab import BOS_ID, DELIM_ID, EOS_ID, OFFSET, PAD_ID
 
 # What BltForCausalLM (transformers 4.57) computes differently from a BLT of this project, by the
 # config switch that decides it (see issue 20 for the measurements). The first four are removed by
@@ -83,7 +84,42 @@ def write_hf(state: dict[str, torch.Tensor], cfg: Config, out_dir: str | Path) -
         {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}, indent=2) + "\n")
     if cfg.model.family == "bpe" and cfg.data.tokenizer and Path(cfg.data.tokenizer).is_file():
         write_bpe_tokenizer(Path(cfg.data.tokenizer), out_dir)
+    elif cfg.model.family == "byte":
+        write_byte_tokenizer(out_dir)
     return out_dir
+
+
+def gpt2_byte_chars() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (what tokenizers' ByteLevel pre-tokenizer emits)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def write_byte_tokenizer(out_dir: Path) -> None:
+    """A fast tokenizer (tokenizer.json, no custom code) over the project's byte ids: byte b -> b + 4,
+    BOS (1) prepended, EOS 2, PAD 0. It takes text, so it encodes valid UTF-8 only; invalid bytes
+    go to the model as ids directly."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors  # lazy: ~0.3 s, --hf byte runs only
+
+    vocab = {"<pad>": PAD_ID, "<s>": BOS_ID, "</s>": EOS_ID, "<delim>": DELIM_ID}
+    vocab.update({char: b + OFFSET for b, char in gpt2_byte_chars().items()})
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))  # no merges: one id per byte
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS_ID)])
+    tokenizer.add_special_tokens(["<pad>", "<s>", "</s>", "<delim>"])
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    (out_dir / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
+    }, indent=2) + "\n")
 
 
 def write_bpe_tokenizer(model_file: Path, out_dir: Path) -> None:
