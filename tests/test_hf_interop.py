@@ -228,3 +228,11 @@ def test_export_command_writes_hf_from_an_export_and_refuses_a_blt(tmp_path, cap
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and all(difference in err for difference in BLT_DIFFERENCES)
     assert not (tmp_path / "blt-hf").exists()
+
+
+def test_byte_tokenizer_table_is_gpt2s():
+    from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
+
+    from blt_dist.interop.hf_export import gpt2_byte_chars
+
+    assert gpt2_byte_chars() == bytes_to_unicode()

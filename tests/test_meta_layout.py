@@ -77,3 +77,12 @@ def test_meta_cached_steps_equal_the_full_forward(encoder_dim):
         stepped = torch.cat([model.step(int(t), i in ends, cache)[0] for i, t in enumerate(tokens[0])])
     assert layout.num_patches == len(lengths)
     assert (stepped - full).abs().max().item() < 1e-5
+
+
+def test_switches_that_cannot_hold_are_config_errors():
+    problems = dict(blt_config("meta", 8, encoder_projection=False).validate())
+    assert "cross_attn_k * encoder.dim = 16 != dim = 32" in problems["model.encoder_projection"]
+    project = blt_config("project", 16)
+    project.hash.functions = 2
+    assert "model.hash.functions" in dict(project.validate())
+    assert "model.layout" in dict(blt_config("llama", 16).validate())
