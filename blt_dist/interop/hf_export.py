@@ -34,10 +34,10 @@ LATENT_NORM_DIFFERENCE = ("latent_norm: HF/Meta have no norm before the latent-t
 PROJECTION_DIFFERENCE = ("encoder-to-latent projection: HF drops it when cross_attn_k * encoder.dim == dim "
                          "(model.encoder_projection=null with model.layout=meta)")
 ALWAYS_DIFFERENT = (
-    "decoder read: HF reads the previous patch by a one-patch lag from patch_lengths, this project the latest "
-    "completed patch (no exporter for that layout yet)",
-    "first patch: HF forces BOS alone in the first patch; the project's patcher does not",
-    "patcher: the entropy model is not converted to HF's BltPatcher yet",
+    "first patch: HF forces BOS alone in the first patch and reads the previous patch by a one-patch lag of "
+    "patch_lengths, which is the project's latest-completed-patch rule only then; the project's patcher does not "
+    "force it yet",
+    "patcher: the entropy model is not converted to HF's BltPatcher yet, and no BltForCausalLM key mapping exists",
 )
 BLT_DIFFERENCES = (HASH_DIFFERENCE, RESIDUAL_DIFFERENCE, LATENT_NORM_DIFFERENCE, PROJECTION_DIFFERENCE) + ALWAYS_DIFFERENT
 
