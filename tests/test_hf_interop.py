@@ -236,3 +236,37 @@ def test_byte_tokenizer_table_is_gpt2s():
     from blt_dist.interop.hf_export import gpt2_byte_chars
 
     assert gpt2_byte_chars() == bytes_to_unicode()
+
+
+@pytest.mark.parametrize("encoder_dim", [16, 8], ids=["k*enc==dim", "with-projection"])
+def test_meta_layout_blt_equals_hf_blt_given_the_patches(encoder_dim):
+    """The meta layout computes what BltForCausalLM computes, for patch lengths with BOS alone and
+    a trailing empty patch (what HF's patcher produces); no windows (HF has none)."""
+    from transformers.models.blt.configuration_blt import BltConfig
+
+    from blt_dist.config.model import HashEmbeddingConfig, LocalModelConfig
+    from blt_dist.interop.hf_blt import hf_blt_config_kwargs, to_hf_blt_state
+
+    m = ModelConfig(family="blt", dim=32, n_layers=2, n_heads=4, n_kv_heads=2, layout="meta", cross_attn_k=2,
+                    rope_theta=500000.0, encoder=LocalModelConfig(dim=encoder_dim, n_layers=1, n_heads=2, window=None),
+                    decoder=LocalModelConfig(dim=encoder_dim, n_layers=2, n_heads=2, window=None),
+                    hash=HashEmbeddingConfig(ngram_sizes=[3, 4, 5], buckets=64, functions=2))
+    torch.manual_seed(0)
+    ours = build_model(m).eval()
+    kwargs = hf_blt_config_kwargs(m)
+    kwargs["patcher_config"] = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    hf = transformers.BltForCausalLM(BltConfig(**kwargs)).eval()
+    missing, unexpected = hf.load_state_dict(to_hf_blt_state(ours.state_dict(), m), strict=False)
+    assert not unexpected and all(name.startswith("model.patcher.") for name in missing)
+    g = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for ids in token_rows(260):
+        lengths = [1]  # BOS alone
+        while sum(lengths) < ids.numel():
+            lengths.append(min(int(torch.randint(1, 5, (1,), generator=g)), ids.numel() - sum(lengths)))
+        patch_lengths = torch.tensor([lengths + [0]])
+        with torch.no_grad():
+            a = ours(ids[None], patch_lengths, torch.zeros_like(ids[None]))
+            b = hf(ids[None], patch_lengths=patch_lengths).logits
+        worst = max(worst, (a - b).abs().max().item())
+    assert worst < 1e-4
