@@ -159,7 +159,8 @@ def _blt_components(m: ModelConfig, R: float, n: float, enc_ctx: float, dec_ctx:
     enc, dec = m.encoder, m.decoder
     return {
         "encoder": R * enc.n_layers * block_flops(d, enc.n_heads, enc.n_heads, m.ffn_hidden(d), enc_ctx),
-        "encoder_cross_attention": n * (linear(d, k * d) + 2 * k * linear(d, d) + linear(k * d, D))
+        "encoder_cross_attention": n * (linear(d, k * d) + 2 * k * linear(d, d)
+                                        + (linear(k * d, D) if m.uses_encoder_projection else 0.0))
         + R * 2 * linear(d, d) + n * k * 4.0 * d * pool_keys,
         "global": n * m.n_layers * block_flops(D, m.n_heads, m.kv_heads, m.ffn_hidden(D), lat_ctx),
         "decoder_cross_attention": n * linear(D, k * d)

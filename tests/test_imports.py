@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("parallel", ("blt_dist.parallel",)),
     ("evaluation", ("blt_dist.evaluation",)),
     ("training", ("blt_dist.training",)),
+    ("interop", ("blt_dist.interop",)),
     ("bench", ("blt_dist.bench",)),
     ("launch", ("launch",)),
     ("commands", ("blt_dist.cli", "blt_dist.demo")),

@@ -58,8 +58,10 @@ CONFIGS = {
 
 
 def tiny_config(family: str, pipeline_stages: int = 1):
-    path, overrides = CONFIGS[family]
-    return load_config(REPO / path, [*overrides, f"parallel.pipeline_stages={pipeline_stages}"])
+    """family "blt-meta": the tiny BLT in the HF/Meta layout (no encoder projection at its widths)."""
+    path, overrides = CONFIGS[family.split("-")[0]]
+    layout = ["model.layout=meta", "model.hash.functions=2"] if family == "blt-meta" else []
+    return load_config(REPO / path, [*overrides, *layout, f"parallel.pipeline_stages={pipeline_stages}"])
 
 
 def synthetic_batches(cfg, count: int, seed: int) -> list[dict]:
@@ -127,9 +129,10 @@ def world_of_one():
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "act-ckpt"])
-@pytest.mark.parametrize("family", ["blt", "bpe"])
+@pytest.mark.parametrize("family", ["blt", "blt-meta", "bpe"])
 def test_twin_matches_plain_model(world_of_one, family, checkpointing):
     cfg = tiny_config(family)
+    family = cfg.model.family
     pipe = build_pipeline(cfg.model, 1, checkpointing, SEED, SampleShape.from_data(cfg.data))
     torch.manual_seed(SEED)
     model = build_model(cfg.model)
@@ -149,7 +152,7 @@ def test_twin_matches_plain_model(world_of_one, family, checkpointing):
         torch.testing.assert_close(pipe_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
-@pytest.mark.parametrize("family", ["blt", "bpe"])
+@pytest.mark.parametrize("family", ["blt", "blt-meta", "bpe"])
 def test_state_dict_names_round_trip(world_of_one, family):
     cfg = tiny_config(family)
     pipe = build_pipeline(cfg.model, 1, False, SEED)

@@ -32,7 +32,9 @@ MODEL_FAMILIES = ("entropy", "blt", "bpe", "byte")
 BYTE_VOCAB_FAMILIES = ("entropy", "blt", "byte")  # models over the 260-entry byte vocabulary
 # How attention is computed (blt_dist/model/attention.py); every mode gives the same results.
 ATTENTION_MODES = ("auto", "dense", "blocked", "flex", "flash")
-ENTROPY_DEFAULT_WINDOW = 512  # the reference entropy model's sliding window (bytes)
+ENTROPY_DEFAULT_WINDOW = 512
+BLT_LAYOUTS = ("project", "meta")
+HASH_FUNCTIONS = ("project", "meta")  # the reference entropy model's sliding window (bytes)
 
 
 @dataclass
@@ -51,6 +53,10 @@ class HashEmbeddingConfig:
 
     ngram_sizes: List[int] = field(default_factory=lambda: [3, 4, 5, 6, 7, 8])
     buckets: int = 500_000  # rows per n-gram size; at 500k these tables dominate the params
+    # project: (x+1) * 1000003**k mod 2**31-1; meta: HF/Meta's sum_j x[i-n+1+j] * prime**j in
+    # int64 (model/hash_embeddings.py). None: the model's layout decides.
+    function: Optional[str] = None
+    functions: int = 1  # meta only: hash functions per n (Meta's encoder_hash_byte_group_nb_functions)
 
 
 @dataclass
@@ -77,6 +83,32 @@ class ModelConfig:
     cross_attn_k: int = 2  # latent queries per patch in the encoder's cross-attention pooling
     hash: HashEmbeddingConfig = field(default_factory=HashEmbeddingConfig)
     bpe_vocab_size: int = 128_000  # vocabulary of the FLOP-matched BPE baseline (flops.py)
+    # BLT layout: "project" (this repo's BLT) or "meta" (what transformers' BltForCausalLM and
+    # Meta's checkpoints compute). Each switch below left at None takes the layout's choice.
+    layout: str = "project"
+    double_residual: Optional[bool] = None  # cross-attentions add q twice: q + (q + attn) (meta)
+    latent_norm: Optional[bool] = None  # RMSNorm before the latent-to-decoder projection (project)
+    encoder_projection: Optional[bool] = None  # None: project always; meta only when k * encoder.dim != dim
+
+    # -- the layout's resolved switches ------------------------------------------------------
+
+    @property
+    def hash_function(self) -> str:
+        return self.hash.function or ("meta" if self.layout == "meta" else "project")
+
+    @property
+    def uses_double_residual(self) -> bool:
+        return self.double_residual if self.double_residual is not None else self.layout == "meta"
+
+    @property
+    def uses_latent_norm(self) -> bool:
+        return self.latent_norm if self.latent_norm is not None else self.layout != "meta"
+
+    @property
+    def uses_encoder_projection(self) -> bool:
+        if self.encoder_projection is not None:
+            return self.encoder_projection
+        return self.layout != "meta" or self.cross_attn_k * self.encoder.dim != self.dim
 
     # -- derived shapes (used by the model and the FLOP counter alike) --------------------
 
@@ -140,6 +172,15 @@ class ModelConfig:
             bad("hash.ngram_sizes", f"distinct sizes >= 2 (n=1 is the byte embedding), got {sizes}")
         if self.hash.buckets <= 0:
             bad("hash.buckets", f"a positive bucket count, got {self.hash.buckets}")
+        if self.layout not in BLT_LAYOUTS:
+            bad("layout", f"one of {', '.join(BLT_LAYOUTS)}, got {self.layout!r}")
+        if self.hash.function is not None and self.hash.function not in HASH_FUNCTIONS:
+            bad("hash.function", f"one of {', '.join(HASH_FUNCTIONS)}, got {self.hash.function!r}")
+        if self.hash.functions < 1 or (self.hash.functions > 1 and self.hash_function != "meta"):
+            bad("hash.functions", f"1, or more with the meta hash, got {self.hash.functions}")
+        if not self.uses_encoder_projection and self.cross_attn_k * self.encoder.dim != self.dim:
+            bad("encoder_projection", f"true: cross_attn_k * encoder.dim = {self.cross_attn_k * self.encoder.dim} "
+                                      f"!= dim = {self.dim}, so the patch states need a projection")
         if self.bpe_vocab_size < 8:
             bad("bpe_vocab_size", f"the matched BPE vocabulary size (>= 8), got {self.bpe_vocab_size}")
         return problems

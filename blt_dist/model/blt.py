@@ -115,7 +115,8 @@ class LocalEncoder(nn.Module):
         enc, k = cfg.encoder, cfg.cross_attn_k
         self.cfg = cfg
         self.byte_embedding = nn.Embedding(VOCAB_SIZE, enc.dim)
-        self.hash_embeddings = HashNgramEmbeddings(cfg.hash.ngram_sizes, cfg.hash.buckets, enc.dim)
+        self.hash_embeddings = HashNgramEmbeddings(cfg.hash.ngram_sizes, cfg.hash.buckets, enc.dim,
+                                                   cfg.hash_function, cfg.hash.functions)
         self.layers = nn.ModuleList(
             TransformerBlock(enc.dim, enc.n_heads, cfg.ffn_hidden(enc.dim), eps=cfg.norm_eps)
             for _ in range(enc.n_layers)
@@ -123,8 +124,9 @@ class LocalEncoder(nn.Module):
         # Patch pooling: k queries per patch from the max-pool of its bytes, one cross-attention
         # over the patch's bytes, then the k outputs concatenated and projected to the latent width.
         self.pool_query = nn.Linear(enc.dim, k * enc.dim, bias=False)
-        self.pool_attention = CrossAttentionBlock(enc.dim, enc.n_heads, cfg.norm_eps)
-        self.patch_proj = nn.Linear(k * enc.dim, cfg.dim, bias=False)
+        self.pool_attention = CrossAttentionBlock(enc.dim, enc.n_heads, cfg.norm_eps, cfg.uses_double_residual)
+        # The meta layout has no projection when the k outputs already make the latent width.
+        self.patch_proj = nn.Linear(k * enc.dim, cfg.dim, bias=False) if cfg.uses_encoder_projection else nn.Identity()
 
     def init_weights(self) -> None:
         std, n = self.cfg.init_std, self.cfg.encoder.n_layers
@@ -134,7 +136,8 @@ class LocalEncoder(nn.Module):
             block.init_weights(std, residual_std(std, n))
         init_linear(self.pool_query, std)
         self.pool_attention.init_weights(std, std)
-        init_linear(self.patch_proj, std)
+        if isinstance(self.patch_proj, nn.Linear):
+            init_linear(self.patch_proj, std)
 
     def forward(self, tokens: torch.Tensor, doc_ids: torch.Tensor, layout: PatchLayout,
                 facts: Optional[BatchFacts] = None):
@@ -185,10 +188,11 @@ class LocalDecoder(nn.Module):
         super().__init__()
         dec, k = cfg.decoder, cfg.cross_attn_k
         self.cfg = cfg
-        self.latent_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.latent_norm = RMSNorm(cfg.dim, cfg.norm_eps) if cfg.uses_latent_norm else nn.Identity()  # meta: none
         self.patch_proj = nn.Linear(cfg.dim, k * dec.dim, bias=False)  # patch -> k byte-width vectors
         self.cross_attentions = nn.ModuleList(
-            CrossAttentionBlock(dec.dim, dec.n_heads, cfg.norm_eps) for _ in range(dec.n_layers)
+            CrossAttentionBlock(dec.dim, dec.n_heads, cfg.norm_eps, cfg.uses_double_residual)
+            for _ in range(dec.n_layers)
         )
         self.layers = nn.ModuleList(
             TransformerBlock(dec.dim, dec.n_heads, cfg.ffn_hidden(dec.dim), eps=cfg.norm_eps)
@@ -199,7 +203,8 @@ class LocalDecoder(nn.Module):
 
     def init_weights(self) -> None:
         std, n = self.cfg.init_std, self.cfg.decoder.n_layers
-        self.latent_norm.reset_parameters()
+        if isinstance(self.latent_norm, RMSNorm):
+            self.latent_norm.reset_parameters()
         init_linear(self.patch_proj, std)
         for cross, block in zip(self.cross_attentions, self.layers):
             cross.init_weights(std, residual_std(std, n))

@@ -9,6 +9,13 @@ attention.
 Hash: a polynomial rolling hash h_n(i) = sum_{k<n} (x_{i-k} + 1) * M^k mod (2^31 - 1), built
 up one n at a time. All intermediate values stay below 2^40, so int64 never overflows and the
 result is the same on every device.
+
+The meta hash (`model.hash.function=meta`, or `model.layout=meta`) is transformers'
+BltForCausalLM / Meta's, bit for bit: h_n(i) = sum_j x_{i-n+1+j} * prime^j over the raw ids in
+int64 with wraparound, missing bytes 0, then floor-mod buckets; with several hash functions per
+n, one prime each. Its tables are ordered function-major (function f, size index s -> table
+f * len(sizes) + s), as HF's fused table. Bytes before the document start are 0 too: for one
+document (what HF ever sees) that is HF's padding; packed documents never share an n-gram.
 """
 from __future__ import annotations
 
@@ -21,6 +28,39 @@ from torch import nn
 HASH_MULTIPLIER = 1_000_003
 HASH_MODULUS = 2**31 - 1
 FILLER_ID = 0  # stands for "no byte here" (outside the sample or the document)
+# transformers' compute_hash_embeddings (models/blt): hash function f uses META_PRIMES[f % 11].
+META_PRIMES = (1000000007, 5915587277, 1500450271, 3267000013, 5754853343, 4093082899, 9576890767, 3628273133,
+               2860486313, 5463458053, 3367900313)
+
+
+def _as_int64(value: int) -> int:
+    """value mod 2^64 as a signed int64: what int64 arithmetic gives for a power that wraps."""
+    value %= 1 << 64
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _shifted(tokens: torch.Tensor, doc_ids: torch.Tensor, k: int) -> torch.Tensor:
+    """x_{i-k}, FILLER_ID where there is no such byte in the same document."""
+    if k == 0:
+        return tokens
+    shifted = F.pad(tokens, (k, 0), value=FILLER_ID)[:, : tokens.shape[1]]
+    shifted_doc = F.pad(doc_ids, (k, 0), value=-2)[:, : tokens.shape[1]]
+    return torch.where(shifted_doc == doc_ids, shifted, FILLER_ID)
+
+
+def meta_ngram_hashes(tokens: torch.Tensor, doc_ids: torch.Tensor, ngram_sizes: Sequence[int],
+                      functions: int, buckets: int) -> list[torch.Tensor]:
+    """Bucket ids [B, C] per table (function-major), as HF's byte_group_hash_function % buckets."""
+    tokens = tokens.long()
+    out = []
+    for f in range(functions):
+        prime = META_PRIMES[f % len(META_PRIMES)]
+        for n in ngram_sizes:
+            h = torch.zeros_like(tokens)
+            for j in range(n):  # int64 sums and products wrap as in HF: the order does not matter
+                h = h + _shifted(tokens, doc_ids, n - 1 - j) * _as_int64(prime ** j)
+            out.append(h % buckets)
+    return out
 
 
 def ngram_hashes(tokens: torch.Tensor, doc_ids: torch.Tensor, ngram_sizes: Sequence[int]) -> dict[int, torch.Tensor]:
@@ -32,12 +72,7 @@ def ngram_hashes(tokens: torch.Tensor, doc_ids: torch.Tensor, ngram_sizes: Seque
     hashes: dict[int, torch.Tensor] = {}
     for k in range(max_n):
         # x_{i-k}: shift right by k; positions with no byte k back, or in another document, get the filler.
-        if k == 0:
-            shifted = tokens
-        else:
-            shifted = F.pad(tokens, (k, 0), value=FILLER_ID)[:, : tokens.shape[1]]
-            shifted_doc = F.pad(doc_ids, (k, 0), value=-2)[:, : tokens.shape[1]]
-            shifted = torch.where(shifted_doc == doc_ids, shifted, FILLER_ID)
+        shifted = _shifted(tokens, doc_ids, k)
         h = (h + (shifted + 1) * power) % HASH_MODULUS
         power = power * HASH_MULTIPLIER % HASH_MODULUS
         if k + 1 in ngram_sizes:
@@ -46,19 +81,27 @@ def ngram_hashes(tokens: torch.Tensor, doc_ids: torch.Tensor, ngram_sizes: Seque
 
 
 class HashNgramEmbeddings(nn.Module):
-    def __init__(self, ngram_sizes: Sequence[int], buckets: int, dim: int):
+    def __init__(self, ngram_sizes: Sequence[int], buckets: int, dim: int, function: str = "project",
+                 functions: int = 1):
         super().__init__()
         self.ngram_sizes = list(ngram_sizes)
         self.buckets = buckets
-        # One table per n (ModuleList index i <-> ngram_sizes[i]); the reference does the same.
-        self.tables = nn.ModuleList(nn.Embedding(buckets, dim) for _ in self.ngram_sizes)
+        self.function, self.functions = function, functions
+        # One table per (function, n) (ModuleList index f * len(sizes) + i); the reference does the same.
+        self.tables = nn.ModuleList(nn.Embedding(buckets, dim) for _ in range(functions * len(self.ngram_sizes)))
+
+    def bucket_ids(self, tokens: torch.Tensor, doc_ids: torch.Tensor) -> list[torch.Tensor]:
+        if self.function == "meta":
+            return meta_ngram_hashes(tokens, doc_ids, self.ngram_sizes, self.functions, self.buckets)
+        hashes = ngram_hashes(tokens, doc_ids, self.ngram_sizes)
+        return [hashes[n] % self.buckets for n in self.ngram_sizes]
 
     def forward(self, tokens: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            hashes = ngram_hashes(tokens, doc_ids, self.ngram_sizes)
+            ids = self.bucket_ids(tokens, doc_ids)
         out = None
-        for n, table in zip(self.ngram_sizes, self.tables):
-            emb = table(hashes[n] % self.buckets)
+        for bucket_ids, table in zip(ids, self.tables):
+            emb = table(bucket_ids)
             out = emb if out is None else out + emb
         return out
 

@@ -220,16 +220,19 @@ class TransformerBlock(nn.Module):
 
 
 class CrossAttentionBlock(nn.Module):
-    """queries + attn(norm(queries), norm(memory)); no FFN (as in the reference)."""
+    """queries + attn(norm(queries), norm(memory)); no FFN (as in the reference). With
+    `double_residual` (the meta layout) queries + (queries + attn(...)), as HF/Meta compute it."""
 
-    def __init__(self, dim: int, n_heads: int, eps: float = 1e-5):
+    def __init__(self, dim: int, n_heads: int, eps: float = 1e-5, double_residual: bool = False):
         super().__init__()
+        self.double_residual = double_residual
         self.query_norm = RMSNorm(dim, eps)
         self.memory_norm = RMSNorm(dim, eps)
         self.attention = Attention(dim, n_heads)
 
     def forward(self, queries: torch.Tensor, memory: torch.Tensor, attention: Kernel | torch.Tensor) -> torch.Tensor:
-        return queries + self.attention(self.query_norm(queries), attention, kv=self.memory_norm(memory))
+        out = self.attention(self.query_norm(queries), attention, kv=self.memory_norm(memory))
+        return queries + (queries + out) if self.double_residual else queries + out
 
     def init_weights(self, std: float, out_std: float) -> None:
         self.query_norm.reset_parameters()
