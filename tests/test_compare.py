@@ -87,6 +87,17 @@ def test_report_on_two_runs_with_noise_plots_and_cache(setup, tmp_path, capsys, 
         assert needle in report, needle
     table = [line for line in report.splitlines() if line.startswith("| blt |")]
     assert table and "| blt | blt | - | 0 |" in table[0]
+    # every held-out document is Latin: the script table's one row is the overall clean bpb
+    script_rows = [line for line in report.split("## Bits per byte by script")[1].splitlines()
+                   if line.startswith("| Latin |")]
+    overall = {line.split(" | ")[0][2:]: line.split(" | ")[-1].split(" ± ")[0]
+               for line in report.split("## Bits per byte, clean")[1].split("##")[0].splitlines()
+               if line.startswith(("| blt |", "| bpe |"))}
+    assert len(script_rows) == 1
+    cells = script_rows[0].strip("| ").split(" | ")
+    assert cells[2:4] == [overall["blt"], overall["bpe"]]
+    worse = [family for family in ("blt", "bpe") if float(overall[family]) > 8.0]  # untrained models
+    assert worse and cells[-1] == ", ".join(worse)
 
     # the rerun reads every score from the cache: evaluating anything again would fail
     def no_eval(*args, **kwargs):
