@@ -370,6 +370,44 @@ def match_blt(bpe: ModelConfig, bpe_sample: SampleShape, blt_template: ModelConf
             "train_flops_per_byte": flops, "flop_ratio_to_bpe": flops / target}
 
 
+INFERENCE_MATCH_TOLERANCE = 0.02  # the fixed-inference-cost axis: within 2% of the BPE twin
+
+
+def inference_flops_per_byte(m: ModelConfig, shape: SampleShape) -> float:
+    """Forward FLOPs per byte: what serving a byte costs (the BLT at the shape's patch size)."""
+    return sum(forward_flops_per_byte(m, shape).values())
+
+
+def match_blt_inference(bpe: ModelConfig, bpe_sample: SampleShape, blt_template: ModelConfig,
+                        blt_sample: SampleShape) -> dict:
+    """The BLT latent (local models kept from `blt_template`) whose inference FLOPs per byte at
+    blt_sample's patch size equal the BPE's: the BLT paper's fixed-inference-cost rule, where
+    longer patches buy a bigger latent model at the same cost per byte."""
+    target = inference_flops_per_byte(bpe, bpe_sample)
+
+    def latent(width, depth):
+        return dataclasses.replace(blt_template, dim=width, n_layers=depth, n_heads=shape_heads(width),
+                                   n_kv_heads=None)
+
+    width, depth = _search(target, lambda w, d: inference_flops_per_byte(latent(w, d), blt_sample), bpe.dim,
+                           tolerance=INFERENCE_MATCH_TOLERANCE)
+    model = latent(width, depth)
+    flops = inference_flops_per_byte(model, blt_sample)
+    return {"dim": width, "n_layers": depth, "n_heads": model.n_heads, "patch_size": blt_sample.patch_size,
+            "patches_per_sample": blt_sample.patches_per_sample,
+            "params_named": named_params(model, params_by_component(model)),
+            "inference_flops_per_byte": flops, "bpe_inference_flops_per_byte": target,
+            "ratio_to_bpe": flops / target}
+
+
+def patches_for(patch_size: float, byte_capacity: int, template: SampleShape) -> int:
+    """Patch slots per sample at another mean patch size, with the template's slack over
+    byte_capacity / patch_size (packing cuts whole patches: short ones need spare slots), in
+    multiples of 8."""
+    slack = template.patches_per_sample * template.patch_size / template.byte_capacity
+    return max(8, math.ceil(byte_capacity / patch_size * slack / 8) * 8)
+
+
 # ---------------------------------------------------------------------------------------------
 # Report and CLI
 

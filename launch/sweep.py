@@ -50,12 +50,16 @@ from omegaconf.errors import OmegaConfBaseException
 from blt_dist.config import Config, LaunchConfig, load_config, save_resolved
 from blt_dist.errors import ConfigError, UserError
 from blt_dist.flops import (
+    INFERENCE_MATCH_TOLERANCE,
     SampleShape,
     bytes_per_sample,
     human_count,
+    inference_flops_per_byte,
+    match_blt_inference,
     match_bpe,
     match_byte,
     params_by_component,
+    patches_for,
     train_flops_per_byte,
 )
 from blt_dist.model.weights import WEIGHTS
@@ -211,11 +215,9 @@ def _budget_name(budget: float) -> str:
 
 def plan(spec: SweepSpec) -> list[PlannedRun]:
     """Every run's resolved config, in grid order (size, family, budget, seed)."""
-    if spec.patch_sizes:
-        # Refused rather than planned with the grid file's threshold: a run labelled with a patch size
-        # it was not calibrated to would be a wrong result, not a missing one.
-        raise UserError("patch_sizes: planning runs per patch size (threshold calibrated per size, latent resized to "
-                        "the BPE twin's inference FLOPs/byte) is not implemented yet (issue #21, item 1)")
+    if spec.patch_sizes and "bpe" not in spec.families:
+        raise ConfigError("patch_sizes", "the fixed-inference-cost axis matches each BLT to its BPE twin: add bpe "
+                          "to families")
     out = Path(spec.out).resolve()
     runs = []
     for size in spec.sizes:
@@ -238,12 +240,17 @@ def plan(spec: SweepSpec) -> list[PlannedRun]:
             match = match_byte(blt.model, SampleShape.from_data(blt.data))
             matched_shape["byte"] = [f"model.dim={match['dim']}", f"model.n_layers={match['n_layers']}",
                                      f"model.n_heads={match['n_heads']}", f"data.seq_len={match['seq_len']}"]
-        for family in spec.families:
+        variants = [(family, "", []) for family in spec.families]
+        if spec.patch_sizes:
+            bpe_cfg = load_config(CONFIGS / "bpe" / f"{size}.yaml", [*family_overrides["bpe"], *matched_shape["bpe"]])
+            variants = [v for v in variants if v[0] != "blt"] + [
+                ("blt", f"p{target:g}", patch_size_overrides(blt, bpe_cfg, target)) for target in spec.patch_sizes]
+        for family, variant, variant_overrides in variants:
             for budget in spec.flops_per_size.get(size, spec.flops):
                 for seed in spec.seeds:
-                    name = f"{family}-{size}-{_budget_name(budget)}-s{seed}"
+                    name = "-".join(filter(None, (family, variant, size, _budget_name(budget), f"s{seed}")))
                     overrides = [
-                        *family_overrides[family], *matched_shape.get(family, []),
+                        *family_overrides[family], *matched_shape.get(family, []), *variant_overrides,
                         *_launch_overrides(spec.launch),
                         *(f"launch.{k}={quote_override(v)}" for k, v in spec.launch_per_size.get(size, {}).items()),
                         f"train.flops={budget}", "train.max_steps=0", "train.max_bytes=0",
@@ -252,6 +259,42 @@ def plan(spec: SweepSpec) -> list[PlannedRun]:
                     cfg = load_config(CONFIGS / family / f"{size}.yaml", overrides)
                     runs.append(PlannedRun(name, family, size, seed, budget, cfg))
     return runs
+
+
+def patch_size_overrides(blt: Config, bpe: Config, target: float) -> list[str]:
+    """The BLT of the fixed-inference-cost axis at mean patch size `target`: its threshold
+    calibrated to `target` on the training entropies, its patch slots scaled, and its latent
+    resized (flops.match_blt_inference) so that its inference FLOPs per byte equal the BPE
+    twin's within 2%. Refused, with the reason, where either cannot be done."""
+    patching = blt.data.patching
+    if patching.mode in ("entropy", "monotonic"):
+        if not blt.data.train:
+            raise UserError(f"patch_sizes: calibrating a threshold to {target:g} bytes/patch needs the training "
+                            "entropies (data.train, an entropy dataset)")
+        # lazy: the calibration reads a sample of the entropy shards (streaming, 2 s to import)
+        from blt_dist.data.calibrate import calibrate_threshold, sample_documents
+
+        _, docs = sample_documents(blt.data.train)
+        result = calibrate_threshold([(ids, H) for _, ids, H in docs], mode=patching.mode, target_mean_size=target,
+                                     max_patch_length=patching.max_patch_length)
+        key = "threshold" if patching.mode == "entropy" else "threshold_r"
+        rule = [f"data.patching.{key}={getattr(result, key)!r}"]
+    elif patching.mode == "static" and float(target).is_integer():
+        rule = [f"data.patching.patch_size={int(target)}"]
+    else:
+        raise UserError(f"patch_sizes: {patching.mode!r} patching has no threshold to calibrate to {target:g} "
+                        "bytes/patch (use entropy or monotonic, or static with whole sizes)")
+    base = SampleShape.from_data(blt.data)
+    sample = dataclasses.replace(base, patch_size=target,
+                                 patches_per_sample=patches_for(target, blt.data.byte_capacity, base))
+    match = match_blt_inference(bpe.model, SampleShape.from_data(bpe.data), blt.model, sample)
+    if abs(match["ratio_to_bpe"] - 1) > INFERENCE_MATCH_TOLERANCE:
+        raise UserError(f"patch_sizes: no latent shape gives the BLT at {target:g} bytes/patch the BPE twin's "
+                        f"inference FLOPs/byte within {INFERENCE_MATCH_TOLERANCE:.0%} "
+                        f"(closest x{match['ratio_to_bpe']:.3f})")
+    return [*rule, f"data.patching.target_mean_size={target}", f"data.patches_per_sample={match['patches_per_sample']}",
+            f"model.dim={match['dim']}", f"model.n_layers={match['n_layers']}", f"model.n_heads={match['n_heads']}",
+            "model.n_kv_heads=null"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,6 +315,7 @@ def estimate(run: PlannedRun, spec: SweepSpec) -> dict:
     return {
         "params": sum(params_by_component(cfg.model).values()),
         "flops_per_byte": per_byte,
+        "inference_flops_per_byte": inference_flops_per_byte(cfg.model, shape),
         "bytes": run.budget / per_byte,
         "steps": max(1, round(run.budget / (per_byte * bytes_per_step))),
         "gpu_hours": gpu_hours,
@@ -285,14 +329,15 @@ def format_plan(runs: list[PlannedRun], spec: SweepSpec) -> str:
               f"estimates assume {e.mfu:.0%} MFU of {e.peak_tflops:g} TFLOP/s per {e.gpu} (dense bf16), "
               f"{e.gpus_per_node} GPUs per node; steps at the nominal bytes per sample (the trainer measures them)\n")
     columns = f"{'run':<26} {'family':<6} {'size':<5} {'params':>8} {'train FLOPs':>11} {'FLOPs/byte':>10} " \
-              f"{'bytes':>9} {'steps':>8} {'GPU-h':>9} {'node-h':>8}"
+              f"{'infer/byte':>10} {'bytes':>9} {'steps':>8} {'GPU-h':>9} {'node-h':>8}"
     lines = [header, columns, "-" * len(columns)]
     total_gpu = 0.0
     for run in runs:
         est = estimate(run, spec)
         total_gpu += est["gpu_hours"]
         lines.append(f"{run.name:<26} {run.family:<6} {run.size:<5} {human_count(est['params']):>8} {run.budget:>11.3g} "
-                     f"{est['flops_per_byte']:>10.3g} {human_count(est['bytes']):>9} {est['steps']:>8,} "
+                     f"{est['flops_per_byte']:>10.3g} {est['inference_flops_per_byte']:>10.3g} "
+                     f"{human_count(est['bytes']):>9} {est['steps']:>8,} "
                      f"{est['gpu_hours']:>9.1f} {est['gpu_hours'] / e.gpus_per_node:>8.1f}")
     lines.append(f"total: {total_gpu:,.1f} GPU-hours, {total_gpu / e.gpus_per_node:,.1f} node-hours")
     return "\n".join(lines)

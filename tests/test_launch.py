@@ -323,3 +323,73 @@ def test_unreachable_patch_size_is_refused_with_the_reason(tmp_path):
     # a longer cap makes 40 reachable in principle: the check reads the overridden config
     spec = load_sweep(write_grid(tmp_path, patch_sizes=[40], overrides={"blt": ["data.patching.max_patch_length=48"]}))
     assert spec.patch_sizes == [40]
+
+
+def test_patch_size_axis_matches_the_bpe_twins_inference_cost(tmp_path):
+    """Each patch size gets its own BLT, its latent resized so that its inference FLOPs per byte
+    (the counter's, at that patch size) are within 2% of the BPE twin's; longer patches buy a
+    bigger latent. Static patching here (no entropies needed); entropy mode is calibrated below."""
+    from blt_dist.flops import SampleShape, inference_flops_per_byte
+    from launch.sweep import format_plan, load_sweep, plan
+
+    spec = load_sweep(write_grid(tmp_path, patch_sizes=[4, 8], overrides={"blt": ["data.patching.mode=static"]}))
+    runs = {r.name: r for r in plan(spec)}
+    assert sorted(runs) == ["blt-p4-tiny-2e9-s0", "blt-p8-tiny-2e9-s0", "bpe-tiny-2e9-s0"]
+    bpe = runs["bpe-tiny-2e9-s0"].cfg
+    target = inference_flops_per_byte(bpe.model, SampleShape.from_data(bpe.data))
+    latents = []
+    for size in (4, 8):
+        cfg = runs[f"blt-p{size}-tiny-2e9-s0"].cfg
+        assert cfg.data.patching.patch_size == size and cfg.data.patching.target_mean_size == size
+        got = inference_flops_per_byte(cfg.model, SampleShape.from_data(cfg.data))
+        assert abs(got / target - 1) <= 0.02, (size, got, target)
+        latents.append(cfg.model.dim ** 2 * cfg.model.n_layers)
+    assert latents[1] > latents[0]  # the longer patches' latent is bigger
+    assert "infer/byte" in format_plan(list(runs.values()), spec)
+
+
+def test_patch_sizes_are_calibrated_on_the_training_entropies(tmp_path):
+    from blt_dist.data.calibrate import calibrate_threshold, sample_documents
+    from launch.sweep import load_sweep, plan
+
+    entropies = tmp_path / "ent"
+    _make_entropy_dataset(tmp_path, entropies)
+    spec = load_sweep(write_grid(tmp_path, patch_sizes=[3, 5], overrides={"blt": [f"data.train={entropies}"]}))
+    runs = {r.name: r.cfg for r in plan(spec)}
+    _, docs = sample_documents(str(entropies))
+    for size in (3, 5):
+        cfg = runs[f"blt-p{size}-tiny-2e9-s0"]
+        want = calibrate_threshold([(ids, H) for _, ids, H in docs], mode="entropy", target_mean_size=size,
+                                   max_patch_length=16).threshold
+        assert cfg.data.patching.threshold == want
+    assert runs["blt-p3-tiny-2e9-s0"].data.patching.threshold < runs["blt-p5-tiny-2e9-s0"].data.patching.threshold
+    with pytest.raises(UserError, match="'space' patching has no threshold"):
+        plan(load_sweep(write_grid(tmp_path, patch_sizes=[5], overrides={"blt": ["data.patching.mode=space"]})))
+
+
+def _make_entropy_dataset(root: Path, out: Path) -> None:
+    """A small entropy dataset from a random tiny entropy model (seconds)."""
+    import numpy as np
+    import torch
+
+    from blt_dist.config import Config
+    from blt_dist.config.model import ModelConfig
+    from blt_dist.data.entropies import compute_entropy_dataset
+    from blt_dist.data.prepare import prepare
+    from blt_dist.model import build_model
+    from blt_dist.training.export import save_export
+
+    rng = np.random.default_rng(0)
+    words = ["the", "byte", "latent", "transformer", "reads", "patches", "{x: 1}", "\u00e9t\u00e9"]
+    (root / "in" / "prose").mkdir(parents=True)
+    for i in range(30):
+        (root / "in" / "prose" / f"{i:02d}.txt").write_text(" ".join(rng.choice(words, rng.integers(5, 60))))
+    prepare([root / "in"], root / "bytes", val_fraction=0.0, progress=False)
+    torch.manual_seed(0)
+    cfg = Config()
+    cfg.model = ModelConfig(family="entropy", dim=32, n_layers=1, n_heads=2, window=16)
+    model = build_model(cfg.model)
+    with torch.no_grad():
+        model.output.weight.mul_(4.0)  # spread the entropies of a random model
+    save_export(model.state_dict(), cfg, root / "model")
+    compute_entropy_dataset(root / "model", root / "bytes", out, progress=False)
