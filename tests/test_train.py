@@ -131,7 +131,7 @@ def test_two_stage_pipeline_resume_after_kill_9_is_bit_exact(data, tmp_path, fam
 
 @pytest.mark.slow
 def test_every_layout_exports_the_same_fp32_master_weights(data, tmp_path):
-    """One bf16 recipe and seed on ZeRO-0, 1 and 3 and 2-stage pipelines: the exports agree to
+    """One bf16 recipe and seed on ZeRO-0, 1, 2 and 3 and 2-stage pipelines: the exports agree to
     fp32 rounding and hold the fp32 masters, not the bf16 module weights (which differ from them
     by up to 1e-3: a bf16-only export fails). The ZeRO-0 run also covers the undone warm-up step
     of DeepSpeed's unfused optimizer (shims.undo_unfused_optimizer_init_step): with it, ZeRO-0's
@@ -147,7 +147,7 @@ def test_every_layout_exports_the_same_fp32_master_weights(data, tmp_path):
 
     common = ["train", *family_args(data, "entropy"), "train.dtype=bf16", "train.max_steps=2", "run.seed=7"]
     layouts = {"zero0": (1, ["parallel.zero_stage=0"]), "zero1": (1, ["parallel.zero_stage=1"]),
-               "zero3": (1, ["parallel.zero_stage=3"]),
+               "zero2": (1, ["parallel.zero_stage=2"]), "zero3": (1, ["parallel.zero_stage=3"]),
                "pipeline": (2, ["parallel.pipeline_stages=2", "parallel.zero_stage=1"]),
                "pipeline_zero0": (2, ["parallel.pipeline_stages=2", "parallel.zero_stage=0"])}
     exports = {}
@@ -156,7 +156,7 @@ def test_every_layout_exports_the_same_fp32_master_weights(data, tmp_path):
         exports[name] = load_file(tmp_path / name / "export" / "model.safetensors")
     reference = exports["zero1"]
     assert not all(torch.equal(t, t.bfloat16().float()) for t in reference.values()), "not the fp32 masters"
-    for name in ("zero0", "zero3", "pipeline"):
+    for name in ("zero0", "zero2", "zero3", "pipeline"):
         assert exports[name].keys() == reference.keys()
         worst = max((exports[name][k] - reference[k]).abs().max().item() for k in reference)
         assert worst <= 1e-6, f"{name}: {worst:.3g} from ZeRO-1's export"
