@@ -59,3 +59,31 @@ def word_dataset(root: Path, words, per_type: int = 60) -> Path:
     write_word_documents(root / "in", words, per_type, (5, 120))
     prepare([root / "in"], root / "ds", val_fraction=0.1, progress=False)
     return root / "ds"
+
+
+def random_entropy_dataset(root: Path, texts: dict[str, list[str]]) -> Path:
+    """root/ent: an entropy dataset of `texts` (content type -> documents), made by a random tiny
+    entropy model whose output is scaled to spread its entropies (seconds)."""
+    import torch
+
+    from blt_dist.config import Config
+    from blt_dist.config.model import ModelConfig
+    from blt_dist.data.entropies import compute_entropy_dataset
+    from blt_dist.data.prepare import prepare
+    from blt_dist.model import build_model
+    from blt_dist.training.export import save_export
+
+    for ctype, documents in texts.items():
+        (root / "in" / ctype).mkdir(parents=True)
+        for i, text in enumerate(documents):
+            (root / "in" / ctype / f"{i:02d}.txt").write_text(text)
+    prepare([root / "in"], root / "bytes", val_fraction=0.0, progress=False)
+    torch.manual_seed(0)
+    cfg = Config()
+    cfg.model = ModelConfig(family="entropy", dim=32, n_layers=1, n_heads=2, window=16)
+    model = build_model(cfg.model)
+    with torch.no_grad():
+        model.output.weight.mul_(4.0)  # spread the entropies of a random model
+    save_export(model.state_dict(), cfg, root / "model")
+    compute_entropy_dataset(root / "model", root / "bytes", root / "ent", progress=False)
+    return root / "ent"

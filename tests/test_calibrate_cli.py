@@ -8,17 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from blt_dist.config import Config
 from blt_dist.data import calibrate
-from blt_dist.data.entropies import compute_entropy_dataset
 from blt_dist.data.loader import ENTROPY_FORMAT
 from blt_dist.data.patching import patch_starts
-from blt_dist.data.prepare import prepare
 from blt_dist.data.shards import ByteDataset, iter_stream
 from blt_dist.errors import UserError
-from blt_dist.model import ModelConfig, build_model
-from blt_dist.training.export import save_export
 from blt_dist.vocab import OFFSET, encode_document
+from tests.conftest import random_entropy_dataset
 
 
 @pytest.fixture(scope="module")
@@ -28,20 +24,10 @@ def entropy_dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("calibrate_cli")
     rng = np.random.default_rng(0)
     words = ["the", "byte", "latent", "transformer", "reads", "patches", "of", "bytes", "{x: 1}", "\u00e9t\u00e9"]
-    for ctype, n in (("prose", 30), ("code", 12)):
-        (root / "in" / ctype).mkdir(parents=True)
-        for i in range(n):
-            text = " ".join(rng.choice(words, rng.integers(5, 60)))
-            (root / "in" / ctype / f"{i:02d}.txt").write_text(text if ctype == "prose" else text.upper())
-    prepare([root / "in"], root / "bytes", val_fraction=0.0, progress=False)
-    torch.manual_seed(0)
-    cfg = Config()
-    cfg.model = ModelConfig(family="entropy", dim=32, n_layers=1, n_heads=2, window=16)
-    model = build_model(cfg.model)
-    with torch.no_grad():
-        model.output.weight.mul_(4.0)  # spread the entropies of a random model
-    save_export(model.state_dict(), cfg, root / "model")
-    compute_entropy_dataset(root / "model", root / "bytes", root / "ent", progress=False)
+    texts = {ctype: [" ".join(rng.choice(words, rng.integers(5, 60))) for _ in range(n)]
+             for ctype, n in (("prose", 30), ("code", 12))}
+    texts["code"] = [t.upper() for t in texts["code"]]
+    random_entropy_dataset(root, texts)
     yield root / "ent"
     torch.set_num_threads(threads)
 

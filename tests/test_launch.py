@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from blt_dist.config import load_config
@@ -351,9 +352,12 @@ def test_patch_size_axis_matches_the_bpe_twins_inference_cost(tmp_path):
 def test_patch_sizes_are_calibrated_on_the_training_entropies(tmp_path):
     from blt_dist.data.calibrate import calibrate_threshold, sample_documents
     from launch.sweep import load_sweep, plan
+    from tests.conftest import random_entropy_dataset
 
-    entropies = tmp_path / "ent"
-    _make_entropy_dataset(tmp_path, entropies)
+    rng = np.random.default_rng(0)
+    words = ["the", "byte", "latent", "transformer", "reads", "patches", "{x: 1}", "\u00e9t\u00e9"]
+    entropies = random_entropy_dataset(tmp_path, {"prose": [" ".join(rng.choice(words, rng.integers(5, 60)))
+                                                            for _ in range(30)]})
     spec = load_sweep(write_grid(tmp_path, patch_sizes=[3, 5], overrides={"blt": [f"data.train={entropies}"]}))
     runs = {r.name: r.cfg for r in plan(spec)}
     _, docs = sample_documents(str(entropies))
@@ -365,31 +369,3 @@ def test_patch_sizes_are_calibrated_on_the_training_entropies(tmp_path):
     assert runs["blt-p3-tiny-2e9-s0"].data.patching.threshold < runs["blt-p5-tiny-2e9-s0"].data.patching.threshold
     with pytest.raises(UserError, match="'space' patching has no threshold"):
         plan(load_sweep(write_grid(tmp_path, patch_sizes=[5], overrides={"blt": ["data.patching.mode=space"]})))
-
-
-def _make_entropy_dataset(root: Path, out: Path) -> None:
-    """A small entropy dataset from a random tiny entropy model (seconds)."""
-    import numpy as np
-    import torch
-
-    from blt_dist.config import Config
-    from blt_dist.config.model import ModelConfig
-    from blt_dist.data.entropies import compute_entropy_dataset
-    from blt_dist.data.prepare import prepare
-    from blt_dist.model import build_model
-    from blt_dist.training.export import save_export
-
-    rng = np.random.default_rng(0)
-    words = ["the", "byte", "latent", "transformer", "reads", "patches", "{x: 1}", "\u00e9t\u00e9"]
-    (root / "in" / "prose").mkdir(parents=True)
-    for i in range(30):
-        (root / "in" / "prose" / f"{i:02d}.txt").write_text(" ".join(rng.choice(words, rng.integers(5, 60))))
-    prepare([root / "in"], root / "bytes", val_fraction=0.0, progress=False)
-    torch.manual_seed(0)
-    cfg = Config()
-    cfg.model = ModelConfig(family="entropy", dim=32, n_layers=1, n_heads=2, window=16)
-    model = build_model(cfg.model)
-    with torch.no_grad():
-        model.output.weight.mul_(4.0)  # spread the entropies of a random model
-    save_export(model.state_dict(), cfg, root / "model")
-    compute_entropy_dataset(root / "model", root / "bytes", out, progress=False)
