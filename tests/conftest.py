@@ -87,3 +87,18 @@ def random_entropy_dataset(root: Path, texts: dict[str, list[str]]) -> Path:
     save_export(model.state_dict(), cfg, root / "model")
     compute_entropy_dataset(root / "model", root / "bytes", root / "ent", progress=False)
     return root / "ent"
+
+
+def sentencepiece_bpe(root: Path, vocab_size: int = 300) -> Path:
+    """root/tok.model: a small sentencepiece BPE with the settings of `blt-dist tokenizer` that
+    ByteExactTokenizer relies on (ids, byte fallback, identity normalisation)."""
+    import sentencepiece as spm
+
+    text = root / "text.txt"
+    text.write_text("\n".join(f"the cat sat on the mat {i}, and the dog ran after it." for i in range(300)))
+    spm.SentencePieceTrainer.train(
+        input=str(text), model_prefix=str(root / "tok"), vocab_size=vocab_size, model_type="bpe", byte_fallback=True,
+        normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
+        pad_id=0, bos_id=1, eos_id=2, unk_id=3, minloglevel=2)
+    return root / "tok.model"
+

@@ -36,6 +36,7 @@ from blt_dist.model import build_model
 from blt_dist.model.weights import export_info
 from blt_dist.training.export import save_export
 from blt_dist.vocab import BOS_ID, EOS_ID, OFFSET
+from tests.conftest import sentencepiece_bpe
 
 PROMPT = b"the cat sat on the mat. "
 GREEDY = Sampling(greedy=True)
@@ -158,16 +159,8 @@ def test_cached_byte_lm_generation_equals_full_forward(sampling):
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    spm = pytest.importorskip("sentencepiece")
-    root = tmp_path_factory.mktemp("tok")
-    text = root / "text.txt"
-    text.write_text("\n".join(f"the cat sat on the mat {i}, and the dog ran after it." for i in range(300)))
-    # The settings of `blt-dist tokenizer` that ByteExactTokenizer relies on (ids, byte fallback, identity).
-    spm.SentencePieceTrainer.train(
-        input=str(text), model_prefix=str(root / "tok"), vocab_size=300, model_type="bpe", byte_fallback=True,
-        normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
-        pad_id=0, bos_id=1, eos_id=2, unk_id=3, minloglevel=2)
-    return str(root / "tok.model")
+    pytest.importorskip("sentencepiece")
+    return str(sentencepiece_bpe(tmp_path_factory.mktemp("tok")))
 
 
 def bpe_model(vocab_size: int):

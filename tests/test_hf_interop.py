@@ -26,6 +26,7 @@ from blt_dist.model import build_model
 from blt_dist.model.weights import load_export
 from blt_dist.training.export import save_export
 from blt_dist.vocab import encode_document
+from tests.conftest import sentencepiece_bpe
 
 transformers = pytest.importorskip("transformers")
 
@@ -124,15 +125,9 @@ def test_greedy_generation_from_the_export_equals_the_project(tmp_path):
 
 
 def test_bpe_export_carries_a_tokenizer_transformers_loads(tmp_path):
-    spm = pytest.importorskip("sentencepiece")
-    text = tmp_path / "text.txt"
-    text.write_text("\n".join(f"the cat sat on the mat {i}, and the dog ran after it." for i in range(300)))
-    spm.SentencePieceTrainer.train(
-        input=str(text), model_prefix=str(tmp_path / "tok"), vocab_size=300, model_type="bpe", byte_fallback=True,
-        normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
-        pad_id=0, bos_id=1, eos_id=2, unk_id=3, minloglevel=2)
+    pytest.importorskip("sentencepiece")
     model, cfg = project_model("bpe", 300, 32, 2, 4, None, 10000.0, seed=6)
-    cfg.data.tokenizer = str(tmp_path / "tok.model")
+    cfg.data.tokenizer = str(sentencepiece_bpe(tmp_path))
     write_hf(model.state_dict(), cfg, tmp_path / "hf")
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf", use_fast=False)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
