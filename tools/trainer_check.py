@@ -47,28 +47,24 @@ class Checker:
         self.logs = out / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
 
-    def env(self, extra: dict | None = None) -> dict:
+    def env(self, device: str, extra: dict | None = None) -> dict:
         env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WANDB_MODE": "disabled",
                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-        if self.device == "cpu":
+        if device == "cpu":
             env.update(CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu")
         return {**env, **(extra or {})}
 
     def cli(self, name: str, args: list[str], env: dict | None = None, device: str | None = None,
             stdout: Path | None = None) -> subprocess.CompletedProcess:
         """Runs `python -m blt_dist.cli ARGS`, its output in logs/NAME.log (stdout in `stdout` if given)."""
-        saved, self.device = self.device, device or self.device
-        try:
-            log = self.logs / f"{name}.log"
-            with open(log, "w") as f, open(stdout or os.devnull, "w") as out:
-                done = subprocess.run([sys.executable, "-m", "blt_dist.cli", *args], cwd=REPO, env=self.env(env),
-                                      stdout=out if stdout else f, stderr=f if stdout else subprocess.STDOUT,
-                                      timeout=900)
-            done.log = log
-            return done
-        finally:
-            self.device = saved
+        log = self.logs / f"{name}.log"
+        with open(log, "w") as f, open(stdout or os.devnull, "w") as out:
+            done = subprocess.run([sys.executable, "-m", "blt_dist.cli", *args], cwd=REPO,
+                                  env=self.env(device or self.device, env), stdout=out if stdout else f,
+                                  stderr=f if stdout else subprocess.STDOUT, timeout=900)
+        done.log = log
+        return done
 
     def record(self, name: str, ok: bool, **facts) -> bool:
         self.results.append({"check": name, "ok": bool(ok), **facts})
