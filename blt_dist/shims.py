@@ -21,6 +21,9 @@ The shims:
                           mixed-precision optimizers that zero_to_fp32 does not read: the unfused
                           FP16/bf16 optimizer (ZeRO-0) and BF16_Optimizer (pipelines).
   unfused_optimizer_init  undoes the optimizer step FP16_UnfusedOptimizer takes at construction.
+  logical_state           a ZeRO checkpoint's per-parameter fp32 weights and Adam moments, merged
+                          by zero_to_fp32's own (private) merge functions; and the same written
+                          into a live ZeRO-0/1/2/3 optimizer's partitions (elastic resume).
 
 Ground layer. The imports are inside the functions: each shim is needed by one wing only, and
 `import streaming` costs 2 s, `import deepspeed` 0.3 s over torch.
@@ -73,6 +76,15 @@ UPSTREAM = {
         "deepspeed.runtime.fp16.unfused_optimizer:FP16_UnfusedOptimizer.initialize_optimizer_states",
         "deepspeed.runtime.fp16.unfused_optimizer:FP16_UnfusedOptimizer.refresh_fp32_params",
     ), "13c1cdcfd466540befd1c3e0dc60a5f3f7b9ecaa56dcbb2c1e821c146989f822"),
+    "logical_state": Upstream("deepspeed", "0.19.8", (
+        "deepspeed.utils.zero_to_fp32:parse_optim_states",
+        "deepspeed.utils.zero_to_fp32:_zero2_merge_trainable_params",
+        "deepspeed.utils.zero_to_fp32:_zero3_merge_trainable_params",
+        "deepspeed.runtime.zero.stage_1_and_2:DeepSpeedZeroOptimizer.update_lp_params",
+        "deepspeed.runtime.zero.stage3:DeepSpeedZeroOptimizer_Stage3._get_fp32_opt_state_partition",
+        "deepspeed.runtime.zero.stage3:DeepSpeedZeroOptimizer_Stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3",
+        "deepspeed.utils.tensor_fragment:tensor_fragment.get_hp_fragment_address",
+    ), "0e9c539aa64d3bbd3d3bd99062b1b94b7710cacaf0400ea94b343af125f5eeb1"),
 }
 
 
@@ -124,6 +136,118 @@ def zero_to_fp32_state_dict(checkpoint_dir: str, tag: str) -> dict:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
+
+
+def zero_logical_state(tag_dir) -> dict:
+    """{name: {"fp32", "exp_avg", "exp_avg_sq", "step"}} of a ZeRO-1/2/3 checkpoint. Adam's
+    moments are partitioned exactly as the fp32 masters are (one flat tensor per param group and
+    rank), so zero_to_fp32's merge of the masters, given the moments instead, merges them."""
+    import torch
+    from deepspeed.checkpoint import constants as c  # lazy: deepspeed
+    from deepspeed.utils import zero_to_fp32 as z
+
+    tag_dir = str(tag_dir)
+    model_states = z.parse_model_states(z.get_model_state_files(tag_dir))
+    files = z.get_optim_files(tag_dir)
+    optim = [torch.load(f, map_location="cpu", weights_only=False)[c.OPTIMIZER_STATE_DICT] for f in files]
+    stage = optim[0][c.ZERO_STAGE]
+    world = optim[0][c.PARTITION_COUNT]
+    world = max(world) if isinstance(world, list) else world
+    if world != len(files):
+        raise ValueError(f"{tag_dir}: {len(files)} optimizer files for {world} partitions")
+    masters_key = c.SINGLE_PARTITION_OF_FP32_GROUPS if stage <= 2 else c.FP32_FLAT_GROUPS
+    inner_key = "base_optimizer_state" if stage <= 2 else c.OPTIMIZER_STATE_DICT
+    groups = len(optim[0][masters_key])
+
+    def merged(flat_groups) -> dict:
+        out: dict = {}
+        if stage <= 2:
+            z._zero2_merge_trainable_params(out, world, flat_groups, model_states,
+                                            optim[0].get(c.PARAM_ALIGNMENT_PADDINGS))
+            return out
+        z._zero3_merge_trainable_params(out, world, flat_groups, model_states)
+        return z.to_torch_tensor(out)
+
+    values = {"fp32": merged([o[masters_key] for o in optim])}
+    for key in ("exp_avg", "exp_avg_sq"):
+        values[key] = merged([[o[inner_key]["state"][g][key] for g in range(groups)] for o in optim])
+    step = torch.as_tensor(optim[0][inner_key]["state"][0]["step"], dtype=torch.float32)
+    return {name: {"fp32": values["fp32"][name].float().clone(), "exp_avg": values["exp_avg"][name].float().clone(),
+                   "exp_avg_sq": values["exp_avg_sq"][name].float().clone(), "step": step.clone()}
+            for name in values["fp32"]}
+
+
+def full_shape(param) -> tuple:
+    """A parameter's unpartitioned shape (ZeRO-3 keeps an empty tensor in its place)."""
+    return tuple(param.ds_shape) if hasattr(param, "ds_shape") else tuple(param.shape)
+
+
+def _adam_state(flat, step):
+    import torch
+
+    return {"step": step.clone(), "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
+
+
+def zero_set_logical_state(optimizer, named: dict, state: dict) -> None:
+    """Writes each parameter's full fp32 weight and Adam moments into this rank's partitions of
+    a ZeRO-1/2 or ZeRO-3 optimizer, then refreshes the module weights from the masters. The
+    optimizer state is made here (torch's AdamW makes it lazily at the first step)."""
+    import torch
+
+    step = next(iter(state.values()))["step"]
+    if hasattr(optimizer, "fp32_partitioned_groups_flat"):  # ZeRO-3
+        flats = optimizer.fp32_partitioned_groups_flat
+        for flat in flats:
+            optimizer.optimizer.state[flat] = _adam_state(flat, step)
+        rank, world = optimizer.dp_process_group.rank(), optimizer.dp_process_group.size()
+        for name, param in named.items():
+            group, offset, numel = optimizer.grad_position[optimizer.get_param_id(param)]
+            for key, target in (("fp32", flats[group]), *((k, optimizer.optimizer.state[flats[group]][k])
+                                                           for k in ("exp_avg", "exp_avg_sq"))):
+                value = state[name][key].flatten().to(target.device)
+                padded = torch.zeros(numel * world, dtype=value.dtype, device=value.device)
+                padded[: value.numel()] = value
+                target.narrow(0, offset, numel).copy_(padded.narrow(0, numel * rank, numel))
+        for group, flat in enumerate(flats):  # masters -> the partitioned module weights
+            optimizer.fp16_partitioned_groups_flat[group].data.copy_(flat.data)
+            updated = optimizer.unflatten(optimizer.fp16_partitioned_groups_flat[group],
+                                          optimizer.fp16_partitioned_groups[group])
+            for partitioned, value in zip(optimizer.fp16_partitioned_groups[group], updated):
+                partitioned.data = value.data
+        return
+    flats = optimizer.single_partition_of_fp32_groups  # ZeRO-1/2
+    for flat in flats:
+        optimizer.optimizer.state[flat] = _adam_state(flat, step)
+    for name, param in named.items():
+        mapping = param._hp_mapping
+        if mapping is None:  # no part of this parameter lives in this rank's partition
+            continue
+        lp, hp = mapping.lp_fragment_address, mapping.get_hp_fragment_address()
+        flat = flats[mapping.param_group_index]
+        for key, target in (("fp32", flat), ("exp_avg", optimizer.optimizer.state[flat]["exp_avg"]),
+                            ("exp_avg_sq", optimizer.optimizer.state[flat]["exp_avg_sq"])):
+            value = state[name][key].flatten().to(target.device)
+            target.narrow(0, hp.start, hp.numel).copy_(value.narrow(0, lp.start, lp.numel))
+    optimizer.update_lp_params()
+
+
+def zero0_set_logical_state(optimizer, named: dict, state: dict) -> None:
+    """The same for ZeRO-0: torch's AdamW on the module weights (fp32), or DeepSpeed's unfused
+    mixed-precision optimizer with its fp32 master groups (bf16)."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    if isinstance(optimizer, FP16_UnfusedOptimizer):
+        masters = {id(p): m for low, high in zip(optimizer.fp16_groups, optimizer.fp32_groups) for p, m in zip(low, high)}
+        inner = optimizer.optimizer
+    else:
+        masters, inner = {}, optimizer
+    for name, param in named.items():
+        master = masters.get(id(param), param)
+        master.data.copy_(state[name]["fp32"].to(master.device))
+        inner.state[master] = {"step": state[name]["step"].clone(),
+                               **{k: state[name][k].to(master.device).clone() for k in ("exp_avg", "exp_avg_sq")}}
+        if master is not param:
+            param.data.copy_(master.data)
 
 
 def undo_unfused_optimizer_init_step(optimizer) -> bool:

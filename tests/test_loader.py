@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from blt_dist.data.loader import Loader, LoaderSpec
+from blt_dist.data.loader import Loader, LoaderSpec, merge_states
 from blt_dist.data.packing import IGNORE
 from blt_dist.data.prepare import prepare
 from blt_dist.data.tokenizer import train_tokenizer
@@ -94,10 +94,10 @@ def epoch_zero_targets(loader: Loader, num_documents: int):
         in_epoch0 = visits < num_documents
         seen += zip(visits[in_epoch0].tolist(), positions[in_epoch0].tolist())
         nbytes += int(batch["target_bytes"][keep][in_epoch0].sum())
-        # each worker's stream is ordered: epoch 0 is done once every worker is past it
-        workers = loader.state_dict()["workers"]
+        # each lane's stream is ordered: epoch 0 is done once every lane is past it
+        lanes = [s["stream"] for s in loader.state_dict()["lane_states"].values()]
         if all(w is not None and w["epoch"] >= 1 and min(w["buffered_visits"], default=num_documents) >= num_documents
-               for w in workers):
+               for w in lanes):
             return seen, nbytes
 
 
@@ -130,14 +130,69 @@ def test_mismatched_resume_fails_loudly(data):
     loader = Loader(spec_for(data, "bytes"), 0, 2)
     take(loader, 2)
     state = loader.state_dict()
-    with pytest.raises(UserError, match="world size 2, this run has 1"):
-        Loader(spec_for(data, "bytes"), 0, 1).load_state_dict(state)
-    with pytest.raises(UserError, match="num workers 0, this run has 2"):
-        Loader(spec_for(data, "bytes"), 0, 2, num_workers=2).load_state_dict(state)
+    with pytest.raises(UserError, match="data.lanes 2, this run has 4"):
+        Loader(spec_for(data, "bytes"), 0, 2, lanes=4).load_state_dict(state)
     with pytest.raises(UserError, match="loader settings"):
         Loader(spec_for(data, "bytes", seed=4), 0, 2).load_state_dict(state)
+    with pytest.raises(UserError, match="loader settings"):
+        Loader(spec_for(data, "bytes", micro_batch_size=3), 0, 2).load_state_dict(state)
     with pytest.raises(UserError, match="fingerprint"):
         Loader(spec_for(data, "bytes"), 0, 2).load_state_dict({**state, "fingerprint": "0" * 64})
+    with pytest.raises(UserError, match="no state for lanes"):  # rank 0's lanes only, loaded as rank 1
+        Loader(spec_for(data, "bytes"), 1, 2).load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Lanes: the global sequence of micro-batches does not depend on the world size
+
+
+def global_sequence(data, family: str, lanes: int, world_size: int, num_workers: int, steps: int,
+                    per_step: int, state=None):
+    """The global micro-batches of `steps` steps of `per_step` micro-batches, with every rank's
+    share put back in global order (rank r holds global micro-batches r, r + W, ...); and the
+    run's merged loader state after them."""
+    loaders = [Loader(spec_for(data, family), r, world_size, num_workers, lanes=lanes) for r in range(world_size)]
+    if state is not None:
+        for loader in loaders:
+            loader.load_state_dict(state)
+    out = []
+    for _ in range(steps):
+        shares = [take(loader, per_step // world_size) for loader in loaders]
+        out += [shares[i % world_size][i // world_size] for i in range(per_step)]
+    merged = merge_states([loader.state_dict() for loader in loaders])
+    for loader in loaders:
+        loader.close()
+    return out, merged
+
+
+def assert_same_batches(got, want):
+    assert len(got) == len(want)
+    for i, (a, b) in enumerate(zip(got, want)):
+        for key in b:
+            assert a[key].equal(b[key]), (i, key)
+
+
+@pytest.mark.parametrize("family", ["bytes", "blt"])
+def test_the_global_micro_batches_are_the_same_at_every_world_size(data, family):
+    lanes, per_step = 4, 12
+    want, _ = global_sequence(data, family, lanes, 1, 0, 3, per_step)
+    for world_size, num_workers in [(2, 0), (3, 2), (4, 2), (2, 3)]:
+        got, _ = global_sequence(data, family, lanes, world_size, num_workers, 3, per_step)
+        assert_same_batches(got, want)
+
+
+@pytest.mark.parametrize("family", ["bytes", "bpe"])
+def test_a_world_size_change_mid_epoch_continues_the_same_sequence(data, family):
+    """Saved at 2 ranks, resumed at 1, 3 and 4 (with other worker counts): the micro-batches
+    after the resume are those of the uninterrupted run, and every target of epoch 0 is
+    predicted exactly once across the change."""
+    lanes, per_step = 4, 12
+    want, _ = global_sequence(data, family, lanes, 1, 0, 8, per_step)
+    first, state = global_sequence(data, family, lanes, 2, 2, 3, per_step)
+    assert_same_batches(first, want[: len(first)])
+    for world_size, num_workers in [(1, 0), (3, 0), (4, 2)]:
+        rest, _ = global_sequence(data, family, lanes, world_size, num_workers, 5, per_step, state=state)
+        assert_same_batches(first + rest, want)
 
 
 def test_blt_shapes_and_patch_lengths(data):
@@ -148,6 +203,6 @@ def test_blt_shapes_and_patch_lengths(data):
     assert int(batch["patch_lengths"].max()) <= 6
 
 
-def test_too_few_documents_for_the_parts(data):
-    with pytest.raises(UserError, match="fewer than ranks x loader workers"):
-        next(Loader(spec_for(data, "bytes"), 0, 32, num_workers=2))
+def test_too_few_documents_for_the_lanes(data):
+    with pytest.raises(UserError, match="fewer than data.lanes = 64"):
+        Loader(spec_for(data, "bytes"), 0, 32, num_workers=2)

@@ -61,6 +61,11 @@ class DataConfig:
     shuffle: bool = True
     shuffle_seed: int = 1234
     num_workers: int = 0
+    # logical data streams, fixed when a run starts (0: ranks x max(num_workers, 1), the order
+    # of runs before lanes existed); a run resumes at any world size, exactly, from the same
+    # global sequence of micro-batches (data/loader.py); a multiple of every world size you may
+    # resume at keeps each lane on one rank
+    lanes: int = 0
 
 
 @dataclass
@@ -290,6 +295,7 @@ def validate(cfg: Config) -> None:
     for key in ("seq_len", "tokens_per_sample", "patches_per_sample", "byte_capacity"):
         _positive(f"data.{key}", getattr(d, key))
     _positive("data.num_workers", d.num_workers, allow_zero=True)
+    _positive("data.lanes", d.lanes, allow_zero=True)
 
     o = cfg.optim
     _positive("optim.lr", o.lr)

@@ -1,14 +1,21 @@
 """Training batches for the three families, with exact resume and exactly-once coverage.
 
-    loader = Loader(LoaderSpec.for_family(cfg, "blt", split="train"), rank, world_size, num_workers=2)
+    loader = Loader(LoaderSpec.from_config(cfg, "blt"), rank, world_size, num_workers=2, lanes=8)
     batch = next(loader)            # dict of int64 tensors [micro_batch, ...] (see packing.py)
     state = loader.state_dict()     # goes into the checkpoint; load_state_dict() continues exactly
 
-Order. Every epoch is a seeded permutation of all document ids of the split (all content
-types together), dealt round-robin to ranks and then to loader workers. The parts are
-disjoint and together complete, with no padding: a rank never sees a document twice in an
-epoch and no document is skipped. Each (rank, worker) packs its documents into samples
-(packing.py); after its last document of epoch e it continues with its part of epoch e+1.
+Lanes. A run fixes L logical lanes when it starts (data.lanes; default world size x loader
+workers, the order of the loaders before lanes existed). Every epoch is a seeded permutation of
+all document ids of the split (all content types together); lane l reads ids l, l+L, ... of
+it and packs them into samples (packing.py), continuing with its part of epoch e+1 after its
+last document of epoch e. The parts are disjoint and together complete, with no padding: no
+document is read twice in an epoch and none is skipped.
+
+Dealing. Global micro-batch g is lane g % L's batch g // L, so the sequence of micro-batches is
+a function of L, the seed and the data, not of the world size. Data-parallel rank r of W takes
+g = r, r+W, r+2W, ... (LaneDeal): a fixed slice of every step when the global batch is a
+multiple of W micro-batches. A checkpoint taken at W ranks therefore resumes at any W': each
+rank picks up where the global sequence stands.
 
 Why not StreamingDataset's own order: it pads partitions with repeated samples to give every
 rank the same count, and its resume state is one global sample count that assumes ranks
@@ -16,20 +23,20 @@ consume samples in lock-step. Packing breaks both: ranks consume different numbe
 documents per step, and a repeated document would be predicted twice. So shards are read with
 mosaicml-streaming's MDS readers (shards.SplitReader) and the order lives here.
 
-State. A (rank, worker) stream's state is a few integers: epoch, position in its document
-order, and which documents are in the packer's buffer with how much of the first is used. On
+State. A lane's state is a few integers: epoch, position in its document order, batches
+produced, and which documents are in the packer's buffer with how much of the first is used. On
 restore those documents are read and encoded again (deterministic) instead of storing bytes.
+Each rank's state holds its lanes; `merge_states` joins the ranks' into the run's, saved once.
 
-Workers. Worker w packs its own part. A torch DataLoader returns batches from its workers
-round-robin, so the sequence of batches is fixed; every batch carries its worker's state after
-producing it, and the main process keeps the latest state per worker plus which worker comes
-next. On resume, worker w restarts from its state and the round-robin is rotated to start at
-the saved next worker. Resuming with another world size or worker count is refused: the parts
-would differ, and the run would repeat or skip documents.
+Workers. A rank's lanes are split over its DataLoader workers (each lane lives in one), and
+worker w produces the rank's micro-batches k = w, w + workers, ...: the DataLoader's round-robin
+over workers is then the rank's order, whatever the worker count, which may change on resume.
 """
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -46,7 +53,7 @@ from blt_dist.model import batch_facts
 from blt_dist.vocab import BOS_ID, OFFSET, PAD_ID, encode_document
 
 ENTROPY_FORMAT = "blt-dist/entropy-shards/v1"
-STATE_VERSION = 2
+STATE_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -92,18 +99,14 @@ class LoaderSpec:
 
 
 class DocumentOrder:
-    """The documents one (rank, worker) reads in each epoch: disjoint parts, complete, unpadded."""
+    """The documents one lane reads in each epoch: disjoint parts, complete, unpadded."""
 
-    def __init__(self, num_documents: int, rank: int, world_size: int, worker: int, num_workers: int, seed: int, shuffle: bool):
-        parts = world_size * max(num_workers, 1)
-        if num_documents < parts:
-            raise UserError(
-                f"the dataset has {num_documents} documents, fewer than ranks x loader workers = {parts}: "
-                "some would read nothing"
-            )
+    def __init__(self, num_documents: int, lane: int, lanes: int, seed: int, shuffle: bool):
+        if num_documents < lanes:
+            raise UserError(f"the dataset has {num_documents} documents, fewer than data.lanes = {lanes}: "
+                            "some lanes would read nothing")
         self.num_documents = num_documents
-        self.rank, self.world_size = rank, world_size
-        self.worker, self.num_workers = worker, max(num_workers, 1)
+        self.lane, self.lanes = lane, lanes
         self.seed, self.shuffle = seed, shuffle
 
     def ids(self, epoch: int) -> np.ndarray:
@@ -111,7 +114,7 @@ class DocumentOrder:
             order = np.random.default_rng([self.seed, epoch]).permutation(self.num_documents)
         else:
             order = np.arange(self.num_documents)
-        return order[self.rank :: self.world_size][self.worker :: self.num_workers]
+        return order[self.lane :: self.lanes]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,16 +178,19 @@ def dataset_format(spec: LoaderSpec) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# One (rank, worker)'s packed stream
+# One lane's packed stream
 
 
 class PackedStream:
-    def __init__(self, spec: LoaderSpec, rank: int, world_size: int, worker: int, num_workers: int, state: Optional[dict] = None):
+    """One lane: its documents of every epoch, packed into samples and batches."""
+
+    def __init__(self, spec: LoaderSpec, lane: int, lanes: int, state: Optional[dict] = None):
         self.spec = spec
         dataset = ByteDataset(spec.path, format=dataset_format(spec))
         self.fingerprint = dataset.fingerprint
         self.reader = SplitReader(dataset, spec.split)
-        self.order = DocumentOrder(len(self.reader), rank, world_size, worker, num_workers, spec.seed, spec.shuffle)
+        self.order = DocumentOrder(len(self.reader), lane, lanes, spec.seed, spec.shuffle)
+        self.batches = 0  # batches produced (kept by the caller's lane state)
         self.encoder = make_encoder(spec)
         self.packer = Packer(
             spec.sample_len, bos_id=self.encoder.bos_id, pad_id=self.encoder.pad_id, patches_per_sample=spec.patches_per_sample
@@ -219,8 +225,14 @@ class PackedStream:
         self.samples += 1
         return self.packer.cut()
 
+    def skip_batch(self) -> None:
+        for _ in range(self.spec.micro_batch_size):
+            self.next_sample()
+        self.batches += 1
+
     def next_batch(self) -> dict[str, torch.Tensor]:
         samples = [self.next_sample() for _ in range(self.spec.micro_batch_size)]
+        self.batches += 1
         batch = {key: torch.from_numpy(np.stack([s[key] for s in samples])) for key in samples[0]}
         batch["facts"] = batch_facts(batch, self.spec.family)  # read here, so the forward reads no device value
         return batch
@@ -231,21 +243,74 @@ class PackedStream:
                 "buffered_visits": visits, "consumed": consumed}
 
 
-class _PackedIterable(torch.utils.data.IterableDataset):
-    """Yields (logical worker, batch, that worker's state after the batch), forever."""
+class _LaneIterable(torch.utils.data.IterableDataset):
+    """Yields (lane, that lane's batches produced, batch, the lane's stream state), forever:
+    one physical worker's share of the rank's micro-batches, in the rank's order."""
 
-    def __init__(self, spec: LoaderSpec, rank: int, world_size: int, num_workers: int, states: list, rotation: int):
-        self.spec, self.rank, self.world_size = spec, rank, world_size
-        self.num_workers, self.states, self.rotation = num_workers, states, rotation
+    def __init__(self, spec: LoaderSpec, deal: "LaneDeal", lane_states: dict, workers: int):
+        self.spec, self.deal, self.lane_states, self.workers = spec, deal, lane_states, workers
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        physical = info.id if info is not None else 0
-        logical = (physical + self.rotation) % max(self.num_workers, 1)
-        stream = PackedStream(self.spec, self.rank, self.world_size, logical, self.num_workers, self.states[logical])
-        while True:
+        worker = info.id if info is not None else 0
+        streams: dict[int, PackedStream] = {}
+        for k in itertools.count(worker, self.workers):  # the rank's k-th micro-batch from here on
+            lane, n = self.deal.lane_batch(k)
+            stream = streams.get(lane)
+            if stream is None:
+                saved = self.lane_states[lane]
+                stream = streams[lane] = PackedStream(self.spec, lane, self.deal.lanes, saved["stream"])
+                stream.batches = saved["produced"]
+            if stream.batches > n:
+                raise RuntimeError(f"lane {lane} is past batch {n} ({stream.batches} produced): inconsistent loader state")
+            while stream.batches < n:  # batches of a lane that other ranks take (lanes not a multiple of ranks)
+                stream.skip_batch()
             batch = stream.next_batch()
-            yield logical, batch, stream.state_dict()
+            yield lane, stream.batches, batch, stream.state_dict()
+
+
+# ---------------------------------------------------------------------------------------------
+# Dealing micro-batches to ranks
+
+
+@dataclass(frozen=True)
+class LaneDeal:
+    """Which lane batch is a rank's k-th micro-batch, counted from global micro-batch `start`.
+
+    Global micro-batch g is batch g // L of lane g % L. Data-parallel rank r of W takes the
+    global micro-batches g = start + r + W*k (k = 0, 1, ...): with the global batch a multiple
+    of W micro-batches, that is a fixed slice of every step, and the sequence of global
+    micro-batches depends on L, the seed and the data only. When W divides L a rank owns L/W
+    lanes outright; otherwise a lane's batches go to several ranks in turn, and each of them
+    packs (and drops) the batches the others take: correct, but slower by W/gcd(L, W).
+    """
+
+    lanes: int
+    rank: int
+    world_size: int
+    start: int  # global micro-batches consumed before this deal began (a multiple of world_size)
+
+    def lane_batch(self, k: int) -> tuple[int, int]:
+        g = self.start + self.rank + self.world_size * k
+        return g % self.lanes, g // self.lanes
+
+    @property
+    def period(self) -> int:
+        """The rank's lanes repeat with this period in k; each lane once per period."""
+        return math.lcm(self.lanes, self.world_size) // self.world_size
+
+    def rank_lanes(self) -> list[int]:
+        return [self.lane_batch(k)[0] for k in range(self.period)]
+
+    def workers_for(self, num_workers: int) -> int:
+        """Physical workers: the most, up to num_workers, that split the rank's lanes evenly, so
+        that each lane lives in one worker and the DataLoader's round-robin is the rank's order."""
+        return max(w for w in range(1, max(num_workers, 1) + 1) if self.period % w == 0)
+
+    @property
+    def repacked(self) -> int:
+        """Lane batches packed per batch used (1 when world_size divides lanes)."""
+        return self.world_size // math.gcd(self.lanes, self.world_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,17 +318,42 @@ class _PackedIterable(torch.utils.data.IterableDataset):
 
 
 class Loader:
-    """An endless iterator of batches for one rank, with state_dict()/load_state_dict()."""
+    """An endless iterator of batches for one data-parallel rank, with state_dict() /
+    load_state_dict(). `lanes` fixes the run's logical streams (default: world_size x
+    max(num_workers, 1), the order of the loaders before lanes existed); a state saved at one
+    world size or worker count loads at any other."""
 
-    def __init__(self, spec: LoaderSpec, rank: int = 0, world_size: int = 1, num_workers: int = 0):
+    def __init__(self, spec: LoaderSpec, rank: int = 0, world_size: int = 1, num_workers: int = 0,
+                 lanes: Optional[int] = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.spec, self.rank, self.world_size, self.num_workers = spec, rank, world_size, num_workers
-        self.fingerprint = ByteDataset(spec.path, format=dataset_format(spec)).fingerprint
-        self._states: list[Optional[dict]] = [None] * max(num_workers, 1)
-        self._next_worker = 0
-        self.batches = 0
+        self.lanes = lanes or world_size * max(num_workers, 1)
+        dataset = ByteDataset(spec.path, format=dataset_format(spec))
+        self.fingerprint = dataset.fingerprint
+        self.num_documents = len(SplitReader(dataset, spec.split))
+        if self.num_documents < self.lanes:
+            raise UserError(
+                f"the dataset has {self.num_documents} documents, fewer than data.lanes = {self.lanes} "
+                "(default: ranks x loader workers): some lanes would read nothing"
+            )
+        self.deal = LaneDeal(self.lanes, rank, world_size, 0)
+        self._lane_states = {lane: {"produced": 0, "stream": None} for lane in self.deal.rank_lanes()}
+        self.taken = 0  # micro-batches taken since the deal began
         self._iter: Optional[Iterator] = None
+
+    @property
+    def consumed(self) -> int:
+        """Global micro-batches consumed, assuming every rank took as many as this one (true at
+        step boundaries, where checkpoints are written)."""
+        return self.deal.start + self.world_size * self.taken
+
+    def describe(self) -> str:
+        text = f"{self.lanes} lanes, {len(self._lane_states)} on this rank"
+        if self.deal.repacked > 1:
+            text += (f"; {self.lanes} lanes do not split over {self.world_size} ranks, so each rank packs "
+                     f"{self.deal.repacked}x the batches it uses (choose data.lanes as a multiple of the world sizes)")
+        return text
 
     def __iter__(self):
         return self
@@ -271,60 +361,86 @@ class Loader:
     def __next__(self) -> dict[str, torch.Tensor]:
         if self._iter is None:
             self._iter = self._start()
-        worker, batch, state = next(self._iter)
-        self._states[worker] = state
-        self._next_worker = (worker + 1) % max(self.num_workers, 1)
-        self.batches += 1
+        lane, produced, batch, state = next(self._iter)
+        self._lane_states[lane] = {"produced": produced, "stream": state}
+        self.taken += 1
         return batch
 
     def _start(self) -> Iterator:
-        dataset = _PackedIterable(self.spec, self.rank, self.world_size, self.num_workers, list(self._states), self._next_worker)
+        self.deal = LaneDeal(self.lanes, self.rank, self.world_size, self.consumed)
+        self.taken = 0
+        workers = self.deal.workers_for(self.num_workers)
+        dataset = _LaneIterable(self.spec, self.deal, dict(self._lane_states), workers)
         if self.num_workers == 0:
             return iter(dataset)
         # collate_fn=_as_is: the default would turn the numpy arrays of the worker state into tensors
         loader = torch.utils.data.DataLoader(
-            dataset, batch_size=None, num_workers=self.num_workers, prefetch_factor=2, collate_fn=_as_is
+            dataset, batch_size=None, num_workers=workers, prefetch_factor=2, collate_fn=_as_is
         )
         return iter(loader)
 
     def close(self) -> None:
+        if self._iter is not None:  # the next start continues from what was taken
+            self.deal = LaneDeal(self.lanes, self.rank, self.world_size, self.consumed)
+            self.taken = 0
         self._iter = None  # drops the DataLoader iterator, which shuts its workers down
 
     def state_dict(self) -> dict:
+        """This rank's lanes. Every rank's states together (merge_states) are the run's."""
         return {
             "version": STATE_VERSION,
             "spec": dataclasses.asdict(self.spec),
             "fingerprint": self.fingerprint,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "num_workers": self.num_workers,
-            "batches": self.batches,
-            "next_worker": self._next_worker,
-            "workers": [None if s is None else dict(s) for s in self._states],
+            "lanes": self.lanes,
+            "consumed": self.consumed,
+            "lane_states": {lane: dict(s) for lane, s in sorted(self._lane_states.items())},
         }
 
     def load_state_dict(self, state: dict) -> None:
-        def refuse(what: str, saved, now):
+        def refuse(what: str, saved, now, fix: str = ""):
             raise UserError(
                 f"loader state was saved with {what} {saved}, this run has {now}; resuming would repeat or skip "
-                f"documents (start a new run, or resume with the same {what})"
+                f"documents ({fix or f'start a new run, or resume with the same {what}'})"
             )
 
         if state.get("version") != STATE_VERSION:
-            refuse("state version", state.get("version"), STATE_VERSION)
+            refuse("state version", state.get("version"), STATE_VERSION, "written by another version of blt-dist")
         if state["fingerprint"] != self.fingerprint:
             refuse("dataset fingerprint", state["fingerprint"][:16], self.fingerprint[:16])
-        for key in ("world_size", "rank", "num_workers"):
-            if state[key] != getattr(self, key):
-                refuse(key.replace("_", " "), state[key], getattr(self, key))
+        if state["lanes"] != self.lanes:
+            refuse("data.lanes", state["lanes"], self.lanes, "leave data.lanes unset to take the saved value")
         saved_spec = LoaderSpec(**state["spec"])
         changed = [f.name for f in dataclasses.fields(LoaderSpec) if getattr(saved_spec, f.name) != getattr(self.spec, f.name)]
         if changed:
             refuse("loader settings", {k: getattr(saved_spec, k) for k in changed}, {k: getattr(self.spec, k) for k in changed})
+        if state["consumed"] % self.world_size:
+            raise UserError(f"loader state: {state['consumed']} micro-batches consumed, not a multiple of "
+                            f"{self.world_size} ranks (saved between two steps?)")
         self.close()
-        self._states = [None if s is None else dict(s) for s in state["workers"]]
-        self._next_worker = state["next_worker"]
-        self.batches = state["batches"]
+        self.deal = LaneDeal(self.lanes, self.rank, self.world_size, state["consumed"])
+        self.taken = 0
+        saved = {int(lane): s for lane, s in state["lane_states"].items()}
+        missing = [lane for lane in self.deal.rank_lanes() if lane not in saved]
+        if missing:
+            raise UserError(f"loader state holds no state for lanes {missing} (a single rank's state, not the run's?)")
+        self._lane_states = {lane: dict(saved[lane]) for lane in self.deal.rank_lanes()}
+
+
+def merge_states(states: list[dict]) -> dict:
+    """The run's loader state from every rank's: each lane's newest state (a lane two ranks
+    share is furthest along in the rank that took its latest batch)."""
+    first = states[0]
+    for other in states[1:]:
+        for key in ("version", "spec", "fingerprint", "lanes", "consumed"):
+            if other[key] != first[key]:
+                raise RuntimeError(f"loader states of the ranks differ in {key}: {first[key]} vs {other[key]}")
+    lanes: dict[int, dict] = {}
+    for state in states:
+        for lane, s in state["lane_states"].items():
+            lane = int(lane)
+            if lane not in lanes or s["produced"] > lanes[lane]["produced"]:
+                lanes[lane] = s
+    return {**first, "lane_states": dict(sorted(lanes.items()))}
 
 
 def _as_is(item):

@@ -9,7 +9,8 @@
 
 A directory without COMPLETE, or whose files no longer match it (truncated, missing), is not a
 checkpoint. Resume takes the newest complete one and falls back to older ones, saying why.
-Retention: the newest `keep_last`, plus every checkpoint at a multiple of `permanent_every`.
+Retention: the newest `keep_last`, plus every checkpoint at a multiple of `permanent_every`;
+an elastic resume's `<tag>.logical/` (elastic.py) is removed with its checkpoint.
 A failed save (disk full, write error) removes its partial directory and leaves every earlier
 checkpoint untouched. Only I/O errors count as a failed save; any other exception on any rank is
 a bug, and every rank raises, after the ranks have agreed on it, so none is left waiting in a
@@ -209,6 +210,12 @@ def prune(run_dir: str | Path, keep_last: int, permanent_every: int) -> list[Pat
             continue
         shutil.rmtree(p, ignore_errors=True)
         removed.append(p)
+    # an elastic resume's logical state (elastic.py) goes with the checkpoint it was read from
+    root = checkpoint_root(run_dir)
+    for derived in root.glob("step_*.logical*") if root.is_dir() else ():
+        if not (root / derived.name.split(".")[0]).is_dir():
+            shutil.rmtree(derived, ignore_errors=True)
+            removed.append(derived)
     return removed
 
 
@@ -236,16 +243,25 @@ def check_compatible(marker: dict, expected: dict) -> None:
             )
 
 
-def load(engine, run_dir: str | Path, tag: str, rank: int) -> dict:
-    """Loads DeepSpeed state and returns this rank's own state (RNG is restored by the caller)."""
+def load_engine(engine, run_dir: str | Path, tag: str) -> None:
+    """DeepSpeed's own state, at the layout that saved it (bit-exact)."""
     root = checkpoint_root(run_dir)
     load_path, _ = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
     if load_path is None:
         raise UserError(f"{root / tag}: DeepSpeed could not load this checkpoint")
-    path = root / tag / f"rank_{rank:05d}.pt"
-    if not path.is_file():
-        raise UserError(f"{path}: missing (checkpoint written by fewer ranks?)")
-    return torch.load(path, weights_only=False)
+
+
+def load_rank_states(run_dir: str | Path, tag: str, rank: int) -> tuple[Optional[dict], dict]:
+    """(this rank's own state, None for a rank the saving run did not have; rank 0's, which
+    holds the run's step, counters and loader state)."""
+    tag_dir = checkpoint_root(run_dir) / tag
+
+    def read(r: int) -> dict:
+        return torch.load(tag_dir / f"rank_{r:05d}.pt", weights_only=False)
+
+    first = read(0)
+    own = first if rank == 0 else read(rank) if (tag_dir / f"rank_{rank:05d}.pt").is_file() else None
+    return own, first
 
 
 # ---------------------------------------------------------------------------------------------

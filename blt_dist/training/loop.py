@@ -32,12 +32,12 @@ import torch
 
 from blt_dist.config import Config, add_config_arguments, config_from_args, save_resolved, to_dict, to_yaml
 from blt_dist.data.entropies import check_entropy_source
-from blt_dist.data.loader import ENTROPY_FORMAT, Loader, LoaderSpec, dataset_format
+from blt_dist.data.loader import ENTROPY_FORMAT, Loader, LoaderSpec, dataset_format, merge_states
 from blt_dist.errors import UserError
 from blt_dist.flops import SampleShape
 from blt_dist.hardware import peak_flops
 from blt_dist.model import build_model
-from blt_dist.parallel.collectives import abandon, reduce_floats, reduce_int, shutdown
+from blt_dist.parallel.collectives import abandon, all_gather_object, barrier, reduce_floats, reduce_int, shutdown
 from blt_dist.parallel.engine import (
     apply_activation_checkpointing,
     data_parallel_size,
@@ -47,7 +47,7 @@ from blt_dist.parallel.engine import (
     set_lr,
 )
 from blt_dist.parallel.pipeline import build_pipeline
-from blt_dist.training import checkpoint
+from blt_dist.training import checkpoint, elastic
 from blt_dist.training.export import save_export
 from blt_dist.training.metrics import MetricsLogger, format_line, memory_gb
 from blt_dist.training.run_length import (
@@ -182,9 +182,13 @@ def train(cfg: Config, stop: "StopRequest | None" = None) -> int:
 
 def _train(cfg: Config, env, stop: StopRequest) -> int:
     run_dir = Path(cfg.run.dir)
-    run = set_up(cfg, env, run_dir)
-    progress = resume(cfg, env, run, run_dir)
-    log = open_log(cfg, env, run, progress, run_dir)
+    found = find_checkpoint(cfg, env, run_dir)
+    change = None
+    if found is not None:  # the saved global batch and lanes hold; grad_accum follows the world size
+        cfg, change = elastic.plan(cfg, env.world_size, found.marker)
+    run = set_up(cfg, env, run_dir, found)
+    progress = resume(env, run, found, change)
+    log = open_log(cfg, env, run, progress, run_dir, change)
 
     faults = Faults(os.environ.get("BLT_FAULTS", ""))
     nonfinite_in_a_row = failed_saves = 0
@@ -280,7 +284,33 @@ def _train(cfg: Config, env, stop: StopRequest) -> int:
 # The loop's named steps, in the order it takes them
 
 
-def set_up(cfg: Config, env, run_dir: Path) -> Run:
+@dataclass(frozen=True)
+class ResumePoint:
+    """The checkpoint a run continues from."""
+
+    run_dir: Path
+    tag: str
+    marker: dict
+
+    @property
+    def tag_dir(self) -> Path:
+        return checkpoint.checkpoint_root(self.run_dir) / self.tag
+
+
+def find_checkpoint(cfg: Config, env, run_dir: Path) -> Optional[ResumePoint]:
+    """The newest complete checkpoint of the run (or of checkpoint.resume_from), chosen by rank 0
+    for every rank; None for a fresh start."""
+    resume_dir = Path(cfg.checkpoint.resume_from) if cfg.checkpoint.resume_from else run_dir
+    tag = checkpoint.choose_for_resume(resume_dir, env.is_main) if cfg.checkpoint.resume else None
+    if tag is None and cfg.checkpoint.resume_from:
+        raise UserError(f"checkpoint.resume_from: {resume_dir} holds no complete checkpoint")
+    if tag is None:
+        return None
+    _, _, marker = checkpoint.verify(checkpoint.checkpoint_root(resume_dir) / tag)
+    return ResumePoint(resume_dir, tag, marker)
+
+
+def set_up(cfg: Config, env, run_dir: Path, found: Optional[ResumePoint]) -> Run:
     """Run directory files, the model and its DeepSpeed engine, the loader, the run length."""
     family = cfg.model.family
     ds_config = deepspeed_config(cfg, env.world_size)
@@ -306,16 +336,25 @@ def set_up(cfg: Config, env, run_dir: Path) -> Run:
     engine = initialize_engine(model, cfg.optim.weight_decay, ds_config)
     # every stage of a pipeline reads the same batches: the loader is indexed by data-parallel rank
     dp_rank = engine.grid.get_data_parallel_rank() if pipelined else env.rank
-    loader = Loader(LoaderSpec.from_config(cfg, family), dp_rank, dp_size, cfg.data.num_workers)
+    # the lanes are fixed at the first start; a resume takes the saved count, at any world size
+    lanes = found.marker["lanes"] if found else cfg.data.lanes or dp_size * max(cfg.data.num_workers, 1)
+    loader = Loader(LoaderSpec.from_config(cfg, family), dp_rank, dp_size, cfg.data.num_workers, lanes)
     if family == "blt" and cfg.data.entropy_model and dataset_format(loader.spec) == ENTROPY_FORMAT:
         for path in filter(None, (cfg.data.train, cfg.data.val)):
             check_entropy_source(path, cfg.data.entropy_model)
-    total_steps, length_source = total_steps_for(
-        cfg, dp_size, lambda: measure_per_sample(cfg, loader.spec, dp_rank, dp_size)
-    )
+    if found and not cfg.train.max_steps:  # measured once, at the first start, and kept
+        total_steps, length_source = found.marker["total_steps"], "as saved at the first start"
+    else:
+        total_steps, length_source = total_steps_for(
+            cfg, dp_size, lambda: measure_per_sample(cfg, loader.spec, dp_rank, dp_size, lanes)
+        )
     marker_info = {
         "world_size": env.world_size,
         "global_batch": ds_config["train_batch_size"],
+        "micro_batch_size": cfg.train.micro_batch_size,
+        "grad_accum": cfg.train.grad_accum,
+        "lanes": lanes,
+        "total_steps": total_steps,
         "dataset_fingerprint": loader.fingerprint,
         "zero_stage": cfg.parallel.zero_stage,
         "pipeline_stages": cfg.parallel.pipeline_stages,
@@ -327,26 +366,29 @@ def set_up(cfg: Config, env, run_dir: Path) -> Run:
                validation)
 
 
-def resume(cfg: Config, env, run: Run, run_dir: Path) -> Progress:
-    """The newest complete checkpoint's state (model, optimizer, loader, RNG), if there is one;
-    the metrics a crash logged after it are dropped, since those steps run again."""
-    progress = Progress()
-    resume_dir = Path(cfg.checkpoint.resume_from) if cfg.checkpoint.resume_from else run_dir
-    tag = checkpoint.choose_for_resume(resume_dir, env.is_main) if cfg.checkpoint.resume else None
-    if tag is None and cfg.checkpoint.resume_from:
-        raise UserError(f"checkpoint.resume_from: {resume_dir} holds no complete checkpoint")
-    if tag is not None:
-        _, _, marker = checkpoint.verify(checkpoint.checkpoint_root(resume_dir) / tag)
-        must_match = ("world_size", "pipeline_stages", "global_batch", "dataset_fingerprint")
-        checkpoint.check_compatible(marker, {k: run.marker_info[k] for k in must_match})
-        state = checkpoint.load(run.engine, resume_dir, tag, env.rank)
-        run.loader.load_state_dict(state["loader"])
-        checkpoint.set_rng_state(state["rng"])
-        progress = Progress(state["step"], {**progress.seen, **state["seen"]}, state.get("wandb_id"), tag)
-    return progress
+def resume(env, run: Run, found: Optional[ResumePoint], change: Optional[elastic.LayoutChange]) -> Progress:
+    """The checkpoint's state (model, optimizer, loader, RNG), if there is one. At the layout
+    that saved it, DeepSpeed loads its own files (bit-exact); at another, the checkpoint's
+    logical state is written into the new engine (elastic.py)."""
+    if found is None:
+        return Progress()
+    marker = found.marker
+    checkpoint.check_compatible(marker, {"dataset_fingerprint": run.marker_info["dataset_fingerprint"]})
+    if change is None:
+        checkpoint.load_engine(run.engine, found.run_dir, found.tag)
+    else:
+        path = elastic.convert_once(found.tag_dir, marker, env.is_main)
+        barrier()
+        elastic.load_logical(run.engine, elastic.read_logical(path), marker["step"])
+    own, first = checkpoint.load_rank_states(found.run_dir, found.tag, env.rank)
+    run.loader.load_state_dict(first["loader"])
+    if own is not None:  # a rank the saving run did not have keeps the seed it was given
+        checkpoint.set_rng_state(own["rng"])
+    return Progress(first["step"], {**Progress().seen, **first["seen"]}, first.get("wandb_id"), found.tag)
 
 
-def open_log(cfg: Config, env, run: Run, progress: Progress, run_dir: Path) -> MetricsLogger:
+def open_log(cfg: Config, env, run: Run, progress: Progress, run_dir: Path,
+             change: Optional[elastic.LayoutChange]) -> MetricsLogger:
     """metrics.jsonl (and wandb, continuing the run's wandb id), then the run's header line."""
     dropped = drop_metrics_after(run_dir, progress.step) if env.is_main else 0
     # wandb resumes its run: the id is in every checkpoint, and in the run dir from the first
@@ -357,8 +399,10 @@ def open_log(cfg: Config, env, run: Run, progress: Progress, run_dir: Path) -> M
     log = MetricsLogger(run_dir, env.is_main, cfg.log, to_dict(cfg), progress.wandb_id)
     if env.is_main and log.wandb_id and log.wandb_id != progress.wandb_id:
         id_file.write_text(log.wandb_id + "\n")
-    run.peak, peak_source = peak_flops(cfg.train.dtype, env.device)
     tag, step = progress.resumed_from, progress.step
+    if change is not None:
+        log.info(change.describe(step))
+    run.peak, peak_source = peak_flops(cfg.train.dtype, env.device)
     log.info(
         f"{cfg.model.family}: {params_total(cfg) / 1e6:.2f}M params, {train_flops_per_byte(cfg):.3g} train FLOPs/byte "
         f"at the nominal shape, {run.total_steps} steps ({run.length_source}), {env.world_size} ranks ({env.backend}), "
@@ -366,6 +410,7 @@ def open_log(cfg: Config, env, run: Run, progress: Progress, run_dir: Path) -> M
         + (f"; resumed from {tag} (step {step})" if tag else "")
         + (f"; Slurm restart {os.environ['SLURM_RESTART_COUNT']}" if "SLURM_RESTART_COUNT" in os.environ else "")
     )
+    log.info(f"data: {run.loader.describe()}")
     if run.validation:
         log.info(f"validation: {run.validation.describe(cfg)}")
     if dropped:
@@ -435,8 +480,10 @@ def log_window(cfg: Config, env, run: Run, progress: Progress, window: Window, l
 def save(cfg: Config, env, run: Run, progress: Progress, log: MetricsLogger, run_dir: Path) -> bool:
     """A checkpoint at the current step on every rank (published when all of them wrote theirs),
     then keep-last-k pruning on rank 0. False when it could not be written (the run goes on)."""
+    # the loader state is the run's (every rank's lanes): gathered and saved once, by rank 0
+    loader_states = all_gather_object(run.loader.state_dict())
     rank_state = {
-        "step": progress.step, "seen": progress.seen, "loader": run.loader.state_dict(),
+        "step": progress.step, "seen": progress.seen, "loader": merge_states(loader_states) if env.is_main else None,
         "rng": checkpoint.rng_state(), "wandb_id": log.wandb_id, "config": to_dict(cfg), "provenance": run.origin,
     }
     ok = checkpoint.save(run.engine, run_dir, progress.step, rank_state, run.marker_info, env.rank, log=log.info)

@@ -16,8 +16,8 @@ from blt_dist.flops import train_flops_per_byte as nominal_flops_per_byte
 from blt_dist.parallel.collectives import all_reduce
 
 
-def measure_per_sample(cfg: Config, spec, rank: int, world_size: int, probe_bytes: float = 8e6,
-                       max_batches: int = 4000) -> tuple[float, float]:
+def measure_per_sample(cfg: Config, spec, rank: int, world_size: int, lanes: int | None = None,
+                       probe_bytes: float = 8e6, max_batches: int = 4000) -> tuple[float, float]:
     """(raw bytes, useful training FLOPs) one sample holds, measured on this rank's own data
     stream (a separate loader: the training loader's state is untouched) over about `probe_bytes`
     (documents are up to tens of KB: a short probe sees only a few of them). Deterministic, so a
@@ -25,7 +25,7 @@ def measure_per_sample(cfg: Config, spec, rank: int, world_size: int, probe_byte
     slots (whole patches only) and a BPE token covers a data-dependent number of bytes: a guess
     from the config (assumed patch size, bytes per token) would miss a FLOP budget by the
     difference, and unequally for the two families."""
-    probe = Loader(spec, rank, world_size)
+    probe = Loader(spec, rank, world_size, lanes=lanes)
     total, flops, batches = 0, 0.0, 0
     while total < probe_bytes and batches < max_batches:
         batch = next(probe)
