@@ -11,7 +11,10 @@ launch/slurm_env.py and launch/task.py). Before anything is submitted the run di
 
 `--dry-run` prints the sbatch script and the resolved config and submits nothing.
 `--continue RUN_DIR` resubmits an existing run (same config and code snapshot; resource flags
-given with it override the recorded ones); the trainer resumes from its newest checkpoint.
+given with it override the recorded ones); the trainer resumes from its newest checkpoint, at
+the new world size if the resources changed it (elastic resume: same data order, grad_accum
+derived from the run's global batch). `--nodes MIN-MAX` lets Slurm start (or requeue) the job
+on fewer nodes than MAX; the run continues at whatever world size it gets.
 
     blt-dist launch configs/blt/1b.yaml run.dir=/shared/runs/blt-1b data.train=... \\
         --nodes 2 --gpus-per-node 8 --partition gpu --time 1440
@@ -40,7 +43,7 @@ PATH_FIELDS = (("run", "dir"), ("data", "train"), ("data", "val"), ("data", "tok
 
 # --flag -> launch.<key>, so that the flags and dotted overrides are one thing.
 RESOURCE_FLAGS = {
-    "nodes": int, "gpus_per_node": int, "tasks_per_node": int, "cpus_per_task": int, "partition": str,
+    "gpus_per_node": int, "tasks_per_node": int, "cpus_per_task": int, "partition": str,
     "account": str, "qos": str, "constraint": str, "exclude": str, "job_name": str, "max_retries": int,
 }
 RENAMED_FLAGS = {"time": ("time_min", int), "mem": ("mem_gb", int), "signal_lead": ("signal_delay_s", int)}
@@ -66,8 +69,15 @@ def resource_overrides(args: argparse.Namespace) -> list[str]:
         value = getattr(args, flag, None)
         if value is not None:
             out.append(f"launch.{key}={quote_override(value)}")
-    if getattr(args, "require_clean", False):
-        out.append("launch.require_clean=true")
+    nodes = getattr(args, "nodes", None)
+    if nodes is not None:
+        low, _, high = nodes.partition("-")
+        if not (low.isdigit() and (not high or high.isdigit())):
+            raise UserError(f"--nodes: {nodes!r} is not N or MIN-MAX")
+        out += [f"launch.nodes={int(high or low)}", f"launch.min_nodes={int(low) if high else 0}"]
+    for flag in ("require_clean", "overcommit"):
+        if getattr(args, flag, False):
+            out.append(f"launch.{flag}=true")
     return out
 
 
@@ -110,6 +120,11 @@ def executor_parameters(cfg: Config, run_dir: Path) -> dict:
         # `scontrol requeue` needs a requeueable job; clusters may default to JobRequeue=0
         "additional_parameters": {"requeue": True},
     }
+    if la.min_nodes:  # submitit counts tasks from the int "nodes"; sbatch reads the range
+        params["additional_parameters"]["nodes"] = f"{la.min_nodes}-{la.nodes}"
+    if la.overcommit:  # sbatch accepts more tasks than CPUs only as --ntasks with --overcommit
+        del params["ntasks_per_node"]
+        params["additional_parameters"].update(ntasks=la.nodes * tasks_per_node(cfg), overcommit=True)
     if la.gpus_per_node:
         params["gpus_per_node"] = la.gpus_per_node
     for key in ("partition", "account", "qos", "constraint", "exclude"):
@@ -213,7 +228,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--continue", dest="continue_dir", metavar="RUN_DIR", type=Path,
                         help="resubmit an existing run directory (its config and code snapshot)")
     res = parser.add_argument_group("resources (each sets the launch.* key of the same name)")
-    res.add_argument("--nodes", type=int)
+    res.add_argument("--nodes", metavar="N|MIN-MAX", help="nodes; MIN-MAX lets a (requeued) job start on fewer")
     res.add_argument("--gpus-per-node", type=int, help="GPUs per node; one task per GPU")
     res.add_argument("--tasks-per-node", type=int, help="ranks per node on a CPU cluster (no GPUs)")
     res.add_argument("--cpus-per-task", type=int)
@@ -228,6 +243,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     res.add_argument("--signal-lead", type=int, metavar="S",
                      help="USR2 this many seconds before the time limit (launch.signal_delay_s)")
     res.add_argument("--max-retries", type=int, help="failures retried before the job gives up")
+    res.add_argument("--overcommit", action="store_true",
+                     help="more tasks than CPUs (sbatch --overcommit; one machine standing in for more)")
     parser.add_argument("--require-clean", action="store_true",
                         help="refuse a working tree with uncommitted changes (otherwise its diff is recorded)")
     parser.add_argument("--dry-run", action="store_true", help="print the sbatch script and resolved config; submit nothing")

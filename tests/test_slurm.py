@@ -282,3 +282,68 @@ def test_unknown_partition_shows_slurms_error(cluster, data, tmp_path):
     assert "invalid partition" in result.stderr.lower(), result.stderr
     impossible = run_cli("launch", *blt_args(data, tmp_path / "bad2", 2), "--tasks-per-node", "64", "--time", "5")
     assert impossible.returncode != 0 and "sbatch refused the job" in impossible.stderr, impossible.stderr
+
+
+def test_a_preempted_run_continues_on_one_task_then_four(cluster, data, tmp_path):
+    """Elastic resume end to end: a 2-task run is preempted (for real) and its requeue cancelled;
+    `launch --continue --tasks-per-node 1` continues it on one task, a cancel stops it again,
+    and `--continue --tasks-per-node 4 --overcommit` finishes it on four. Every step runs once,
+    every step's data digest is the uninterrupted run's and the losses agree to float rounding."""
+    from tests.distributed import run as run_processes
+
+    started = time.monotonic()
+    steps = 24
+    args = ["configs/entropy/tiny.yaml", f"data.train={data / 'ds'}", "data.seq_len=128", "train.micro_batch_size=2",
+            "train.grad_accum=2", "log.every=1", f"train.max_steps={steps}", "checkpoint.every=2", "parallel.zero_stage=1"]
+    reference = tmp_path / "reference"
+    run_processes(2, ["train", *args, f"run.dir={reference}"], tmp_path / "logs_reference")
+    run_dir = tmp_path / "elastic"
+    env = {"BLT_FAULTS": "step_sleep_s=0.25", "WANDB_MODE": "disabled"}
+    job_id = launch([*args, f"run.dir={run_dir}"], "--time", "10", faults="step_sleep_s=0.25")
+    deadline = time.monotonic() + 300
+
+    def wait_for(condition, what: str) -> None:
+        while not condition():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}; events {event_names(run_dir)}"
+            time.sleep(0.3)
+
+    def preempt_at(step: int, job_id: str) -> None:
+        """A whole-node job in the high partition preempts ours (Slurm requeues it); the requeued
+        job is cancelled before it starts again, as if the allocation came back smaller."""
+        wait_for(lambda: last_step(run_dir) >= step, f"step {step}")
+        preemptions = event_names(run_dir).count("preempted")
+        subprocess.run(["sbatch", "-p", "high", "--exclusive", "-N1", "-o", "/dev/null", "--wrap", "sleep 2"],
+                       check=True, capture_output=True)
+        wait_for(lambda: event_names(run_dir).count("preempted") > preemptions, "the preemption")
+        wait_for(lambda: job_info(job_id).get("JobState") in ("PENDING", "REQUEUED"), "the requeue")
+        subprocess.run(["scancel", job_id], check=True)
+        wait_for(lambda: job_info(job_id).get("JobState") == "CANCELLED", "the cancel")
+
+    def resubmit(*flags: str) -> str:
+        result = run_cli("launch", "--continue", str(run_dir), "--cpus-per-task", "1", *flags, env=env)
+        assert result.returncode == 0, result.stderr + result.stdout
+        return result.stdout.split("submitted job ")[1].split(":")[0]
+
+    preempt_at(6, job_id)
+    job_id = resubmit("--tasks-per-node", "1")
+    preempt_at(14, job_id)
+    job_id = resubmit("--tasks-per-node", "4", "--overcommit")
+    status = drive(run_dir, job_id)
+    assert status["state"] == "completed", event_names(run_dir)
+
+    starts = [e for e in records.events(run_dir) if e["event"] == "start"]
+    assert [e["world_size"] for e in starts] == [2, 1, 4], records.events(run_dir)
+    got, want = train_records(run_dir), train_records(reference)
+    assert [r["step"] for r in got] == list(range(1, steps + 1))  # nothing missing, nothing twice
+    assert [r["data_digest"] for r in got] == [r["data_digest"] for r in want]
+    for a, b in zip(want, got):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=0), a["step"]
+    log = "".join(p.read_text() for p in sorted((run_dir / "slurm").glob("*_0_log.out")))
+    assert "saved at 2 ranks ZeRO-1 on 1 rank ZeRO-1, grad_accum 2 -> 4" in log
+    assert "saved at 1 rank ZeRO-1 on 4 ranks ZeRO-1, grad_accum 4 -> 1" in log
+    print(f"[timing] elastic 2 -> 1 -> 4 tasks: {time.monotonic() - started:.0f} s; events {event_names(run_dir)}")
+    for line in (line for line in log.splitlines() if "resumed step" in line):
+        print(f"[elastic] {line.strip()}")
+    print("[losses] step  uninterrupted(2 ranks)  elastic(2 -> 1 -> 4)")
+    for a, b in zip(want, got):
+        print(f"[losses] {a['step']:>4}  {a['loss']:.9f}  {b['loss']:.9f}")

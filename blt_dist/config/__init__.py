@@ -146,6 +146,9 @@ class LaunchConfig:
     constraint: str = ""  # sbatch --constraint (node features)
     exclude: str = ""  # sbatch --exclude (node list)
     nodes: int = 1
+    # > 0: ask for min_nodes..nodes (sbatch --nodes=MIN-MAX); a job, or a requeue of it, that
+    # gets fewer nodes continues at the smaller world size (elastic resume, training/elastic.py)
+    min_nodes: int = 0
     gpus_per_node: int = 0  # > 0: one task per GPU (tasks_per_node is then ignored)
     tasks_per_node: int = 1  # CPU clusters: ranks per node
     cpus_per_task: int = 2
@@ -155,6 +158,8 @@ class LaunchConfig:
     max_requeues: int = 100  # preemptions + time limits that requeue the job
     max_retries: int = 2  # failures (a task that raises or dies) retried before the job gives up
     require_clean: bool = False  # refuse to submit from a working tree with uncommitted changes
+    # sbatch --overcommit: more tasks than CPUs (one machine standing in for several nodes)
+    overcommit: bool = False
 
 
 @dataclass
@@ -342,8 +347,10 @@ def validate(cfg: Config) -> None:
     la = cfg.launch
     for key in ("nodes", "tasks_per_node", "cpus_per_task", "time_min"):
         _positive(f"launch.{key}", getattr(la, key))
-    for key in ("gpus_per_node", "mem_gb", "signal_delay_s", "max_requeues", "max_retries"):
+    for key in ("gpus_per_node", "mem_gb", "signal_delay_s", "max_requeues", "max_retries", "min_nodes"):
         _positive(f"launch.{key}", getattr(la, key), allow_zero=True)
+    if la.min_nodes > la.nodes:
+        raise ConfigError("launch.min_nodes", f"{la.min_nodes} is more than launch.nodes={la.nodes}")
     if la.signal_delay_s >= la.time_min * 60:
         raise ConfigError("launch.signal_delay_s", f"{la.signal_delay_s} s is not shorter than the time limit "
                           f"(launch.time_min={la.time_min}): the stop signal would come at the start")

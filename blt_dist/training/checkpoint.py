@@ -2,7 +2,8 @@
 
     RUN/checkpoints/step_00000100/
         mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt ...   DeepSpeed (per rank)
-        rank_00000.pt ...         per rank: RNG states, loader state, counters (ours)
+        rank_00000.pt ...         per rank: RNG states (ours); rank 0 also the step, counters and
+                                  the loader state of the whole run (every lane)
         COMPLETE                  written last, by rank 0, after every rank has finished:
                                   step, world size, global batch, dataset fingerprint and the
                                   size of every file, so damage is detected before loading
