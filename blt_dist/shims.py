@@ -77,6 +77,7 @@ UPSTREAM = {
         "deepspeed.runtime.fp16.unfused_optimizer:FP16_UnfusedOptimizer.refresh_fp32_params",
     ), "13c1cdcfd466540befd1c3e0dc60a5f3f7b9ecaa56dcbb2c1e821c146989f822"),
     "logical_state": Upstream("deepspeed", "0.19.8", (
+        "deepspeed.utils.zero_to_fp32:parse_model_states",
         "deepspeed.utils.zero_to_fp32:parse_optim_states",
         "deepspeed.utils.zero_to_fp32:_zero2_merge_trainable_params",
         "deepspeed.utils.zero_to_fp32:_zero3_merge_trainable_params",
@@ -84,7 +85,8 @@ UPSTREAM = {
         "deepspeed.runtime.zero.stage3:DeepSpeedZeroOptimizer_Stage3._get_fp32_opt_state_partition",
         "deepspeed.runtime.zero.stage3:DeepSpeedZeroOptimizer_Stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3",
         "deepspeed.utils.tensor_fragment:tensor_fragment.get_hp_fragment_address",
-    ), "0e9c539aa64d3bbd3d3bd99062b1b94b7710cacaf0400ea94b343af125f5eeb1"),
+        "deepspeed.runtime.bf16_optimizer:BF16_Optimizer.update_lp_params",
+    ), "c80a2bdc7546d388a76fd145b327cd0c00a5a1d90aed0d178c8dfbcd227a2471"),
 }
 
 
@@ -138,23 +140,27 @@ def zero_to_fp32_state_dict(checkpoint_dir: str, tag: str) -> dict:
     return get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
 
 
-def zero_logical_state(tag_dir) -> dict:
-    """{name: {"fp32", "exp_avg", "exp_avg_sq", "step"}} of a ZeRO-1/2/3 checkpoint. Adam's
-    moments are partitioned exactly as the fp32 masters are (one flat tensor per param group and
-    rank), so zero_to_fp32's merge of the masters, given the moments instead, merges them."""
-    import torch
+def zero_logical_state(model_file, optim_files: list) -> dict:
+    """{name: {"fp32", "exp_avg", "exp_avg_sq", "step"}} of a ZeRO-1/2/3 checkpoint (or of one
+    pipeline stage's ZeRO-1 files), names as the module had them. Adam's moments are partitioned
+    exactly as the fp32 masters are (one flat tensor per param group and rank), so
+    zero_to_fp32's merge of the masters, given the moments instead, merges them."""
+    import torch  # lazy: this ground-layer module imports nothing at the top (see above)
     from deepspeed.checkpoint import constants as c  # lazy: deepspeed
     from deepspeed.utils import zero_to_fp32 as z
 
-    tag_dir = str(tag_dir)
-    model_states = z.parse_model_states(z.get_model_state_files(tag_dir))
-    files = z.get_optim_files(tag_dir)
-    optim = [torch.load(f, map_location="cpu", weights_only=False)[c.OPTIMIZER_STATE_DICT] for f in files]
+    states = torch.load(model_file, map_location="cpu", weights_only=False)
+    # zero_to_fp32's parse_model_states also reads the module's buffers, which a pipeline
+    # stage's file does not hold; the merges below read the parameter shapes only
+    model_states = [z.zero_model_state(buffers={}, param_shapes=states[c.PARAM_SHAPES], shared_params=[],
+                                       ds_version=states.get(c.DS_VERSION), frozen_param_shapes=None,
+                                       frozen_param_fragments=None)]
+    optim = [torch.load(f, map_location="cpu", weights_only=False)[c.OPTIMIZER_STATE_DICT] for f in optim_files]
     stage = optim[0][c.ZERO_STAGE]
     world = optim[0][c.PARTITION_COUNT]
     world = max(world) if isinstance(world, list) else world
-    if world != len(files):
-        raise ValueError(f"{tag_dir}: {len(files)} optimizer files for {world} partitions")
+    if world != len(optim_files):
+        raise ValueError(f"{len(optim_files)} optimizer files for {world} partitions")
     masters_key = c.SINGLE_PARTITION_OF_FP32_GROUPS if stage <= 2 else c.FP32_FLAT_GROUPS
     inner_key = "base_optimizer_state" if stage <= 2 else c.OPTIMIZER_STATE_DICT
     groups = len(optim[0][masters_key])
@@ -172,9 +178,31 @@ def zero_logical_state(tag_dir) -> dict:
     for key in ("exp_avg", "exp_avg_sq"):
         values[key] = merged([[o[inner_key]["state"][g][key] for g in range(groups)] for o in optim])
     step = torch.as_tensor(optim[0][inner_key]["state"][0]["step"], dtype=torch.float32)
-    return {name: {"fp32": values["fp32"][name].float().clone(), "exp_avg": values["exp_avg"][name].float().clone(),
-                   "exp_avg_sq": values["exp_avg_sq"][name].float().clone(), "step": step.clone()}
+    return {name: {**{k: values[k][name].float().clone() for k in values}, "step": step.clone()}
             for name in values["fp32"]}
+
+
+def bf16_optimizer_logical_state(optim_files: list) -> dict:
+    """The same from BF16_Optimizer files (pipelines in bf16): each rank's fragment of a
+    parameter's master and moments, at its `param_slice_mappings` address, joined in data-rank
+    order (the files' order); names as the module had them, flattened."""
+    import torch  # lazy: as above
+
+    fragments: dict[str, dict[str, list]] = {}
+    step = None
+    for path in optim_files:
+        state = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        inner = state["base_optimizer_state"]["state"]
+        for group, (partition, mapping) in enumerate(zip(state["single_partition_of_fp32_groups"],
+                                                         state["param_slice_mappings"])):
+            tensors = {"fp32": partition, "exp_avg": inner[group]["exp_avg"], "exp_avg_sq": inner[group]["exp_avg_sq"]}
+            step = inner[group]["step"]
+            for name, address in mapping.items():
+                for key, flat in tensors.items():
+                    fragments.setdefault(name, {}).setdefault(key, []).append(flat.narrow(0, address.start, address.numel))
+    step = torch.as_tensor(step, dtype=torch.float32)
+    return {name: {**{k: torch.cat(parts).float() for k, parts in keys.items()}, "step": step.clone()}
+            for name, keys in fragments.items()}
 
 
 def full_shape(param) -> tuple:
@@ -183,7 +211,7 @@ def full_shape(param) -> tuple:
 
 
 def _adam_state(flat, step):
-    import torch
+    import torch  # lazy: as above
 
     return {"step": step.clone(), "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
 
@@ -192,7 +220,7 @@ def zero_set_logical_state(optimizer, named: dict, state: dict) -> None:
     """Writes each parameter's full fp32 weight and Adam moments into this rank's partitions of
     a ZeRO-1/2 or ZeRO-3 optimizer, then refreshes the module weights from the masters. The
     optimizer state is made here (torch's AdamW makes it lazily at the first step)."""
-    import torch
+    import torch  # lazy: as above
 
     step = next(iter(state.values()))["step"]
     if hasattr(optimizer, "fp32_partitioned_groups_flat"):  # ZeRO-3
@@ -215,7 +243,8 @@ def zero_set_logical_state(optimizer, named: dict, state: dict) -> None:
             for partitioned, value in zip(optimizer.fp16_partitioned_groups[group], updated):
                 partitioned.data = value.data
         return
-    flats = optimizer.single_partition_of_fp32_groups  # ZeRO-1/2
+    # ZeRO-1/2, and BF16_Optimizer (pipelines in bf16): fragments addressed by each param's _hp_mapping
+    flats = getattr(optimizer, "single_partition_of_fp32_groups", None) or optimizer.fp32_groups_flat_partition
     for flat in flats:
         optimizer.optimizer.state[flat] = _adam_state(flat, step)
     for name, param in named.items():
@@ -228,13 +257,15 @@ def zero_set_logical_state(optimizer, named: dict, state: dict) -> None:
                             ("exp_avg_sq", optimizer.optimizer.state[flat]["exp_avg_sq"])):
             value = state[name][key].flatten().to(target.device)
             target.narrow(0, hp.start, hp.numel).copy_(value.narrow(0, lp.start, lp.numel))
+    # a parameter split over data-parallel ranks has its fragments in several ranks' partitions:
+    # the masters of the others reach the module weights through update_lp_params' all-gather
     optimizer.update_lp_params()
 
 
 def zero0_set_logical_state(optimizer, named: dict, state: dict) -> None:
     """The same for ZeRO-0: torch's AdamW on the module weights (fp32), or DeepSpeed's unfused
     mixed-precision optimizer with its fp32 master groups (bf16)."""
-    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer  # lazy: deepspeed
 
     if isinstance(optimizer, FP16_UnfusedOptimizer):
         masters = {id(p): m for low, high in zip(optimizer.fp16_groups, optimizer.fp32_groups) for p, m in zip(low, high)}

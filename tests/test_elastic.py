@@ -56,8 +56,8 @@ def test_changes_that_would_not_continue_the_run_are_refused():
     cfg = config()
     with pytest.raises(UserError, match="data.lanes: the checkpoint has 4, this run 8"):
         elastic.plan(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, lanes=8)), 1, marker())
-    with pytest.raises(UserError, match="into or out of pipeline stages"):
-        elastic.plan(config(), 1, marker(pipeline_stages=2))
+    with pytest.raises(UserError, match="pipeline checkpoint in fp32 at ZeRO-0"):
+        elastic.plan(config(grad_accum=4), 1, marker(pipeline_stages=2, grad_accum=4), Path("/nonexistent"))
     old = marker()
     del old["lanes"]
     with pytest.raises(UserError, match="written before elastic resume"):
@@ -156,13 +156,54 @@ def test_kill_at_two_ranks_resume_at_another_layout(data, saved, tmp_path, sourc
             f"ZeRO-{target}, grad_accum 2 -> {accum}")
     assert line in text, text[-3000:]
     # fp32: the regrouped micro-batches change float reduction order only (measured <= 2e-8)
-    assert_continues(straight, resumed, rel=1e-5)
+    worst = assert_continues(straight, resumed, rel=1e-5)
+    print(f"[elastic] 2 ranks ZeRO-{source} -> {world_size} ZeRO-{target}: worst loss difference {worst:.1e}")
     assert_exports_close(straight, resumed, atol=1e-5)
     marker = json.loads((checkpoint_root(resumed) / "step_00000006" / "COMPLETE").read_text())
     assert (marker["world_size"], marker["zero_stage"], marker["lanes"], marker["global_batch"]) == (
         world_size, target, 4, 8)
     assert (checkpoint_root(resumed) / "step_00000003.logical" / "COMPLETE").is_file()
     assert torch.load(checkpoint_root(killed) / "step_00000003" / "rank_00000.pt", weights_only=False)["step"] == 3
+
+
+@pytest.fixture(scope="module")
+def saved_pipeline(data, tmp_path_factory):
+    """A 2-stage pipeline on 2 ranks (ZeRO-1, fp32), uninterrupted and killed after step 4."""
+    root = tmp_path_factory.mktemp("saved_pipeline")
+    straight, killed = root / "straight", root / "killed"
+    extra = ("parallel.pipeline_stages=2", "train.grad_accum=4")  # one data-parallel rank: the same global batch
+    run(2, args_for(data, straight, 1, *extra), root / "logs_straight")
+    wait(launch(2, args_for(data, killed, 1, *extra), root / "logs_killed", {"BLT_FAULTS": "kill_after_step=4"}),
+         root / "logs_killed")
+    assert [p.name for p in list_checkpoints(killed)] == ["step_00000003"]
+    return straight, killed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size, target", [(1, 1), (2, 2)])
+def test_a_pipeline_checkpoint_resumes_without_stages(data, saved_pipeline, tmp_path, world_size, target):
+    straight, killed = saved_pipeline
+    resumed = tmp_path / "resumed"
+    shutil.copytree(killed, resumed)
+    run(world_size, args_for(data, resumed, target, "train.grad_accum=4"), tmp_path / "logs")
+    text = (tmp_path / "logs" / "rank0.log").read_text()
+    assert f"resumed step 3 saved at 2 ranks ZeRO-1 x 2 pipeline stages on {world_size} rank" in text
+    print(f"[elastic] pipeline -> {world_size} ranks ZeRO-{target}: worst loss difference "
+          f"{assert_continues(straight, resumed, rel=1e-5):.1e}")
+    assert_exports_close(straight, resumed, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_data_parallel_checkpoint_resumes_as_a_pipeline(data, saved, tmp_path):
+    straight, killed = saved[1]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(killed, resumed)
+    run(2, args_for(data, resumed, 1, "parallel.pipeline_stages=2"), tmp_path / "logs")
+    text = (tmp_path / "logs" / "rank0.log").read_text()
+    assert "resumed step 3 saved at 2 ranks ZeRO-1 on 2 ranks ZeRO-1 x 2 pipeline stages, grad_accum 2 -> 4" in text
+    print(f"[elastic] 2 ranks ZeRO-1 -> 2-stage pipeline: worst loss difference "
+          f"{assert_continues(straight, resumed, rel=1e-5):.1e}")
+    assert_exports_close(straight, resumed, atol=1e-5)
 
 
 @pytest.mark.slow

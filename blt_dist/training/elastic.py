@@ -37,6 +37,7 @@ import torch
 from blt_dist import shims
 from blt_dist.config import Config
 from blt_dist.errors import UserError
+from blt_dist.parallel.pipeline import to_model_state_dict
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 LOGICAL_SUFFIX = ".logical"
@@ -76,7 +77,8 @@ class LayoutChange:
         return text
 
 
-def plan(cfg: Config, world_size: int, marker: dict) -> tuple[Config, Optional[LayoutChange]]:
+def plan(cfg: Config, world_size: int, marker: dict,
+         tag_dir: Optional[Path] = None) -> tuple[Config, Optional[LayoutChange]]:
     """The config to resume a checkpoint with at this world size (grad_accum derived so that the
     global batch is the checkpoint's), and the layout change, None when the shards load as they
     are. Refuses, before any state is touched, what would not continue the same run."""
@@ -120,13 +122,17 @@ def plan(cfg: Config, world_size: int, marker: dict) -> tuple[Config, Optional[L
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, grad_accum=grad_accum))
     if now.same_shards(saved):
         return cfg, None
-    if saved.pipeline_stages > 1 or now.pipeline_stages > 1:
+    if tag_dir is not None and saved.pipeline_stages > 1 and not _pipeline_masters_readable(tag_dir):
         raise UserError(
-            f"checkpoint saved at {saved}, this run is {now}: a layout change into or out of pipeline stages is "
-            "not supported yet (resume with the same world size and parallel.pipeline_stages; changes between "
-            "data-parallel layouts, any world size and ZeRO-0/1/2/3, are)"
+            f"checkpoint saved at {saved}, this run is {now}: a pipeline checkpoint in fp32 at ZeRO-0 keeps its "
+            "optimizer state in a layout the conversion does not read; resume it at the same layout (pipelines "
+            "at ZeRO-1, and bf16 pipelines, convert)"
         )
     return cfg, LayoutChange(saved, now)
+
+
+def _pipeline_masters_readable(tag_dir: Path) -> bool:
+    return any(tag_dir.glob("bf16_zero_pp_rank_*_optim_states.pt")) or any(tag_dir.glob("zero_pp_rank_*_optim_states.pt"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,12 +144,42 @@ def logical_dir(tag_dir: Path) -> Path:
 
 
 def logical_state(tag_dir: Path, marker: dict) -> dict[str, dict[str, torch.Tensor]]:
-    """{parameter name: {"fp32", "exp_avg", "exp_avg_sq", "step"}} of a checkpoint, from the
-    files of whatever data-parallel layout wrote it."""
+    """{parameter name: {"fp32", "exp_avg", "exp_avg_sq", "step"}} of a checkpoint under the
+    plain model's names, from the files of whatever layout wrote it."""
+    if marker.get("pipeline_stages", 1) > 1:
+        bf16 = sorted(tag_dir.glob("bf16_zero_pp_rank_*_optim_states.pt"))
+        if bf16:  # BF16_Optimizer, one file per (data rank, stage); a parameter lives in one stage
+            state = shims.bf16_optimizer_logical_state(bf16)
+            for name, values in state.items():
+                shape = _pipeline_shapes(tag_dir)[name]
+                state[name] = {k: v.view(shape) if k != "step" else v for k, v in values.items()}
+            return to_model_state_dict(state)
+        state = {}
+        for stage in range(marker["pipeline_stages"]):  # ZeRO-1 per stage
+            files = sorted(tag_dir.glob(f"zero_pp_rank_*_mp_rank_{stage:02d}_optim_states.pt"), key=_data_rank)
+            with contextlib.redirect_stdout(io.StringIO()):  # zero_to_fp32 prints its progress
+                state.update(shims.zero_logical_state(tag_dir / f"mp_rank_{stage:02d}_model_states.pt", files))
+        return to_model_state_dict(state)
     if marker["zero_stage"] >= 1:
-        with contextlib.redirect_stdout(io.StringIO()):  # zero_to_fp32 prints its progress
-            return shims.zero_logical_state(tag_dir)
+        with contextlib.redirect_stdout(io.StringIO()):
+            from deepspeed.utils.zero_to_fp32 import get_model_state_files, get_optim_files  # lazy: deepspeed
+
+            model_files = get_model_state_files(str(tag_dir))
+            return shims.zero_logical_state(model_files[0], get_optim_files(str(tag_dir)))
     return _zero0_logical_state(tag_dir)
+
+
+def _data_rank(path: Path) -> int:
+    return int(path.name.split("_pp_rank_")[1].split("_")[0])
+
+
+def _pipeline_shapes(tag_dir: Path) -> dict[str, torch.Size]:
+    """'{layer}.{name}' -> shape, from the stages' model-states files."""
+    shapes = {}
+    for path in sorted(tag_dir.glob("mp_rank_*_model_states.pt")):
+        for group in torch.load(path, map_location="cpu", weights_only=False)["param_shapes"]:
+            shapes.update(group)
+    return shapes
 
 
 def _zero0_logical_state(tag_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -212,7 +248,11 @@ def load_logical(engine, state: dict[str, dict[str, torch.Tensor]], step: int) -
     """Every rank: the fp32 weights and Adam state of `state` into this engine's optimizer and
     module, then DeepSpeed's step counters as if it had loaded its own checkpoint at `step`."""
     named = dict(engine.module.named_parameters())
-    missing, unexpected = sorted(set(named) - set(state)), sorted(set(state) - set(named))
+    pipelined = hasattr(engine, "is_last_stage")
+    if pipelined:  # this stage's parameters, under the plain model's names
+        named = to_model_state_dict(named)
+    missing = sorted(set(named) - set(state))
+    unexpected = [] if pipelined else sorted(set(state) - set(named))
     if missing or unexpected:
         raise UserError(f"logical state does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     for name, param in named.items():
@@ -220,7 +260,8 @@ def load_logical(engine, state: dict[str, dict[str, torch.Tensor]], step: int) -
             raise UserError(f"logical state: {name!r} is {tuple(state[name]['fp32'].shape)}, "
                             f"the model's {tuple(shims.full_shape(param))}")
     with torch.no_grad():
-        if engine.zero_optimization_stage() >= 1:
+        partitioned = ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition")
+        if any(hasattr(engine.optimizer, a) for a in partitioned):  # ZeRO-1/2/3, BF16_Optimizer
             shims.zero_set_logical_state(engine.optimizer, named, state)
         else:
             shims.zero0_set_logical_state(engine.optimizer, named, state)

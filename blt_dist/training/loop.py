@@ -185,7 +185,7 @@ def _train(cfg: Config, env, stop: StopRequest) -> int:
     found = find_checkpoint(cfg, env, run_dir)
     change = None
     if found is not None:  # the saved global batch and lanes hold; grad_accum follows the world size
-        cfg, change = elastic.plan(cfg, env.world_size, found.marker)
+        cfg, change = elastic.plan(cfg, env.world_size, found.marker, found.tag_dir)
     run = set_up(cfg, env, run_dir, found)
     progress = resume(env, run, found, change)
     log = open_log(cfg, env, run, progress, run_dir, change)
@@ -426,13 +426,14 @@ def plain_optimizer(cfg: Config) -> bool:
 def count_batches(cfg: Config, run: Run, batches: list[dict], window: Window) -> tuple[float, float]:
     """Adds a step's batches to the window's digest and slot counts; returns their (useful,
     executed) training FLOPs. Pipeline stages all read the same batches: each data-parallel
-    batch is counted on the last stage only."""
+    batch is counted (digest included) on the last stage only."""
     counts_batches = not run.pipelined or run.engine.is_last_stage()
     step_useful = step_executed = 0.0
     for batch in batches:
-        window.digest = (window.digest + batch_digest(batch)) % (1 << 62)
         if not counts_batches:
             continue
+        # once per data-parallel batch, so that every layout of the same run logs the same digest
+        window.digest = (window.digest + batch_digest(batch)) % (1 << 62)
         useful, executed = batch_flops(cfg, batch)
         step_useful, step_executed = step_useful + useful, step_executed + executed
         window.filled += int((batch["doc_ids"] >= 0).sum())
