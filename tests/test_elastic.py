@@ -238,3 +238,19 @@ def test_bf16_resumes_at_another_layout(data, tmp_path, source, target):
     assert "resumed step 3 saved at 2 ranks" in (tmp_path / "logs" / "rank0.log").read_text()
     print(f"[elastic] bf16 {source} -> 1 rank {target}: worst loss difference "
           f"{assert_continues(straight, resumed, rel=1e-3):.1e}")
+
+
+@pytest.mark.slow
+def test_a_checkpoint_that_cannot_be_converted_stops_every_rank(data, saved, tmp_path):
+    """An optimizer shard damaged in place (same size, so the marker's sizes still match): rank 0
+    cannot read it, and all four ranks stop with its message instead of waiting for it."""
+    _, killed = saved[1]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(killed, resumed)
+    shard = checkpoint_root(resumed) / "step_00000003" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    shard.write_bytes(bytes(shard.stat().st_size))
+    codes = wait(launch(4, args_for(data, resumed, 1), tmp_path / "logs"), tmp_path / "logs", timeout=240)
+    assert codes == [1, 1, 1, 1]
+    for rank in range(4):
+        assert "could not read its state for the new layout" in (tmp_path / "logs" / f"rank{rank}.log").read_text()
+    assert sorted(p.name for p in checkpoint_root(resumed).glob("step_*")) == ["step_00000003"]  # nothing half-made

@@ -185,6 +185,22 @@ def test_dry_run_prints_the_sbatch_script_and_config_and_submits_nothing(tmp_pat
     assert not run_dir.exists()
 
 
+def test_a_node_range_and_overcommit_reach_sbatch(tmp_path):
+    """--nodes MIN-MAX: a job (or its requeue) may start on fewer nodes, and the trainer continues
+    at that world size (elastic resume); --overcommit: more tasks than CPUs, as --ntasks."""
+    ranged = run_cli(*LAUNCH, f"run.dir={tmp_path / 'r'}", "--nodes", "2-4", "--tasks-per-node", "2", "--dry-run")
+    assert ranged.returncode == 0, ranged.stderr
+    assert "#SBATCH --nodes=2-4" in ranged.stdout and "#SBATCH --ntasks-per-node=2" in ranged.stdout
+    assert "min_nodes: 2" in ranged.stdout and "  nodes: 4" in ranged.stdout
+    over = run_cli(*LAUNCH, f"run.dir={tmp_path / 'r'}", "--tasks-per-node", "4", "--overcommit", "--dry-run")
+    assert over.returncode == 0, over.stderr
+    assert "#SBATCH --ntasks=4" in over.stdout and "#SBATCH --overcommit" in over.stdout
+    assert "--ntasks-per-node" not in over.stdout
+    for bad in ("x-2", "3-1"):
+        result = run_cli(*LAUNCH, "--nodes", bad, "--dry-run")
+        assert result.returncode != 0 and "nodes" in result.stderr, (bad, result.stderr)
+
+
 def test_launch_errors(tmp_path):
     no_slurm = run_cli(*LAUNCH, f"run.dir={tmp_path / 'r'}", f"data.train={tmp_path}",
                        env={"PATH": str(Path(sys.executable).parent)})

@@ -216,8 +216,8 @@ def _zero0_logical_state(tag_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def convert_once(tag_dir: Path, marker: dict, is_main: bool, log=print) -> Path:
-    """The checkpoint's logical state on disk (rank 0 writes it, unless a complete one is there);
-    the caller holds the others at a barrier."""
+    """The checkpoint's logical state on disk (rank 0 writes it, unless a complete one is there;
+    loop.convert_agreed holds the other ranks until it has)."""
     out = logical_dir(tag_dir)
     if not is_main or (out / "COMPLETE").is_file():
         return out
@@ -225,11 +225,15 @@ def convert_once(tag_dir: Path, marker: dict, is_main: bool, log=print) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    state = logical_state(tag_dir, marker)
-    torch.save(state, tmp / "state.pt")
-    (tmp / "COMPLETE").write_text(json.dumps({"format": LOGICAL_FORMAT, "source": tag_dir.name,
-                                              "step": marker["step"], "parameters": len(state)}) + "\n")
-    os.replace(tmp, out)
+    try:
+        state = logical_state(tag_dir, marker)
+        torch.save(state, tmp / "state.pt")
+        (tmp / "COMPLETE").write_text(json.dumps({"format": LOGICAL_FORMAT, "source": tag_dir.name,
+                                                  "step": marker["step"], "parameters": len(state)}) + "\n")
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     log(f"checkpoint {tag_dir.name}: converted to its logical state ({len(state)} parameters) in {out}")
     return out
 
@@ -237,7 +241,8 @@ def convert_once(tag_dir: Path, marker: dict, is_main: bool, log=print) -> Path:
 def read_logical(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     if not (path / "COMPLETE").is_file():
         raise UserError(f"{path}: incomplete logical state (no COMPLETE marker)")
-    return torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    # mmap: every rank of a node reads the same pages (a 3B model's state is 36 GB)
+    return torch.load(path / "state.pt", map_location="cpu", weights_only=False, mmap=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,7 +37,14 @@ from blt_dist.errors import UserError
 from blt_dist.flops import SampleShape
 from blt_dist.hardware import peak_flops
 from blt_dist.model import build_model
-from blt_dist.parallel.collectives import abandon, all_gather_object, barrier, reduce_floats, reduce_int, shutdown
+from blt_dist.parallel.collectives import (
+    abandon,
+    all_gather_object,
+    broadcast_object,
+    reduce_floats,
+    reduce_int,
+    shutdown,
+)
 from blt_dist.parallel.engine import (
     apply_activation_checkpointing,
     data_parallel_size,
@@ -377,14 +384,27 @@ def resume(env, run: Run, found: Optional[ResumePoint], change: Optional[elastic
     if change is None:
         checkpoint.load_engine(run.engine, found.run_dir, found.tag)
     else:
-        path = elastic.convert_once(found.tag_dir, marker, env.is_main)
-        barrier()
-        elastic.load_logical(run.engine, elastic.read_logical(path), marker["step"])
+        elastic.load_logical(run.engine, elastic.read_logical(convert_agreed(found, env)), marker["step"])
     own, first = checkpoint.load_rank_states(found.run_dir, found.tag, env.rank)
     run.loader.load_state_dict(first["loader"])
     if own is not None:  # a rank the saving run did not have keeps the seed it was given
         checkpoint.set_rng_state(own["rng"])
     return Progress(first["step"], {**Progress().seen, **first["seen"]}, first.get("wandb_id"), found.tag)
+
+
+def convert_agreed(found: ResumePoint, env) -> Path:
+    """Rank 0 writes the checkpoint's logical state; a failure there stops every rank with its
+    message (the others would otherwise wait for it in a collective until the timeout)."""
+    error = path = None
+    if env.is_main:
+        try:
+            path = elastic.convert_once(found.tag_dir, found.marker, True)
+        except Exception as err:  # noqa: BLE001 -- reported on every rank below
+            error = f"{type(err).__name__}: {err}"
+    error, path = broadcast_object((error, path), src=0)
+    if error is not None:
+        raise UserError(f"checkpoint {found.tag_dir}: could not read its state for the new layout: {error}")
+    return path
 
 
 def open_log(cfg: Config, env, run: Run, progress: Progress, run_dir: Path,
