@@ -31,6 +31,7 @@ import submitit
 
 from blt_dist import shims
 from blt_dist.config import Config, load_config, save_resolved, to_yaml
+from blt_dist.data.remote import is_remote
 from blt_dist.errors import UserError
 from launch import records
 from launch.slurm_cli import queue_state, require_slurm, test_submission
@@ -53,7 +54,7 @@ def absolute_paths(cfg: Config) -> Config:
     for section, key in PATH_FIELDS:
         part = getattr(cfg, section)
         value = getattr(part, key)
-        if value:
+        if value and not is_remote(value):  # s3://... and other URLs stay as they are
             setattr(part, key, str(Path(value).expanduser().resolve()))
     return cfg
 
@@ -207,7 +208,7 @@ def launch_run(cfg: Config, argv: list[str], dry_run: bool = False, snapshot: bo
         raise UserError("data.train: no training dataset (prepare one with `blt-dist prepare`, then data.train=DIR)")
     for section, key in PATH_FIELDS[1:]:  # the job would only fail on them later, and be retried
         value = getattr(getattr(cfg, section), key)
-        if value and not Path(value).exists():
+        if value and not is_remote(value) and not Path(value).exists():
             raise UserError(f"{section}.{key}: {value} does not exist")
 
     require_slurm()  # before anything is written

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from blt_dist.data import shards
+from blt_dist.data import integrity
 from blt_dist.data.shards import ByteDataset, SplitReader
 from blt_dist.errors import UserError
 from tests.conftest import run_cli, word_dataset
@@ -46,8 +46,8 @@ def test_a_flipped_byte_anywhere_in_a_shard_is_refused_naming_it(dataset):
 
 def test_each_node_hashes_a_shard_once(dataset, monkeypatch):
     calls = []
-    real = shards.file_digest
-    monkeypatch.setattr(shards, "file_digest", lambda path, algo: calls.append(path) or real(path, algo))
+    real = integrity.file_digest
+    monkeypatch.setattr(integrity, "file_digest", lambda path, algo: calls.append(path) or real(path, algo))
     SplitReader(ByteDataset(dataset), "train")
     first = len(calls)
     assert first == sum(s.shards for s in ByteDataset(dataset).streams("train"))

@@ -66,6 +66,14 @@ class DataConfig:
     # global sequence of micro-batches (data/loader.py); a multiple of every world size you may
     # resume at keeps each lane on one rank
     lanes: int = 0
+    # > 0: the epoch's shuffle is one of blocks of this many shards, then of the documents in a
+    # block, so a lane reads a bounded window of shards (for a node cache smaller than the data)
+    shuffle_block_shards: int = 0
+    # remote datasets (data.train/val as s3://..., gs://, ...; data/remote.py): the node cache
+    # (default $BLT_DIST_CACHE/datasets), its size in bytes (0: unbounded), shards fetched ahead
+    cache_dir: str = ""
+    cache_limit: float = 0
+    prefetch_shards: int = 2
 
 
 @dataclass
@@ -301,6 +309,8 @@ def validate(cfg: Config) -> None:
         _positive(f"data.{key}", getattr(d, key))
     _positive("data.num_workers", d.num_workers, allow_zero=True)
     _positive("data.lanes", d.lanes, allow_zero=True)
+    for key in ("shuffle_block_shards", "cache_limit", "prefetch_shards"):
+        _positive(f"data.{key}", getattr(d, key), allow_zero=True)
 
     o = cfg.optim
     _positive("optim.lr", o.lr)

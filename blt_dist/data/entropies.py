@@ -80,6 +80,7 @@ from tqdm import tqdm
 
 from blt_dist import shims
 from blt_dist.data.loader import ENTROPY_FORMAT
+from blt_dist.data.remote import ShardCache, is_remote
 from blt_dist.data.shards import (
     COLUMNS,
     MANIFEST,
@@ -358,6 +359,16 @@ class ShardTask:
     index: int  # shard number within its stream
     stream_dir: Path  # input stream
     info: dict  # the shard's entry in the input index.json
+    url: Optional[str] = None  # a remote input dataset: its URL (stream_dir is in the node cache)
+    fingerprint: Optional[str] = None
+
+    def fetch(self) -> None:
+        """Brings a remote input shard into the node cache, verified (no-op for local input)."""
+        if self.url is not None:
+            cache = ShardCache(self.stream_dir.parents[1], self.url)
+            rel = f"{self.split}/{self.content_type}/{self.info['raw_data']['basename']}"
+            cache.ensure(rel, self.info["raw_data"], f"{self.url}: stream {self.split}/{self.content_type}",
+                         self.fingerprint)
 
     @property
     def part_name(self) -> str:
@@ -370,8 +381,10 @@ class ShardTask:
 def list_shards(dataset: ByteDataset) -> list[ShardTask]:
     tasks = []
     for stream in dataset.streams():
-        for index, info in enumerate(verify_stream(stream.path, dataset.index_sha256(stream))["shards"]):
-            tasks.append(ShardTask(len(tasks), stream.split, stream.content_type, index, stream.path, info))
+        index_json = verify_stream(stream.path, dataset.index_sha256(stream), shards_local=dataset.url is None)
+        for index, info in enumerate(index_json["shards"]):
+            tasks.append(ShardTask(len(tasks), stream.split, stream.content_type, index, stream.path, info,
+                                   dataset.url, dataset.fingerprint))
     return tasks
 
 
@@ -410,7 +423,7 @@ def _prepare_output(out: Path, data: Path, job: dict, force: bool) -> None:
     starts over), then records the job in OUT/job.json."""
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory")
-    if out.resolve() == data.resolve():
+    if not is_remote(data) and out.resolve() == Path(data).resolve():
         raise UserError(f"--out {out} is the byte dataset itself; choose another directory")
     if out.is_dir() and any(out.iterdir()):
         manifest, existing_job = _read_json(out / MANIFEST), _read_json(out / JOB)
@@ -462,7 +475,8 @@ def write_part(task: ShardTask, model, window: int, out: Path, batch_positions: 
     tmp.parent.mkdir(parents=True, exist_ok=True)
     # the input is checked (sha256: this job is long, the hash is not) before its bytes are passed
     # on: a corrupt shard would otherwise leave here under a fresh, valid hash
-    verify_shard(task.stream_dir, task.info["raw_data"], None, f"{task.stream_dir}", algo="sha256")
+    task.fetch()
+    verify_shard(task.stream_dir, task.info["raw_data"], None, f"{task.url or task.stream_dir}", algo="sha256")
     reader = reader_from_json(str(task.stream_dir), None, task.info)
     written_bytes, written_entropies = StreamHash(), hashlib.sha256()
     documents = nbytes = 0
@@ -611,7 +625,8 @@ def compute_entropy_dataset(
     device: str = "auto",
     workers: int = 1,
 ) -> EntropyRun:
-    model_dir, data, out = Path(model_dir), Path(data), Path(out)
+    model_dir, out = Path(model_dir), Path(out)
+    data = str(data) if is_remote(data) else Path(data)
     this, count = part
     if not (count >= 1 and 0 <= this < count):
         raise UserError(f"--part {this}/{count}: expected I/N with 0 <= I < N")
@@ -718,8 +733,8 @@ def _worker_part(job) -> dict:
 def check_entropy_source(entropy_dataset: Union[str, Path], model_dir: Union[str, Path]) -> None:
     """Refuses an entropy dataset that another entropy model produced: patches cut from one
     model's entropies mean nothing to a BLT evaluated (or trained on) with another's."""
-    manifest = Path(entropy_dataset) / "dataset.json"
-    recorded = ((_read_json(manifest) or {}).get("entropy_model") or {}).get("weights_sha256")
+    manifest = ByteDataset(entropy_dataset, verify=False, format=ENTROPY_FORMAT).manifest  # a URL too
+    recorded = (manifest.get("entropy_model") or {}).get("weights_sha256")
     given = export_info(model_dir).get("weights_sha256")
     if recorded != given:
         raise UserError(
@@ -752,7 +767,8 @@ def _part_arg(text: str) -> tuple[int, int]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, required=True, metavar="EXPORT_DIR", help="entropy-model export directory")
-    parser.add_argument("--data", type=Path, required=True, metavar="BYTE_DATASET", help="byte dataset (`blt-dist prepare`)")
+    parser.add_argument("--data", required=True, metavar="BYTE_DATASET",
+                        help="byte dataset (`blt-dist prepare`): a directory or a URL (s3://..., gs://...)")
     parser.add_argument("--out", type=Path, required=True, metavar="ENTROPY_DATASET", help="entropy dataset to write")
     parser.add_argument(
         "--part", type=_part_arg, default=(0, 1), metavar="I/N",

@@ -53,6 +53,9 @@ from blt_dist.model import batch_facts
 from blt_dist.vocab import BOS_ID, OFFSET, PAD_ID, encode_document
 
 ENTROPY_FORMAT = "blt-dist/entropy-shards/v1"
+# remote datasets: every PREFETCH_EVERY documents a lane asks for the shards of its next
+# PREFETCH_LOOKAHEAD documents (the cache downloads up to data.prefetch_shards ahead)
+PREFETCH_EVERY, PREFETCH_LOOKAHEAD = 8, 256
 STATE_VERSION = 3
 
 
@@ -70,7 +73,14 @@ class LoaderSpec:
     patches_per_sample: Optional[int] = None  # BLT
     patching: Optional[dict] = None  # BLT: PatchingRule fields
     tokenizer: Optional[str] = None  # BPE: sentencepiece model path
+    shuffle_block_shards: int = 0  # > 0: shuffle blocks of this many shards, then documents in a block
+    # where a remote dataset's shards are kept on this node, and how many bytes of them (0: all);
+    # they change where bytes come from, never which: a resume may change them
+    cache_dir: Optional[str] = None
+    cache_limit: float = 0
+    prefetch_shards: int = 2
 
+    WHERE_FROM = ("path", "cache_dir", "cache_limit", "prefetch_shards")  # not part of the order
     @classmethod
     def from_config(cls, cfg, family: str, split: str = "train") -> "LoaderSpec":
         """From the config tree. family: 'entropy' | 'blt' | 'bpe' (model.family)."""
@@ -78,7 +88,9 @@ class LoaderSpec:
         path = d.train if split == "train" else d.val
         if not path:
             raise UserError(f"data.{'train' if split == 'train' else 'val'}: no dataset directory set")
-        common = dict(path=path, split=split, micro_batch_size=cfg.train.micro_batch_size, seed=d.shuffle_seed, shuffle=d.shuffle)
+        common = dict(path=path, split=split, micro_batch_size=cfg.train.micro_batch_size, seed=d.shuffle_seed,
+                      shuffle=d.shuffle, shuffle_block_shards=d.shuffle_block_shards, cache_dir=d.cache_dir or None,
+                      cache_limit=d.cache_limit, prefetch_shards=d.prefetch_shards)
         if family == "blt":
             patching = {k: getattr(d.patching, k) for k in ("mode", "threshold", "threshold_r", "patch_size", "max_patch_length")}
             spec = cls(family="blt", sample_len=d.byte_capacity, patches_per_sample=d.patches_per_sample, patching=patching, **common)
@@ -89,7 +101,7 @@ class LoaderSpec:
         else:
             spec = cls(family="bytes", sample_len=d.seq_len, **common)
         # a held-out dataset prepared with --val-fraction 0 has only "train": evaluate on that
-        if split != "train" and not ByteDataset(path, verify=False, format=dataset_format(spec)).streams("val"):
+        if split != "train" and not open_dataset(spec, verify=False).streams("val"):
             spec = dataclasses.replace(spec, split="train")
         return spec
 
@@ -99,22 +111,35 @@ class LoaderSpec:
 
 
 class DocumentOrder:
-    """The documents one lane reads in each epoch: disjoint parts, complete, unpadded."""
+    """The documents one lane reads in each epoch: disjoint parts, complete, unpadded.
 
-    def __init__(self, num_documents: int, lane: int, lanes: int, seed: int, shuffle: bool):
+    With `block_starts` (the first document of each block of shards) the epoch's permutation
+    is a seeded shuffle of the blocks, then of the documents inside each block: every lane reads
+    the blocks in the same order at about the same pace, so the shards in use at any time are a
+    window of about two blocks (what a node cache smaller than the dataset needs)."""
+
+    def __init__(self, num_documents: int, lane: int, lanes: int, seed: int, shuffle: bool,
+                 block_starts: Optional[np.ndarray] = None):
         if num_documents < lanes:
             raise UserError(f"the dataset has {num_documents} documents, fewer than data.lanes = {lanes}: "
                             "some lanes would read nothing")
         self.num_documents = num_documents
         self.lane, self.lanes = lane, lanes
         self.seed, self.shuffle = seed, shuffle
+        self.block_starts = block_starts
 
     def ids(self, epoch: int) -> np.ndarray:
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, epoch]).permutation(self.num_documents)
-        else:
-            order = np.arange(self.num_documents)
-        return order[self.lane :: self.lanes]
+        return self.epoch_order(epoch)[self.lane :: self.lanes]
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.num_documents)
+        rng = np.random.default_rng([self.seed, epoch])
+        if self.block_starts is None:
+            return rng.permutation(self.num_documents)
+        bounds = np.append(self.block_starts, self.num_documents)
+        blocks = [np.arange(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
+        return np.concatenate([rng.permutation(blocks[b]) for b in rng.permutation(len(blocks))])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,6 +195,11 @@ def make_encoder(spec: LoaderSpec):
     return ByteEncoder()
 
 
+def open_dataset(spec: LoaderSpec, verify: bool = True) -> ByteDataset:
+    """The spec's dataset: a local directory, or a URL whose metadata comes into the node cache."""
+    return ByteDataset(spec.path, verify=verify, format=dataset_format(spec), cache_dir=spec.cache_dir)
+
+
 def dataset_format(spec: LoaderSpec) -> str:
     """BLT with an entropy mode reads entropy shards; everything else reads byte shards."""
     if spec.family == "blt" and spec.patching["mode"] in ("entropy", "monotonic"):
@@ -186,10 +216,13 @@ class PackedStream:
 
     def __init__(self, spec: LoaderSpec, lane: int, lanes: int, state: Optional[dict] = None):
         self.spec = spec
-        dataset = ByteDataset(spec.path, format=dataset_format(spec))
+        dataset = open_dataset(spec)
         self.fingerprint = dataset.fingerprint
-        self.reader = SplitReader(dataset, spec.split)
-        self.order = DocumentOrder(len(self.reader), lane, lanes, spec.seed, spec.shuffle)
+        self.reader = SplitReader(dataset, spec.split, spec.cache_limit, spec.prefetch_shards)
+        blocks = None
+        if spec.shuffle_block_shards:
+            blocks = self.reader.shard_starts()[:: spec.shuffle_block_shards]
+        self.order = DocumentOrder(len(self.reader), lane, lanes, spec.seed, spec.shuffle, blocks)
         self.batches = 0  # batches produced (kept by the caller's lane state)
         self.encoder = make_encoder(spec)
         self.packer = Packer(
@@ -220,6 +253,8 @@ class PackedStream:
                 self.epoch, self.position = self.epoch + 1, 0
                 self._ids = self.order.ids(self.epoch)
             doc_id = int(self._ids[self.position])
+            if self.reader.cache is not None and self.position % PREFETCH_EVERY == 0:
+                self.reader.prefetch(self._ids[self.position : self.position + PREFETCH_LOOKAHEAD])
             self.position += 1
             self._add(self.epoch * self.order.num_documents + doc_id)
         self.samples += 1
@@ -329,9 +364,9 @@ class Loader:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.spec, self.rank, self.world_size, self.num_workers = spec, rank, world_size, num_workers
         self.lanes = lanes or world_size * max(num_workers, 1)
-        dataset = ByteDataset(spec.path, format=dataset_format(spec))
+        dataset = open_dataset(spec)
         self.fingerprint = dataset.fingerprint
-        self.num_documents = len(SplitReader(dataset, spec.split))
+        self.num_documents = sum(stream.documents for stream in dataset.streams(spec.split))
         if self.num_documents < self.lanes:
             raise UserError(
                 f"the dataset has {self.num_documents} documents, fewer than data.lanes = {self.lanes} "
@@ -410,7 +445,8 @@ class Loader:
         if state["lanes"] != self.lanes:
             refuse("data.lanes", state["lanes"], self.lanes, "leave data.lanes unset to take the saved value")
         saved_spec = LoaderSpec(**state["spec"])
-        changed = [f.name for f in dataclasses.fields(LoaderSpec) if getattr(saved_spec, f.name) != getattr(self.spec, f.name)]
+        changed = [f.name for f in dataclasses.fields(LoaderSpec) if f.name not in LoaderSpec.WHERE_FROM
+                   and getattr(saved_spec, f.name) != getattr(self.spec, f.name)]
         if changed:
             refuse("loader settings", {k: getattr(saved_spec, k) for k in changed}, {k: getattr(self.spec, k) for k in changed})
         if state["consumed"] % self.world_size:

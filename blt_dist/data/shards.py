@@ -36,6 +36,8 @@ from typing import Iterator
 
 import numpy as np
 
+from blt_dist.data.integrity import READ_HASH, file_digest, verify_shard  # noqa: F401 (READ_HASH: verify.py)
+from blt_dist.data.remote import ShardCache, fetch_metadata, is_remote
 from blt_dist.errors import UserError
 
 FORMAT = "blt-dist/byte-shards/v1"
@@ -44,7 +46,6 @@ INDEX = "index.json"
 SPLITS = ("train", "val")
 COLUMNS = {"data": "bytes", "doc": "int64", "source": "str"}
 SHARD_HASHES = ["sha256", "xxh3_64"]  # sorted, as MDSWriter requires
-READ_HASH = "xxh3_64"  # what every reader checks; sha256 is for `blt-dist verify` and other tools
 
 
 class StreamHash:
@@ -76,6 +77,10 @@ class StreamInfo:
     bytes: int
     shards: int
 
+    def rel(self, info: dict) -> str:
+        """A shard's path relative to the dataset root (`info`: its index entry's raw_data)."""
+        return f"{self.split}/{self.content_type}/{info['basename']}"
+
 
 class ByteDataset:
     """A prepared dataset, checked on open: manifest, every stream's index, shard sizes.
@@ -83,8 +88,13 @@ class ByteDataset:
     Byte datasets (`prepare`) and entropy datasets (`entropies`) share this layout; `format`
     says which one the caller expects (a tuple: any of them)."""
 
-    def __init__(self, root: str | Path, verify: bool = True, format: str | tuple[str, ...] = FORMAT):
-        self.root = Path(root)
+    def __init__(self, root: str | Path, verify: bool = True, format: str | tuple[str, ...] = FORMAT,
+                 cache_dir: str | Path | None = None):
+        # a URL: the manifest and indexes come into the node cache now, shards when first read
+        self.url = str(root) if is_remote(root) else None
+        self.cache_dir = cache_dir
+        self.root = fetch_metadata(self.url, cache_dir) if self.url else Path(root)
+        self.name = self.url or str(self.root)  # what messages call it
         manifest_path = self.root / MANIFEST
         if not self.root.is_dir():
             raise UserError(f"{self.root}: no such dataset directory")
@@ -101,7 +111,7 @@ class ByteDataset:
         self.fingerprint: str = self.manifest["fingerprint"]
         if verify:
             for stream in self.streams():
-                verify_stream(stream.path, self.index_sha256(stream))
+                verify_stream(stream.path, self.index_sha256(stream), shards_local=self.url is None)
 
     def index_sha256(self, stream: "StreamInfo") -> str:
         """The stream's index.json sha256 from the manifest; a dataset written before verified
@@ -133,9 +143,21 @@ class ByteDataset:
 
     def documents(self, split: str) -> Iterator[tuple[str, dict]]:
         """Yields (content_type, sample) for every document of a split, in stored order."""
+        cache = self.shard_cache()
         for stream in self.streams(split):
-            for sample in iter_stream(stream.path, self.index_sha256(stream), self.fingerprint):
+            fetch = None
+            if cache is not None:
+                def fetch(info, stream=stream):
+                    return cache.ensure(stream.rel(info), info, self.where(stream), self.fingerprint)
+            for sample in iter_stream(stream.path, self.index_sha256(stream), self.fingerprint, fetch=fetch):
                 yield stream.content_type, sample
+
+    def where(self, stream: "StreamInfo") -> str:
+        return f"{self.name}: stream {stream.split}/{stream.content_type}"
+
+    def shard_cache(self, limit: int = 0, prefetch: int = 2) -> "ShardCache | None":
+        """The node cache of a remote dataset's shards (None for a local dataset)."""
+        return ShardCache(self.root, self.url, limit, prefetch) if self.url else None
 
 
 class SplitReader:
@@ -145,21 +167,26 @@ class SplitReader:
     Reads through mosaicml-streaming's MDS shard readers; the order in which documents are
     visited belongs to the loaders (see loader.py for why not StreamingDataset's)."""
 
-    def __init__(self, dataset: ByteDataset, split: str):
+    def __init__(self, dataset: ByteDataset, split: str, cache_limit: float = 0, prefetch: int = 2):
         # lazy: `import streaming` costs 2 s over torch (measured); generate, patch and eval --files never read a shard
         from streaming.base.format import reader_from_json
 
+        self.dataset = dataset
+        self.cache = dataset.shard_cache(int(cache_limit), prefetch)  # remote: shards come on first read
+        self._ready: set[tuple[int, int]] = set()  # (stream, shard) this process has verified and pinned
         self.streams = dataset.streams(split)
         if not self.streams:
             raise UserError(f"{dataset.root}: no {split!r} split (splits: {', '.join(dataset.manifest['splits'])})")
         self._readers = []  # per stream: list of shard readers
         self._shard_starts = []  # per stream: first document id of each shard
         stream_sizes = []
+        self._infos = []  # per stream: each shard's raw_data entry
         for stream in self.streams:
-            index = verify_stream(stream.path, dataset.index_sha256(stream))
-            for info in index["shards"]:  # before any sample is used; once per node (a stamp)
-                verify_shard(stream.path, info["raw_data"], dataset.fingerprint,
-                             f"{dataset.root}: stream {stream.split}/{stream.content_type}")
+            index = verify_stream(stream.path, dataset.index_sha256(stream), shards_local=self.cache is None)
+            if self.cache is None:
+                for info in index["shards"]:  # before any sample is used; once per node (a stamp)
+                    verify_shard(stream.path, info["raw_data"], dataset.fingerprint, dataset.where(stream))
+            self._infos.append([info["raw_data"] for info in index["shards"]])
             readers = [reader_from_json(str(stream.path), None, info) for info in index["shards"]]
             counts = [r.samples for r in readers]
             if sum(counts) != stream.documents:
@@ -173,21 +200,67 @@ class SplitReader:
     def __len__(self) -> int:
         return self.num_documents
 
-    def get(self, doc_id: int) -> tuple[str, dict]:
-        """(content type, sample) of global document `doc_id`."""
+    def locate(self, doc_id: int) -> tuple[int, int, int]:
+        """(stream, shard, index in the shard) of global document `doc_id`."""
         if not 0 <= doc_id < self.num_documents:
             raise IndexError(f"document {doc_id} out of range [0, {self.num_documents})")
         stream = int(np.searchsorted(self._stream_starts, doc_id, side="right")) - 1
         local = doc_id - int(self._stream_starts[stream])
         shard = int(np.searchsorted(self._shard_starts[stream], local, side="right")) - 1
-        sample = self._readers[stream][shard].get_item(local - int(self._shard_starts[stream][shard]))
+        return stream, shard, local - int(self._shard_starts[stream][shard])
+
+    def shard_starts(self) -> np.ndarray:
+        """The global id of every shard's first document, in global order (streams, then shards)."""
+        return np.concatenate([start + starts for start, starts in zip(self._stream_starts, self._shard_starts)])
+
+    def get(self, doc_id: int) -> tuple[str, dict]:
+        """(content type, sample) of global document `doc_id`."""
+        stream, shard, item = self.locate(doc_id)
+        if self.cache is not None:
+            self._fetch(stream, shard)
+            try:
+                sample = self._readers[stream][shard].get_item(item)
+            except FileNotFoundError:  # evicted by another process since: fetch it again
+                self._ready.discard((stream, shard))
+                self._fetch(stream, shard)
+                sample = self._readers[stream][shard].get_item(item)
+        else:
+            sample = self._readers[stream][shard].get_item(item)
         return self.streams[stream].content_type, sample
 
+    def _fetch(self, stream: int, shard: int) -> None:
+        info, rel = self._infos[stream][shard], self.streams[stream].rel(self._infos[stream][shard])
+        self.cache.pin(rel, window=2 + self.cache.prefetch_depth)
+        if (stream, shard) in self._ready and (self.streams[stream].path / info["basename"]).is_file():
+            return
+        failed = self.cache.prefetch_error(rel)
+        if failed is not None:
+            raise failed
+        self.cache.ensure(rel, info, self.dataset.where(self.streams[stream]), self.dataset.fingerprint)
+        self._ready = {key for key in self._ready if key[0] != stream or abs(key[1] - shard) < 4}
+        self._ready.add((stream, shard))
 
-def verify_stream(stream_dir: Path, index_sha256: str | None = None) -> dict:
+    def prefetch(self, doc_ids) -> None:
+        """Starts downloading the shards of these upcoming documents (remote datasets), in order."""
+        if self.cache is None:
+            return
+        wanted, seen = [], set()
+        for doc_id in doc_ids:
+            stream, shard, _ = self.locate(int(doc_id))
+            if (stream, shard) not in seen and (stream, shard) not in self._ready:
+                seen.add((stream, shard))
+                info = self._infos[stream][shard]
+                wanted.append((self.streams[stream].rel(info), info, self.dataset.where(self.streams[stream]),
+                               self.dataset.fingerprint))
+        if wanted:
+            self.cache.prefetch(wanted)
+
+
+def verify_stream(stream_dir: Path, index_sha256: str | None = None, shards_local: bool = True) -> dict:
     """Checks an MDS stream directory: index.json present, parsable and (given the manifest's
     digest) the one the manifest names, every shard file present with the size the index
-    records. Returns the parsed index. Raises UserError naming the file."""
+    records (shards_local=False: a remote dataset's cache, where shards come when first read).
+    Returns the parsed index. Raises UserError naming the file."""
     index_path = stream_dir / INDEX
     if not index_path.is_file():
         raise UserError(f"{stream_dir}: shard directory without index.json (incomplete or not an MDS dataset)")
@@ -205,6 +278,8 @@ def verify_stream(stream_dir: Path, index_sha256: str | None = None) -> dict:
             raise UserError(f"{index_path}: compressed shards are not supported; re-run `blt-dist prepare`")
         info = shard["raw_data"]
         path = stream_dir / info["basename"]
+        if not shards_local:
+            continue
         if not path.is_file():
             raise UserError(f"{path}: shard file missing (listed in {index_path})")
         size = path.stat().st_size
@@ -214,70 +289,23 @@ def verify_stream(stream_dir: Path, index_sha256: str | None = None) -> dict:
 
 
 def iter_stream(stream_dir: Path, index_sha256: str | None = None, fingerprint: str | None = None,
-                check_shards: bool = True) -> Iterator[dict]:
+                check_shards: bool = True, fetch=None) -> Iterator[dict]:
     """Reads one MDS stream in order, without the streaming dataset machinery (no shared memory,
     no cache copy): for offline tools that walk every document once. Each shard is verified
-    before it is read (check_shards=False: the caller checks the documents themselves)."""
+    before it is read (check_shards=False: the caller checks the documents themselves).
+    `fetch(raw_data)`: brings a remote dataset's shard into the node cache, verified."""
     # lazy: `import streaming` costs 2 s over torch (measured); generate, patch and eval --files never read a shard
     from streaming.base.format import reader_from_json
 
-    index = verify_stream(stream_dir, index_sha256)
+    index = verify_stream(stream_dir, index_sha256, shards_local=fetch is None)
     for shard_info in index["shards"]:
-        if check_shards:
+        if fetch is not None:
+            fetch(shard_info["raw_data"])
+        elif check_shards:
             verify_shard(stream_dir, shard_info["raw_data"], fingerprint, str(stream_dir))
         reader = reader_from_json(str(stream_dir), None, shard_info)
         for i in range(reader.samples):
             yield reader.get_item(i)
-
-
-def file_digest(path: Path, algo: str) -> str:
-    """Hex digest of a whole file, as mosaicml-streaming's get_hash gives it for the same bytes."""
-    import xxhash  # lazy: a dependency of mosaicml-streaming, only shard checks need it
-
-    digest = getattr(xxhash, algo)() if algo.startswith("xxh") else hashlib.new(algo)
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def stamp_root() -> Path:
-    return Path(os.environ.get("BLT_DIST_CACHE") or Path.home() / ".cache" / "blt-dist") / "verified"
-
-
-def verify_shard(stream_dir: Path, info: dict, fingerprint: str | None, where: str, algo: str = READ_HASH) -> None:
-    """Checks one shard file (`info`: its index entry's raw_data) against the hash its index
-    records, unless this node already did for the same file (a stamp keyed by the dataset
-    fingerprint, the file's size and mtime and the expected hash). Raises UserError naming the
-    dataset and stream (`where`), the shard and both hashes."""
-    path = stream_dir / info["basename"]
-    expected = (info.get("hashes") or {}).get(algo)
-    if expected is None:
-        raise UserError(f"{where}: shard {info['basename']} has no {algo} in its index (written before shard "
-                        "hashes; `blt-dist verify DATASET --stamp` adds them)")
-    stat = path.stat()
-    key = f"{stat.st_size} {stat.st_mtime_ns} {algo}:{expected}\n"
-    stamp = None
-    if fingerprint is not None:
-        name = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32]
-        stamp = stamp_root() / fingerprint / name
-        try:
-            if stamp.read_text() == key:
-                return
-        except OSError:
-            pass
-    actual = file_digest(path, algo)
-    if actual != expected:
-        raise UserError(f"{where}: shard {info['basename']} ({path}) is corrupt: {algo} {actual}, its index says "
-                        f"{expected}; re-copy or re-prepare the dataset")
-    if stamp is not None:
-        try:
-            stamp.parent.mkdir(parents=True, exist_ok=True)
-            tmp = stamp.with_name(f".{stamp.name}.{os.getpid()}")
-            tmp.write_text(key)
-            os.replace(tmp, stamp)
-        except OSError:
-            pass  # a read-only home: every open re-hashes, nothing is trusted without a check
 
 
 def index_digest(stream_dir: Path) -> str:
