@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from blt_dist.bench import s3
 from blt_dist.data.loader import Loader, LoaderSpec
 from blt_dist.data.packing import IGNORE
 from blt_dist.data.prepare import prepare
 from blt_dist.data.shards import ByteDataset, SplitReader
 from blt_dist.errors import UserError
-from tests import s3
 from tests.conftest import write_word_documents
 from tests.distributed import metrics, run
 
@@ -243,3 +243,14 @@ def test_entropies_from_the_bucket_equal_those_from_the_local_copy(dataset, url,
         a, b = json.loads(local[name]), json.loads(remote[name])
         assert a.pop("byte_dataset") == str(dataset) and b.pop("byte_dataset") == url
         assert a == b
+    # the entropy dataset itself from the bucket (its shards sit in part directories): the BLT
+    # loader reads the same batches as from the local copy
+    entropies_url = s3.upload(tmp_path / "local", "data", f"{url.rsplit('/', 1)[1]}-entropies")
+    patching = dict(mode="entropy", threshold=1.0, threshold_r=None, patch_size=4, max_patch_length=8)
+    blt = dict(family="blt", sample_len=64, patches_per_sample=24, patching=patching, split="train",
+               micro_batch_size=2, seed=1, shuffle_block_shards=1)
+    local_loader = Loader(LoaderSpec(path=str(tmp_path / "local"), **blt))
+    remote_loader = Loader(LoaderSpec(path=entropies_url, cache_dir=str(tmp_path / "cache"), **blt))
+    for _ in range(10):
+        x, y = next(local_loader), next(remote_loader)
+        assert all(x[k].equal(y[k]) for k in x if k != "facts")

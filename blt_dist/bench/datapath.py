@@ -5,7 +5,10 @@ use the same pieces.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +17,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from blt_dist.bench import s3
 from blt_dist.bench.workloads import CONFIGS, config_model, training_step
 from blt_dist.config import Config, load_config
 from blt_dist.data.calibrate import calibrate_threshold
@@ -21,7 +25,7 @@ from blt_dist.data.entropies import ROW_WINDOWS, compute_entropy_dataset, docume
 from blt_dist.data.loader import ENTROPY_FORMAT, Loader, LoaderSpec
 from blt_dist.data.patching import MODES, PatchingRule, patch_lengths_from_starts, patch_starts
 from blt_dist.data.prepare import prepare
-from blt_dist.data.shards import ByteDataset, iter_stream
+from blt_dist.data.shards import ByteDataset, SplitReader, iter_stream
 from blt_dist.evaluation.generate import BLTDecoder, Sampling, generate
 from blt_dist.flops import SampleShape, forward_flops_per_byte
 from blt_dist.model import ModelConfig, build_model
@@ -143,12 +147,15 @@ def calibrated_threshold(entropy_dir: Path, target: float) -> float:
     return calibrate_threshold(docs, "entropy", target_mean_size=target, max_patch_length=16).threshold
 
 
-def measure_loader(spec, num_workers: int, seconds: float) -> tuple[float, float]:
-    """(samples/s, MB/s of raw bytes), after the first batch (worker start-up) is out of the way."""
-    loader = Loader(spec, num_workers=num_workers)
-    next(loader)
-    batches = samples = nbytes = 0
+def measure_loader(spec, num_workers: int, seconds: float, skip_first: bool = True) -> tuple[float, float]:
+    """(samples/s, MB/s of raw bytes), after the first batch (worker start-up) is out of the way
+    (skip_first=False: from the loader's creation on, opening the dataset included)."""
     start = time.perf_counter()
+    loader = Loader(spec, num_workers=num_workers)
+    if skip_first:
+        next(loader)
+        start = time.perf_counter()
+    batches = samples = nbytes = 0
     while time.perf_counter() - start < seconds or batches < 3:
         batch = next(loader)
         batches += 1
@@ -210,6 +217,39 @@ def build_loader_world(root: Path, megabytes: float) -> LoaderWorld:
         split="train", micro_batch_size=blt_cfg.train.micro_batch_size, seed=0,
     )
     return LoaderWorld(root, source, total / 1e6, run.seconds, threshold, spec)
+
+
+def measure_object_store(world: LoaderWorld, seconds: float) -> dict:
+    """The BLT loader from a loopback S3 server (moto): MB/s with a cold node cache (every shard
+    downloaded and verified as it is first read) and a warm one (the same cache, stamped), and
+    what verification costs a local open: every shard hashed (first touch on a node) against the
+    stamps read (every later open). None when moto is not installed."""
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="blt-bench-s3.") as tmp:
+        tmp = Path(tmp)
+        try:
+            with s3.loopback_s3(tmp / "aws"):
+                url = s3.upload(world.root / "entropies", "bench", "entropies")
+                spec = dataclasses.replace(world.blt_spec, path=url, cache_dir=str(tmp / "cache"))
+                out["cold_mb_s"] = measure_loader(spec, 0, seconds, skip_first=False)[1]
+                out["warm_mb_s"] = measure_loader(spec, 0, seconds, skip_first=False)[1]
+        except ModuleNotFoundError:  # moto (and its server's flask/werkzeug): the dev extra
+            return None
+        shards = sum(s.shards for s in ByteDataset(world.root / "entropies", format=ENTROPY_FORMAT).streams())
+        saved = os.environ.get("BLT_DIST_CACHE")
+        os.environ["BLT_DIST_CACHE"] = str(tmp / "stamps")  # no stamps yet: every shard is hashed
+        try:
+            for key in ("first_touch_s", "stamped_s"):
+                start = time.perf_counter()
+                SplitReader(ByteDataset(world.root / "entropies", format=ENTROPY_FORMAT), "train")
+                out[key] = time.perf_counter() - start
+        finally:
+            if saved is None:
+                os.environ.pop("BLT_DIST_CACHE", None)
+            else:
+                os.environ["BLT_DIST_CACHE"] = saved
+        out["shards"] = shards
+    return out
 
 
 def measure_entropy_pass(kilobytes: float, dtype: str, device: torch.device) -> dict:

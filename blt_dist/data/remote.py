@@ -129,11 +129,12 @@ class ShardCache:
         is verified on its first use by this node since it last changed (shards.verify_shard's
         stamp), and deleted if it fails."""
         path = self.root / rel
+        stream_dir = self.root.joinpath(*Path(rel).parts[:2])  # split/content type; basenames may have a dir
         with self._file_lock(rel):
             self._touch(rel)
             if path.is_file():
                 try:
-                    verify_shard(path.parent, info, fingerprint, f"{where} (cached from {join(self.url, rel)})")
+                    verify_shard(stream_dir, info, fingerprint, f"{where} (cached from {join(self.url, rel)})")
                     return path
                 except UserError as err:
                     path.unlink(missing_ok=True)
@@ -150,7 +151,7 @@ class ShardCache:
                                 f"({size} bytes), its index says {expected} ({info['bytes']} bytes); deleted, "
                                 "not trained on")
             os.replace(tmp, path)
-            verify_shard(path.parent, info, fingerprint, where)  # hashed again: writes this node's stamp
+            verify_shard(stream_dir, info, fingerprint, where)  # hashed again: writes this node's stamp
         self._evict()
         return path
 

@@ -174,6 +174,7 @@ class SplitReader:
         self.dataset = dataset
         self.cache = dataset.shard_cache(int(cache_limit), prefetch)  # remote: shards come on first read
         self._ready: set[tuple[int, int]] = set()  # (stream, shard) this process has verified and pinned
+        self._global_shards = self._global_starts = None  # built by the first prefetch
         self.streams = dataset.streams(split)
         if not self.streams:
             raise UserError(f"{dataset.root}: no {split!r} split (splits: {', '.join(dataset.manifest['splits'])})")
@@ -244,11 +245,15 @@ class SplitReader:
         """Starts downloading the shards of these upcoming documents (remote datasets), in order."""
         if self.cache is None:
             return
-        wanted, seen = [], set()
-        for doc_id in doc_ids:
-            stream, shard, _ = self.locate(int(doc_id))
-            if (stream, shard) not in seen and (stream, shard) not in self._ready:
-                seen.add((stream, shard))
+        if self._global_shards is None:  # (stream, shard) of every shard in global order, and its first document
+            self._global_shards = [(i, j) for i, infos in enumerate(self._infos) for j in range(len(infos))]
+            self._global_starts = self.shard_starts()
+        positions = np.searchsorted(self._global_starts, np.asarray(doc_ids), side="right") - 1
+        _, first = np.unique(positions, return_index=True)
+        wanted = []
+        for position in positions[np.sort(first)]:  # distinct shards, in the order they are needed
+            stream, shard = self._global_shards[int(position)]
+            if (stream, shard) not in self._ready:
                 info = self._infos[stream][shard]
                 wanted.append((self.streams[stream].rel(info), info, self.dataset.where(self.streams[stream]),
                                self.dataset.fingerprint))

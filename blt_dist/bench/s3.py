@@ -1,7 +1,9 @@
-"""A real S3 server on loopback for the tests: moto's server mode (ThreadedMotoServer), with
-dummy credentials and its own AWS config files, so that no request leaves 127.0.0.1."""
+"""A real S3 server on loopback, for the tests and the bench's object-store rows: moto's server
+mode (ThreadedMotoServer, in the dev extra), with dummy credentials and its own AWS config files,
+so that no request leaves 127.0.0.1."""
 from __future__ import annotations
 
+import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,11 +14,12 @@ def loopback_s3(config_dir: Path):
     """Starts the server; sets the variables boto3 and streaming's S3 downloader read (in this
     process, and so in every process it starts) and puts them back at the end. Yields the
     endpoint URL."""
-    from moto.server import ThreadedMotoServer
+    from moto.server import ThreadedMotoServer  # lazy: a test/bench dependency, not the trainer's
 
     config_dir.mkdir(parents=True, exist_ok=True)
     (config_dir / "config").write_text("[default]\nregion = us-east-1\n")
     (config_dir / "credentials").write_text("[default]\naws_access_key_id = testing\naws_secret_access_key = testing\n")
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -40,7 +43,7 @@ def loopback_s3(config_dir: Path):
 
 
 def client():
-    import boto3
+    import boto3  # lazy: only remote datasets need it (streaming's S3 downloader imports it too)
 
     return boto3.client("s3", endpoint_url=os.environ["S3_ENDPOINT_URL"])
 
