@@ -73,7 +73,7 @@ class LoaderSpec:
             raise UserError(f"data.{'train' if split == 'train' else 'val'}: no dataset directory set")
         common = dict(path=path, split=split, micro_batch_size=cfg.train.micro_batch_size, seed=d.shuffle_seed, shuffle=d.shuffle)
         if family == "blt":
-            patching = {k: getattr(d.patching, k) for k in ("mode", "threshold", "threshold_r", "patch_size", "max_patch_length")}
+            patching = {k: getattr(d.patching, k) for k in ("mode", "threshold", "threshold_r", "patch_size", "max_patch_length", "bos_alone")}
             spec = cls(family="blt", sample_len=d.byte_capacity, patches_per_sample=d.patches_per_sample, patching=patching, **common)
         elif family == "bpe":
             if not d.tokenizer:
