@@ -14,7 +14,9 @@ from blt_dist.data.entropies import document_entropies
 from blt_dist.data.patching import PatchingRule
 from blt_dist.evaluation.generate import BLTDecoder, Sampling, generate
 from blt_dist.interop.hf_blt import hf_threshold
+from blt_dist.interop.hf_export import write_hf
 from blt_dist.model import build_model
+from blt_dist.model.weights import load_export
 from blt_dist.training.export import save_export
 from blt_dist.vocab import BOS_ID, encode_document
 
@@ -133,7 +135,6 @@ def test_greedy_generation_matches_hf_without_cache(tmp_path):
     (max_patch_length drops the trailing zero-length patch), so equality is not guaranteed in
     general: this checks it on a seed where the argmax is unaffected."""
     model, cfg, entropy, _ = meta_blt(tmp_path, SHAPES[0])
-    from blt_dist.interop.hf_export import write_hf
     write_hf(model.state_dict(), cfg, tmp_path / "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     prompt = "Grüße, 東京 ".encode()
@@ -142,3 +143,20 @@ def test_greedy_generation_matches_hf_without_cache(tmp_path):
     out = hf.generate(ids, max_new_tokens=len(ours.tokens) - ours.prompt_tokens, do_sample=False, use_cache=False,
                       bad_words_ids=[[0], [1], [3]], eos_token_id=2, pad_token_id=0)
     assert out[0].tolist() == ours.tokens
+
+
+def test_hf_blt_imports_back_with_equal_weights_and_logits(tmp_path):
+    """HF -> project: the export above read back by `import-hf` (BLT + its patcher as an entropy export)."""
+
+    model, cfg, entropy, entropies = meta_blt(tmp_path, SHAPES[1])
+    write_hf(model.state_dict(), cfg, tmp_path / "hf")
+    assert main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
+    back, back_cfg = load_export(tmp_path / "back")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(back.state_dict()[name], tensor), name
+    back_entropy, _ = load_export(back_cfg.data.entropy_model)
+    for name, tensor in entropy.state_dict().items():
+        assert torch.equal(back_entropy.state_dict()[name], tensor), name
+    assert back_cfg.data.patching.bos_alone
+    (tmp_path / "doc.txt").write_bytes(DOCUMENTS[0])
+    assert main(["eval", "--model", str(tmp_path / "back"), "--files", str(tmp_path / "doc.txt")]) == 0

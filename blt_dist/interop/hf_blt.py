@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from blt_dist.config.model import ModelConfig
+from blt_dist.config.model import HashEmbeddingConfig, LocalModelConfig, ModelConfig
 
 _BLOCK = (("attention.wq.weight", "self_attn.q_proj.weight"), ("attention.wk.weight", "self_attn.k_proj.weight"),
           ("attention.wv.weight", "self_attn.v_proj.weight"), ("attention.wo.weight", "self_attn.o_proj.weight"),
@@ -174,3 +174,44 @@ def from_patcher_state(hf: dict[str, torch.Tensor], e: ModelConfig) -> dict[str,
         for ours, theirs in _BLOCK:
             out[f"blocks.{i}.{ours}"] = hf[f"model.patcher.layers.{i}.{theirs}"]
     return out
+
+
+def model_configs_from_hf(config: dict) -> tuple[ModelConfig, ModelConfig, list[str]]:
+    """(BLT config, entropy-model config, what the project cannot express) from a BltForCausalLM
+    config.json (sub-configs as dicts, as BltConfig.to_dict writes them)."""
+    enc, dec, glob, pat = (config[k] for k in ("encoder_config", "decoder_config", "global_config", "patcher_config"))
+    problems = []
+    thetas = {enc["rope_theta"], dec["rope_theta"], glob["rope_theta"]}
+    if len(thetas) > 1:
+        problems.append(f"rope_theta differs between encoder, decoder and global ({sorted(thetas)}): the project has one")
+    if enc.get("num_key_value_heads", enc["num_attention_heads"]) != enc["num_attention_heads"] or \
+            dec.get("num_key_value_heads", dec["num_attention_heads"]) != dec["num_attention_heads"]:
+        problems.append("grouped-query attention in the local models")
+    if enc["intermediate_size"] != dec["intermediate_size"] or enc["hidden_size"] != dec["hidden_size"]:
+        problems.append("encoder and decoder widths differ")
+    m = ModelConfig(family="blt", layout="meta", dim=glob["hidden_size"], n_layers=glob["num_hidden_layers"],
+                    n_heads=glob["num_attention_heads"], n_kv_heads=glob.get("num_key_value_heads"),
+                    norm_eps=float(glob["rms_norm_eps"]), rope_theta=float(glob["rope_theta"]),
+                    cross_attn_k=config["cross_attn_k"],
+                    encoder=LocalModelConfig(dim=enc["hidden_size"], n_layers=enc["num_hidden_layers"],
+                                             n_heads=enc["num_attention_heads"], window=None),
+                    decoder=LocalModelConfig(dim=dec["hidden_size"], n_layers=dec["num_hidden_layers"],
+                                             n_heads=dec["num_attention_heads"], window=None),
+                    hash=HashEmbeddingConfig(ngram_sizes=list(config["encoder_hash_byte_group_size"]),
+                                             buckets=config["encoder_hash_byte_group_vocab"],
+                                             functions=config["encoder_hash_byte_group_nb_functions"]))
+    # the project has one SwiGLU rule for every width: find a (multiplier, multiple_of) giving both
+    widths = [(glob["hidden_size"], glob["intermediate_size"]), (enc["hidden_size"], enc["intermediate_size"])]
+    for multiple_of in (glob["intermediate_size"], 256, 128, 64, 32, 16, 8, 4, 2, 1):
+        m.ffn_multiplier, m.ffn_multiple_of = glob["intermediate_size"] * 3 / (8 * glob["hidden_size"]), multiple_of
+        if all(m.ffn_hidden(d) == h for d, h in widths):
+            break
+    else:
+        problems.append(f"intermediate sizes {[h for _, h in widths]} for widths {[d for d, _ in widths]} "
+                        "follow no single SwiGLU rule (the project derives every width from one)")
+    e = ModelConfig(family="entropy", dim=pat["hidden_size"], n_layers=pat["num_hidden_layers"],
+                    n_heads=pat["num_attention_heads"], n_kv_heads=pat.get("num_key_value_heads"),
+                    norm_eps=float(pat["rms_norm_eps"]), rope_theta=float(pat["rope_theta"]),
+                    ffn_multiplier=pat["intermediate_size"] * 3 / (8 * pat["hidden_size"]),
+                    ffn_multiple_of=pat["intermediate_size"], window=pat.get("max_position_embeddings"))
+    return m, e, problems
