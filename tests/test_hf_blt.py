@@ -160,3 +160,31 @@ def test_hf_blt_imports_back_with_equal_weights_and_logits(tmp_path):
     assert back_cfg.data.patching.bos_alone
     (tmp_path / "doc.txt").write_bytes(DOCUMENTS[0])
     assert main(["eval", "--model", str(tmp_path / "back"), "--files", str(tmp_path / "doc.txt")]) == 0
+
+
+def test_bad_blt_directories_are_one_line_and_exit_status_2(tmp_path, capsys):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    model, cfg, _, _ = meta_blt(tmp_path, SHAPES[1])
+    write_hf(model.state_dict(), cfg, tmp_path / "hf")
+    state = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    cases = {
+        "missing": (lambda s: s.pop("model.patcher.norm.weight"), "missing tensor model.patcher.norm.weight"),
+        "shape": (lambda s: s.update({"model.local_decoder.norm.weight": torch.ones(3)}),
+                  "tensor model.local_decoder.norm.weight has shape (3,)"),
+        "dtype": (lambda s: s.update({"lm_head.weight": s["lm_head.weight"].to(torch.int64)}), "dtype torch.int64"),
+    }
+    for name, (change, message) in cases.items():
+        path = tmp_path / name
+        path.mkdir()
+        bad = dict(state)
+        change(bad)
+        save_file(bad, str(path / "model.safetensors"), metadata={"format": "pt"})
+        (path / "config.json").write_text(json.dumps(config))
+        capsys.readouterr()
+        assert main(["import-hf", str(path), "--out", str(tmp_path / f"out-{name}")]) == 2, name
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (name, err)
