@@ -43,6 +43,7 @@ class PatchingConfig:
     threshold_r: Optional[float] = None  # monotonic mode: H_i - H_{i-1} > threshold_r
     patch_size: int = 4  # static mode
     max_patch_length: int = 16  # every mode
+    bos_alone: bool = False  # every BOS a patch of its own, as HF/Meta patch (needed for an HF export)
     target_mean_size: float = 4.5  # bytes per patch: what `calibrate` aims for and FLOP estimates assume
 
 

@@ -44,7 +44,7 @@ class LocalModelConfig:
     dim: int = 256
     n_layers: int = 1
     n_heads: int = 4
-    window: int = 512  # sliding-window self-attention over bytes (never across documents)
+    window: Optional[int] = 512  # sliding-window self-attention over bytes (never across documents); None: full causal
 
 
 @dataclass

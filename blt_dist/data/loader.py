@@ -92,7 +92,7 @@ class LoaderSpec:
                       shuffle=d.shuffle, shuffle_block_shards=d.shuffle_block_shards, cache_dir=d.cache_dir or None,
                       cache_limit=d.cache_limit, prefetch_shards=d.prefetch_shards)
         if family == "blt":
-            patching = {k: getattr(d.patching, k) for k in ("mode", "threshold", "threshold_r", "patch_size", "max_patch_length")}
+            patching = {k: getattr(d.patching, k) for k in ("mode", "threshold", "threshold_r", "patch_size", "max_patch_length", "bos_alone")}
             spec = cls(family="blt", sample_len=d.byte_capacity, patches_per_sample=d.patches_per_sample, patching=patching, **common)
         elif family == "bpe":
             if not d.tokenizer:

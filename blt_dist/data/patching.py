@@ -16,7 +16,9 @@ with, for the entropy modes, one entropy per position.
     2. token i is BOS (a document starts: patches never span documents), or
     3. the mode's rule fires at i, or
     4. the current patch already holds max_patch_length positions (a forced start; the count
-       restarts at every start, natural or forced).
+       restarts at every start, natural or forced), or
+    5. with `bos_alone` (off by default), token i-1 is BOS: the BOS is a patch of its own, as
+       Hugging Face's and Meta's BLT patchers force (a start at position 1).
 * Rules (each looks only inside the current document):
     entropy   (global threshold): fires iff H_i > threshold.
     monotonic (BLT's "approximate monotonicity"): fires iff H_i - H_{i-1} > threshold_r.
@@ -133,6 +135,7 @@ class PatchingRule:
     threshold_r: Optional[float] = None  # monotonic mode (nats)
     patch_size: int = 4  # static mode
     max_patch_length: Optional[int] = 16  # None: no limit
+    bos_alone: bool = False  # every BOS a patch of its own (HF/Meta); reads token i-1 only
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -158,7 +161,8 @@ class PatchingRule:
     @classmethod
     def from_config(cls, cfg) -> "PatchingRule":
         """From a `blt_dist.config.PatchingConfig`."""
-        return cls(cfg.mode, cfg.threshold, cfg.threshold_r, cfg.patch_size, cfg.max_patch_length)
+        return cls(cfg.mode, cfg.threshold, cfg.threshold_r, cfg.patch_size, cfg.max_patch_length,
+                   cfg.bos_alone)
 
     @property
     def needs_entropies(self) -> bool:
@@ -346,6 +350,8 @@ def patch_starts(tokens, entropies=None, rule: Optional[PatchingRule] = None, **
         natural = bos.copy()
 
     natural[:, 0] = True
+    if rule.bos_alone:
+        natural[:, 1:] |= bos[:, :-1]
     period = rule.max_patch_length
     if rule.mode == "static":
         period = rule.patch_size if period is None else min(rule.patch_size, period)
@@ -379,6 +385,7 @@ class IncrementalPatcher:
         self.prev_entropy = np.float32(0.0)  # H_{i-1} (0 after a BOS)
         self.prev_space = False  # token i-1 spacelike
         self.prev2_space = False  # token i-2 spacelike and in the same document
+        self.prev_bos = False  # token i-1 is BOS (bos_alone)
 
     def _rule_fires(self, entropy) -> bool:
         rule = self.rule
@@ -409,7 +416,7 @@ class IncrementalPatcher:
 
     def peek(self, entropy=None) -> bool:
         """Whether a patch starts at the next position if its token is not BOS."""
-        if self.position == 0:
+        if self.position == 0 or (self.rule.bos_alone and self.prev_bos):
             return True
         limit = self._limit()
         return self._rule_fires(entropy) or (limit is not None and self.patch_length >= limit)
@@ -431,6 +438,7 @@ class IncrementalPatcher:
         # after a BOS, i-2 (the BOS's predecessor) belongs to the previous document
         self.prev2_space = False if is_bos else self.prev_space
         self.prev_space = bool(_SPACELIKE[token])
+        self.prev_bos = is_bos
         self.position += 1
         return start
 

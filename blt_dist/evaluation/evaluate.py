@@ -104,7 +104,7 @@ class Encoder:
         if self.family == "blt":
             p = cfg.data.patching
             self.patcher = PatchEncoder(dict(mode=p.mode, threshold=p.threshold, threshold_r=p.threshold_r,
-                                             patch_size=p.patch_size, max_patch_length=p.max_patch_length))
+                                             patch_size=p.patch_size, max_patch_length=p.max_patch_length, bos_alone=p.bos_alone))
             if self.patcher.rule.needs_entropies:
                 entropy_model = entropy_model or cfg.data.entropy_model
                 if not entropy_model:

@@ -2,7 +2,7 @@
 
     hf_llama.py   the LM families (bpe, byte) <-> LlamaForCausalLM: key names and the rotary
                   permutation; what HF cannot express is listed, never approximated
-    hf_blt.py     a meta-layout BLT as BltForCausalLM: config and keys (not exported yet)
+    hf_blt.py     a meta-layout BLT + its entropy model as BltForCausalLM (+ BltPatcher): config, keys, threshold
     hf_export.py  `blt-dist export RUN --hf OUT`
     hf_import.py  `blt-dist import-hf DIR --out EXPORT`
 

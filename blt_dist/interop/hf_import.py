@@ -1,6 +1,7 @@
-"""`blt-dist import-hf DIR --out EXPORT`: a transformers LlamaForCausalLM directory
-(config.json + safetensors) -> a project export that eval, compare, generate and
-train (model init_from) read.
+"""`blt-dist import-hf DIR --out EXPORT`: a transformers LlamaForCausalLM or BltForCausalLM
+directory (config.json + safetensors) -> a project export that eval, compare and generate read
+(a BLT's patcher becomes an entropy-model export at EXPORT.entropy). Continued pretraining from
+an export (train.init_from) is not built yet.
 
 Every problem is one line and exit status 2: not an HF directory, an architecture the project
 has no family for, a tensor missing, of the wrong shape or of a non-float dtype.
@@ -16,11 +17,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from blt_dist.config import Config
-from blt_dist.interop import InteropError, hf_llama
+from blt_dist.interop import InteropError, hf_blt, hf_llama
 from blt_dist.model import build_model
 from blt_dist.training.export import save_export
 
-SUPPORTED = (hf_llama.HF_ARCHITECTURE,)
+SUPPORTED = (hf_llama.HF_ARCHITECTURE, hf_blt.HF_BLT_ARCHITECTURE)
 
 
 def read_hf_dir(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -48,6 +49,8 @@ def convert(path: str | Path) -> tuple[dict[str, torch.Tensor], Config]:
     arch = (config.get("architectures") or [None])[0]
     if arch not in SUPPORTED:
         raise InteropError(f"{path}: architecture {arch!r} is not importable (supported: {', '.join(SUPPORTED)})")
+    if arch == hf_blt.HF_BLT_ARCHITECTURE:
+        return convert_blt(path, config, hf_state)
     try:
         model_cfg, problems = hf_llama.model_config_from_hf(config)
     except KeyError as err:
@@ -71,14 +74,58 @@ def convert(path: str | Path) -> tuple[dict[str, torch.Tensor], Config]:
     return state, cfg
 
 
+def check_tensors(path: Path, hf_state: dict, expected: dict) -> None:
+    for name, tensor in hf_state.items():
+        if not tensor.is_floating_point():
+            raise InteropError(f"{path}: tensor {name} has dtype {tensor.dtype}, expected a floating-point dtype")
+    for name, tensor in expected.items():
+        if name not in hf_state:
+            raise InteropError(f"{path}: missing tensor {name}")
+        if hf_state[name].shape != tensor.shape:
+            raise InteropError(f"{path}: tensor {name} has shape {tuple(hf_state[name].shape)}, "
+                               f"config.json implies {tuple(tensor.shape)}")
+
+
+def convert_blt(path: Path, config: dict, hf_state: dict):
+    """BltForCausalLM -> (BLT state, its Config, entropy state, the entropy Config). The patching
+    threshold is HF's, compared by the project against float16-rounded entropies: a boundary can
+    move where an entropy lies within half a float16 step of it."""
+    try:
+        m, e, problems = hf_blt.model_configs_from_hf(config)
+    except KeyError as err:
+        raise InteropError(f"{path / 'config.json'}: missing key {err}") from err
+    if config.get("patching_mode", "entropy") != "entropy" or not config.get("patch_in_forward", True):
+        problems.append(f"patching_mode {config.get('patching_mode')!r} without the patcher in the forward")
+    if problems:
+        raise InteropError(f"{path}: cannot be expressed exactly: " + "; ".join(problems))
+    blt, entropy = build_model(m), build_model(e)
+    check_tensors(path, hf_state, {**hf_blt.to_hf_blt_state(blt.state_dict(), m),
+                                   **hf_blt.patcher_state(entropy.state_dict(), e)})
+    cfg, ecfg = Config(), Config()
+    cfg.model, ecfg.model = m, e
+    p = cfg.data.patching
+    p.mode, p.bos_alone, p.threshold = "entropy", True, float(config["patching_threshold"])
+    if config.get("max_patch_length"):
+        p.max_patch_length = int(config["max_patch_length"])
+    return hf_blt.from_hf_blt_state(hf_state, m), cfg, hf_blt.from_patcher_state(hf_state, e), ecfg
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("hf_dir", help="a transformers model directory (config.json + *.safetensors)")
     parser.add_argument("--out", required=True, help="the project export directory to write")
 
 
 def run(args) -> int:
-    state, cfg = convert(args.hf_dir)
+    converted = convert(args.hf_dir)
     out = Path(args.out)
+    if len(converted) == 4:  # a BLT: its patcher becomes an entropy-model export beside it
+        state, cfg, entropy_state, entropy_cfg = converted
+        entropy_out = out.with_name(out.name + ".entropy")
+        save_export(entropy_state, entropy_cfg, entropy_out, {"imported_from": str(Path(args.hf_dir).resolve())})
+        cfg.data.entropy_model = str(entropy_out.resolve())
+    else:
+        state, cfg = converted
+
     if cfg.model.family == "bpe" and (Path(args.hf_dir) / "tokenizer.model").is_file():
         # Kept beside the export so that eval/generate find the sentencepiece model it was trained with.
         shutil.copyfile(Path(args.hf_dir) / "tokenizer.model", out.with_name(out.name + ".tokenizer.model"))
