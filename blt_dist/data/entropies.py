@@ -80,7 +80,7 @@ from tqdm import tqdm
 
 from blt_dist import shims
 from blt_dist.data.loader import ENTROPY_FORMAT
-from blt_dist.data.remote import ShardCache, is_remote
+from blt_dist.data.remote import ShardCache, fetch_metadata, is_remote
 from blt_dist.data.shards import (
     COLUMNS,
     MANIFEST,
@@ -733,8 +733,8 @@ def _worker_part(job) -> dict:
 def check_entropy_source(entropy_dataset: Union[str, Path], model_dir: Union[str, Path]) -> None:
     """Refuses an entropy dataset that another entropy model produced: patches cut from one
     model's entropies mean nothing to a BLT evaluated (or trained on) with another's."""
-    manifest = ByteDataset(entropy_dataset, verify=False, format=ENTROPY_FORMAT).manifest  # a URL too
-    recorded = (manifest.get("entropy_model") or {}).get("weights_sha256")
+    root = fetch_metadata(str(entropy_dataset)) if is_remote(entropy_dataset) else Path(entropy_dataset)
+    recorded = ((_read_json(root / "dataset.json") or {}).get("entropy_model") or {}).get("weights_sha256")
     given = export_info(model_dir).get("weights_sha256")
     if recorded != given:
         raise UserError(
