@@ -251,3 +251,81 @@ def test_compressors_only(setup, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "*xz -9e*" in printed and "*gzip -9*" in printed and "## Who wins" not in printed
     assert cli_main(["compare", "--compressors-only"]) == 1
+
+
+def _rendered(fig):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return canvas.get_renderer()
+
+
+def _tick_labels_do_not_overlap(fig, axis):
+    renderer = _rendered(fig)
+    boxes = [t.get_window_extent(renderer) for t in axis.get_ticklabels(which="both")
+             if t.get_visible() and t.get_text()]
+    assert len(boxes) >= 2
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not a.overlaps(b), (a, b)
+
+
+COMPRESSORS = {"gzip -9": {"bpb": 2.6}, "bz2 -9": {"bpb": 2.2}, "xz -9e": {"bpb": 2.23}}  # bz2 and xz close
+
+
+def _texts_do_not_overlap(fig, ax):
+    renderer = _rendered(fig)
+    boxes = [t.get_window_extent(renderer) for t in ax.texts]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not a.overlaps(b), (a, b)
+
+
+def test_bpb_vs_flops_at_one_budget_is_a_labelled_point_chart():
+    """The demo's case: two runs whose budgets differ by 0.3% are one budget, not a 0.5%-wide log axis."""
+    from blt_dist.evaluation import plots
+
+    fig = plots.bpb_vs_flops_figure({"BLT": [(4.0e12, 1.9, 0.02)], "BPE": [(4.012e12, 1.8, 0.02)],
+                                     "BYTE": [(3.99e12, 2.4, 0.03)]}, COMPRESSORS)
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "linear" and [t.get_text() for t in ax.get_xticklabels()] == ["BLT", "BPE", "BYTE"]
+    assert ax.get_ylim()[0] == 0 and ax.get_ylim()[1] > 2.6  # bars start at zero; compressors inside
+    assert {t.get_text() for t in ax.texts} == set(COMPRESSORS)  # named on the plot
+    _texts_do_not_overlap(fig, ax)
+    _tick_labels_do_not_overlap(fig, ax.xaxis)
+    _tick_labels_do_not_overlap(fig, ax.yaxis)
+
+
+def test_bpb_vs_flops_across_budgets_spans_decades_with_fits():
+    from blt_dist.evaluation import plots
+    from blt_dist.evaluation.scaling import fit_family
+
+    budgets = [1e12, 2e12, 4e12, 8e12, 1.6e13]
+    points = {"BLT p4.5": [(b, 3.0 * (b / 1e12) ** -0.1, 0.01) for b in budgets],
+              "BLT p8": [(b, 3.1 * (b / 1e12) ** -0.12, 0.01) for b in budgets],
+              "BPE": [(b, 2.8 * (b / 1e12) ** -0.07, 0.01) for b in budgets],
+              "BYTE": [(1e12, 3.5, 0.02), (2e12, 3.3, 0.02)]}  # two budgets: points, no line
+    fits = {k: fit_family([(x, y) for x, y, _ in v])[0] for k, v in points.items()}
+    assert fits["BYTE"] is None and fits["BPE"].exponent == pytest.approx(-0.07)
+    fig = plots.bpb_vs_flops_figure(points, COMPRESSORS, fits)
+    ax = fig.axes[0]
+    assert ax.get_xscale() == ax.get_yscale() == "log"
+    for low, high in (ax.get_xlim(), ax.get_ylim()):
+        assert high / low >= 10 - 1e-9
+    assert ax.get_xlim()[0] < 1e12 and ax.get_xlim()[1] > 1.6e13
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == ["BLT p4.5 (exponent -0.100)", "BLT p8 (exponent -0.120)", "BPE (exponent -0.070)", "BYTE"]
+    handles = ax.get_legend().legend_handles
+    assert len({str(h.get_color()) for h in handles}) == 4  # two BLT patch sizes, told apart
+    fitted = [line for line in ax.get_lines() if len(line.get_xdata()) == 50]
+    assert len(fitted) == 3  # no line through BYTE's two budgets
+    assert {t.get_text() for t in ax.texts} == set(COMPRESSORS)
+    _texts_do_not_overlap(fig, ax)
+    _tick_labels_do_not_overlap(fig, ax.xaxis)
+    _tick_labels_do_not_overlap(fig, ax.yaxis)
+
+    # a narrow range of budgets still gets a decade, centred on the data
+    narrow = plots.bpb_vs_flops_figure({"BPE": [(1e12, 2.0, 0.0), (1.5e12, 1.9, 0.0)]}, COMPRESSORS).axes[0]
+    low, high = narrow.get_xlim()
+    assert high / low == pytest.approx(10) and low < 1e12 < 1.5e12 < high
