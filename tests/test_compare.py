@@ -329,3 +329,45 @@ def test_bpb_vs_flops_across_budgets_spans_decades_with_fits():
     narrow = plots.bpb_vs_flops_figure({"BPE": [(1e12, 2.0, 0.0), (1.5e12, 1.9, 0.0)]}, COMPRESSORS).axes[0]
     low, high = narrow.get_xlim()
     assert high / low == pytest.approx(10) and low < 1e12 < 1.5e12 < high
+
+
+def _scaling_row(family: str, budget: float, bpb: float, seed: int = 0, patch: float = 4.5, inference: float = 1e6):
+    cfg = SimpleNamespace(model=SimpleNamespace(family=family), run=SimpleNamespace(seed=seed),
+                          train=SimpleNamespace(flops=budget),
+                          data=SimpleNamespace(patching=SimpleNamespace(target_mean_size=patch)))
+    metrics = [{"step": 1, "loss": 1.0, "bytes_seen": 1000, "flops_seen": budget}]
+    name = f"{family}-p{patch:g}-{budget:.0e}-s{seed}"
+    row = cmp.Row(cmp.Run(name, Path("/x") / name, cfg, metrics, "tiny", budget), _record([bpb * 100] * 8, [100] * 8))
+    row.inference_flops_per_byte = inference
+    return row
+
+
+def test_scaling_section_fits_crosses_and_groups():
+    budgets = [1e12, 2e12, 4e12, 8e12, 1.6e13]
+    rows = []
+    for b in budgets:  # BLT p8 starts worse and improves faster: the lines cross inside the budgets
+        rows.append(_scaling_row("blt", b, 3.0 * (b / 1e12) ** -0.12, patch=8, inference=1.0e6))
+        rows.append(_scaling_row("blt", b, 2.9 * (b / 1e12) ** -0.10, patch=4.5, inference=1.01e6))
+        rows.append(_scaling_row("bpe", b, 2.8 * (b / 1e12) ** -0.07, inference=0.99e6))
+    for seed, wobble in ((1, 1.01), (2, 0.99)):  # seeds at the smallest budget give the crossing a range
+        rows.append(_scaling_row("bpe", 1e12, 2.8 * wobble, seed=seed, inference=0.99e6))
+    rows += [_scaling_row("byte", 1e12, 3.5, inference=3e6), _scaling_row("byte", 2e12, 3.3, inference=3e6)]
+    text = "\n".join(cmp._scaling(rows))
+    assert "| BLT p8 | 5 | 5 | -0.1200 |" in text and "| BLT p4.5 | 5 | 5 | -0.1000 |" in text
+    assert "| BPE | 5 | 7 |" in text
+    assert "| BYTE | 2 | 2 | - | - | not fitted: 2 budget(s), a trend needs at least 3 |" in text
+    crossings = text.split("Crossings: ")[1].split("\n")[0]
+    # BLT p8 vs BPE: 3.0 x^-0.12 = 2.8 x^-0.07 at x = (3.0/2.8)^(1/0.05) = 3.97 (in units of 1e12)
+    assert "BLT p8 and BPE cross at 3.97e+12 training FLOPs (seed bootstrap 16-84%:" in crossings
+    assert "within the fitted budgets" in crossings and "BYTE" not in crossings
+    groups = text.split("### Runs by inference FLOPs/byte")[1]
+    # BLT p8, BLT p4.5 and BPE are within 10% in inference cost: one group per budget; BYTE its own
+    assert groups.count("| 990K | 1e+12 | ") == 1 and "BPE 2.800 (3 seeds)" in groups
+    assert "| 3M | 1e+12 | BYTE 3.500 |" in groups
+
+
+def test_scaling_section_at_one_budget_fits_nothing():
+    rows = [_scaling_row("blt", 4e12, 1.9), _scaling_row("bpe", 4.01e12, 1.8)]
+    text = "\n".join(cmp._scaling(rows))
+    assert text.count("not fitted: 1 budget(s)") == 2
+    assert "Crossings: none computed (fewer than two fitted series)." in text
