@@ -83,7 +83,9 @@ def test_report_on_two_runs_with_noise_plots_and_cache(setup, tmp_path, capsys, 
                    "### BLT vs BPE, 1e+09 training FLOPs", "*gzip -9*", "*bz2 -9*", "*xz -9e*",
                    "## Against the compressors", "## Training compute",
                    "Every pair compared at one budget is within 5% in useful training FLOPs per byte",
-                   "Clean-to-noised gap `swap:0.1`"):
+                   "Clean-to-noised gap `swap:0.1`", "## Scaling", "## Patch statistics",
+                   "No entropies (the run does not patch by entropy, or its record predates the bands): blt "
+                   "(patching: space)"):
         assert needle in report, needle
     table = [line for line in report.splitlines() if line.startswith("| blt |")]
     assert table and "| blt | blt | - | 0 |" in table[0]
@@ -94,6 +96,12 @@ def test_report_on_two_runs_with_noise_plots_and_cache(setup, tmp_path, capsys, 
                for line in report.split("## Bits per byte, clean")[1].split("##")[0].splitlines()
                if line.startswith(("| blt |", "| bpe |"))}
     assert len(script_rows) == 1
+    # the patch table: one row per content type, length shares summing to 100%, no entropy bands
+    patch_rows = [line.strip("| ").split(" | ") for line in report.split("## Patch statistics")[1].splitlines()
+                  if line.startswith("| blt |")]
+    assert sorted(r[1] for r in patch_rows) == ["code", "prose"]
+    for r in patch_rows:
+        assert sum(float(c.rstrip("%")) for c in r[3:7]) == pytest.approx(100, abs=0.2) and r[7:] == ["-"] * 3
     cells = script_rows[0].strip("| ").split(" | ")
     assert cells[2:4] == [overall["blt"], overall["bpe"]]
     worse = [family for family in ("blt", "bpe") if float(overall[family]) > 8.0]  # untrained models

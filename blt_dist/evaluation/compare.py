@@ -57,6 +57,7 @@ import numpy as np
 from blt_dist.config import load_config
 from blt_dist.data.entropies import entropy_dtype_for
 from blt_dist.data.loader import ENTROPY_FORMAT
+from blt_dist.data.patch_stats import LENGTH_BUCKETS, patch_stats_from_counts
 from blt_dist.data.patching import ENTROPY_MODES
 from blt_dist.data.shards import MANIFEST, ByteDataset
 from blt_dist.errors import UserError
@@ -553,6 +554,7 @@ def build_report(rows: list[Row], compressors: dict, heldout: Heldout, noises: l
         lines += _verdicts(rows, content_types, noise_names)
         lines += _against_compressors(rows, compressors["clean"], content_types)
         lines += _by_script(rows, heldout)
+        lines += _patch_statistics(rows)
     if plots:
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     return "\n".join(lines)
@@ -624,6 +626,39 @@ def _compute(rows: list[Row]) -> list[str]:
         lines += [f"Every pair compared at one budget is within {PER_BYTE_TOLERANCE:.0%} in useful training FLOPs "
                   "per byte.", ""]
     return lines
+
+
+def _patch_statistics(rows: list[Row]) -> list[str]:
+    """The seed's patch table per BLT series (at its largest budget, lowest seed): per content
+    type of the held-out text, the share of patches 1-4 / 5-8 / 9-12 / 13-16 positions long and
+    of positions with entropy < 2, 2-5, > 5 nats (as the patcher read them), beside the mean."""
+    latest: dict[str, Row] = {}
+    for r in sorted((r for r in rows if r.run.family == "blt"), key=lambda r: (r.run.comparison_budget,
+                                                                               -r.run.cfg.run.seed)):
+        latest[plots.series_label(r, rows)] = r
+    if not latest:
+        return []
+    lines = ["## Patch statistics", ""]
+    head = ["run", "content type", "mean patch size", *(f"{lo}-{hi}" for lo, hi in LENGTH_BUCKETS),
+            "H < 2", "2 <= H <= 5", "H > 5"]
+    body, no_entropies = [], []
+    for label, r in latest.items():
+        for ctype, t in r.clean["by_content_type"].items():
+            if "patch_length_histogram" not in t:
+                continue
+            stats = patch_stats_from_counts(t["patch_length_histogram"], t.get("entropy_band_positions"),
+                                            t.get("mean_patch_size"))
+            body.append([r.label, ctype, *stats.row().split(" | ")])
+        if not any("entropy_band_positions" in t for t in r.clean["by_content_type"].values()):
+            no_entropies.append(f"{r.label} (patching: {r.run.cfg.data.patching.mode})")
+    lines += _table(head, body)
+    lines += ["", "Patch lengths in encoded positions (BOS's own patch and EOS included), shares of patches; "
+              "entropy bands: shares of the positions the entropy model scored, BOS excluded (the entropies, in "
+              "nats, the patcher cut at)."]
+    if no_entropies:
+        lines += ["No entropies (the run does not patch by entropy, or its record predates the bands): "
+                  + ", ".join(no_entropies) + "."]
+    return lines + [""]
 
 
 def _groups(values: list[tuple[float, Row]]) -> list[tuple[float, list[Row]]]:
