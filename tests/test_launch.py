@@ -244,6 +244,9 @@ def write_grid(tmp_path: Path, **changes) -> Path:
     ({"flops": [-1.0]}, "flops[0]"),
     ({"overrides": {"gpt": ["a=1"]}}, "overrides.gpt"),
     ({"flops_per_size": {"1b": [1e20]}}, "flops_per_size.1b"),
+    ({"seeds_per_flops": {"3e9": [0, 1]}}, "seeds_per_flops.3e9"),  # not a budget of the grid
+    ({"seeds_per_flops": {"lots": [0, 1]}}, "seeds_per_flops.lots"),
+    ({"seeds_per_flops": {"2e9": [1, 1]}}, "seeds_per_flops.2e9"),
 ])
 def test_bad_sweep_files_name_the_key(tmp_path, changes, key):
     from launch.sweep import load_sweep
@@ -277,6 +280,16 @@ def test_sweep_plan_matches_bpe_and_byte_with_the_flop_counter(tmp_path):
     blt_cost = train_flops_per_byte(blt.model, SampleShape.from_data(blt.data))
     for baseline in (bpe, byte):
         assert abs(train_flops_per_byte(baseline.model, SampleShape.from_data(baseline.data)) / blt_cost - 1) < 0.05
+
+
+def test_seeds_per_flops_gives_the_smallest_budget_more_seeds(tmp_path):
+    from launch.sweep import load_sweep, plan
+
+    grid = write_grid(tmp_path, flops=[2e9, 4e9, 8e9], seeds=[0], seeds_per_flops={"2.0e+9": [0, 1, 2]})
+    runs = plan(load_sweep(grid))
+    blt = [(r.budget, r.seed, r.cfg.run.seed) for r in runs if r.family == "blt"]
+    assert blt == [(2e9, 0, 0), (2e9, 1, 1), (2e9, 2, 2), (4e9, 0, 0), (8e9, 0, 0)]
+    assert len(runs) == 10 and "bpe-tiny-2e9-s2" in [r.name for r in runs]
 
 
 def test_sweep_dry_run_prints_the_grid_and_its_cost():
