@@ -379,3 +379,30 @@ def test_scaling_section_at_one_budget_fits_nothing():
     text = "\n".join(cmp._scaling(rows))
     assert text.count("not fitted: 1 budget(s)") == 2
     assert "Crossings: none computed (fewer than two fitted series)." in text
+
+
+def test_compare_on_a_sweep_of_three_budgets_fits_and_draws(setup, tmp_path):
+    """End to end on real (untrained) runs listed in a sweep's results.csv at 3 budgets: the
+    report fits each family, and the plot is log-log with a fitted line per family."""
+    from matplotlib.image import imread
+
+    sweep = tmp_path / "sweep"
+    rows = []
+    for family, config, overrides in (("blt", "configs/blt/tiny.yaml", setup.blt),
+                                      ("bpe", "configs/bpe/tiny.yaml", setup.bpe)):
+        for k, budget in enumerate((1e9, 4e9, 1.6e10)):
+            name = f"{family}-{budget:.0e}"
+            make_run(sweep / name, config, overrides, seed=k, flops_per_step=budget / 3)
+            rows.append({"run": name, "family": family, "size": "tiny", "seed": k, "flop_budget": budget,
+                         "status": "finished", "run_dir": str(sweep / name)})
+    with open(sweep / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    out = tmp_path / "report"
+    assert cli_main(["compare", str(sweep), "--out", str(out), "--eval-bytes", "1500"]) == 0
+    report = (out / "report.md").read_text()
+    scaling = report.split("## Scaling")[1].split("\n## ")[0]
+    assert "| BLT | 3 | 3 |" in scaling and "| BPE | 3 | 3 |" in scaling and scaling.count(" | fitted |") == 2
+    assert "Crossings: BLT and BPE" in scaling
+    assert imread(out / "bpb_vs_flops.png").shape[1] > 500
