@@ -32,7 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("blt_dist.evaluation.evaluate", "bits per byte of a checkpoint on shards or text files"),
     "patch": ("blt_dist.data.patch_cli", "show how a text is cut into patches"),
     "generate": ("blt_dist.evaluation.generate", "sample bytes from a trained model"),
-    "flops": ("blt_dist.flops", "parameters and training FLOPs per byte per component; matched BPE shape"),
+    "flops": ("blt_dist.flops", "parameters and training FLOPs per byte per component; matched BPE shape; fixed-inference match (--patch-size)"),
     "launch": ("launch.slurm", "submit a training run to Slurm (submitit)"),
     "sweep": ("launch.sweep", "a scaling sweep (sizes x families x FLOP budgets x seeds) on Slurm or locally; results.csv"),
     "compare": ("blt_dist.evaluation.compare", "BLT vs BPE vs byte-level report: bits per byte at equal training FLOPs"),

@@ -426,7 +426,41 @@ def measured_compression(tokenizer: str) -> dict:
             "source": f"{info_path} ({info.get('measured_on', 'measured')})"}
 
 
-def report(cfg, entropy_cfg=None, blt_template=None, tokenizer: Optional[str] = None) -> dict:
+def inference_matches(blt_cfg, shape: SampleShape, patch_sizes: Sequence[float], bpe_cfg=None) -> dict:
+    """The fixed-inference-cost match for each patch size (what the sweep's patch_sizes axis
+    trains): the BLT's latent resized so that its inference FLOPs per byte equal the BPE twin's.
+    The twin is bpe_cfg where given, else the BPE that matches this BLT's training FLOPs/byte
+    (`matched_bpe`, at the shape's bytes per token)."""
+    m, max_len = blt_cfg.model, blt_cfg.data.patching.max_patch_length
+    for target in patch_sizes:
+        if not 1 <= target <= max_len:
+            raise UserError(f"--patch-size: {target:g} bytes/patch is outside 1..{max_len} "
+                            f"(data.patching.max_patch_length={max_len})")
+    if bpe_cfg is not None:
+        if bpe_cfg.model.family != "bpe":
+            raise UserError(f"--bpe: expected a BPE config, got family {bpe_cfg.model.family!r}")
+        twin, twin_sample = bpe_cfg.model, SampleShape.from_data(bpe_cfg.data)
+        source = "--bpe config"
+    else:
+        b = match_bpe(m, shape)
+        twin = bpe_shape(m, b["dim"], b["n_layers"], b["vocab_size"])
+        twin_sample = dataclasses.replace(shape, tokens_per_sample=b["tokens_per_sample"])
+        source = "matched_bpe (same training FLOPs/byte)"
+    runs = []
+    for target in patch_sizes:
+        sample = dataclasses.replace(shape, patch_size=target,
+                                     patches_per_sample=patches_for(target, shape.byte_capacity, shape))
+        match = match_blt_inference(twin, twin_sample, m, sample)
+        runs.append({**match, "within_tolerance": abs(match["ratio_to_bpe"] - 1) <= INFERENCE_MATCH_TOLERANCE})
+    return {"bpe_twin": {"dim": twin.dim, "n_layers": twin.n_layers, "vocab_size": twin.vocab_size,
+                         "tokens_per_sample": twin_sample.tokens_per_sample,
+                         "bytes_per_token": twin_sample.bytes_per_token, "source": source,
+                         "inference_flops_per_byte": inference_flops_per_byte(twin, twin_sample)},
+            "tolerance": INFERENCE_MATCH_TOLERANCE, "by_patch_size": runs}
+
+
+def report(cfg, entropy_cfg=None, blt_template=None, tokenizer: Optional[str] = None,
+           patch_sizes: Sequence[float] = (), bpe_cfg=None) -> dict:
     """Everything `blt-dist flops --json` prints, for a loaded Config. With `tokenizer` (a BLT or
     BPE config), BPE costs per byte are taken at its measured bytes per token, not the config's."""
     m, shape = cfg.model, SampleShape.from_data(cfg.data)
@@ -454,6 +488,13 @@ def report(cfg, entropy_cfg=None, blt_template=None, tokenizer: Optional[str] = 
     if m.family == "blt":
         out["matched_bpe"] = {**match_bpe(m, shape), "bytes_per_token_source": compression["source"]}
         out["matched_byte"] = match_byte(m, shape)
+    if patch_sizes or bpe_cfg is not None:
+        if m.family != "blt":
+            raise UserError(f"--patch-size/--bpe: the fixed-inference match resizes a BLT's latent; got family "
+                            f"{m.family!r}")
+        out["inference_flops_per_byte"] = inference_flops_per_byte(m, shape)
+        out["inference_match"] = inference_matches(dataclasses.replace(cfg, model=m), shape,
+                                                   patch_sizes or [shape.patch_size], bpe_cfg)
     if m.family == "bpe" and blt_template is not None:
         out["matched_blt"] = match_blt(m, shape, blt_template.model, SampleShape.from_data(blt_template.data))
     if entropy_cfg is not None:
@@ -505,6 +546,20 @@ def format_report(r: dict) -> str:
         b = r["matched_blt"]
         lines.append(f"matched BLT latent: dim={b['dim']} n_layers={b['n_layers']} n_heads={b['n_heads']} "
                      f"train FLOPs/byte={human_count(b['train_flops_per_byte'])} (x{b['flop_ratio_to_bpe']:.3f})")
+    if "inference_match" in r:
+        im, t = r["inference_match"], r["inference_match"]["bpe_twin"]
+        lines.append(f"fixed inference cost (within {im['tolerance']:.0%}): BPE twin dim={t['dim']} "
+                     f"n_layers={t['n_layers']} vocab={t['vocab_size']} at {t['bytes_per_token']:.3f} bytes/token "
+                     f"({t['source']}): inference FLOPs/byte={human_count(t['inference_flops_per_byte'])}")
+        lines.append(f"  this BLT as configured: inference FLOPs/byte={human_count(r['inference_flops_per_byte'])}")
+        lines.append(f"  {'patch size':>10}{'patch slots':>12}{'latent dim':>11}{'layers':>7}{'heads':>6}"
+                     f"{'latent params':>14}{'inf FLOPs/byte':>15}{'BPE twin':>10}{'ratio':>8}")
+        for b in im["by_patch_size"]:
+            flag = "" if b["within_tolerance"] else "  (outside tolerance: the sweep refuses it)"
+            lines.append(f"  {b['patch_size']:>10g}{b['patches_per_sample']:>12}{b['dim']:>11}{b['n_layers']:>7}"
+                         f"{b['n_heads']:>6}{human_count(b['params_named']):>14}"
+                         f"{human_count(b['inference_flops_per_byte']):>15}"
+                         f"{human_count(b['bpe_inference_flops_per_byte']):>10}{b['ratio_to_bpe']:>8.3f}{flag}")
     if "entropy_model" in r:
         e = r["entropy_model"]
         lines.append(f"entropy model (offline, not included): params={human_count(e['params_total'])} "
@@ -523,6 +578,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", metavar="M.model",
                         help="BPE costs at this tokenizer's measured bytes per token (and, matching from a BLT, "
                              "its vocabulary), read from the M.json `blt-dist tokenizer` wrote beside it")
+    parser.add_argument("--patch-size", metavar="BYTES", type=float, action="append", default=[],
+                        help="for a BLT config: the fixed-inference match at this mean patch size (repeatable): the "
+                             "latent resized so its inference FLOPs/byte equal the BPE twin's, as a sweep's "
+                             "patch_sizes trains it")
+    parser.add_argument("--bpe", metavar="CONFIG",
+                        help="the BPE twin of --patch-size (default: the BPE matching this BLT's training FLOPs/byte)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -531,6 +592,7 @@ def run(args: argparse.Namespace) -> int:
     blt_template = load_config(args.blt_template) if args.blt_template else None
     if blt_template is not None and blt_template.model.family != "blt":
         raise UserError(f"--blt-template: expected a BLT config, got family {blt_template.model.family!r}")
-    r = report(cfg, entropy_cfg, blt_template, args.tokenizer)
+    bpe_cfg = load_config(args.bpe) if args.bpe else None
+    r = report(cfg, entropy_cfg, blt_template, args.tokenizer, args.patch_size, bpe_cfg)
     print(json.dumps(r, indent=2) if args.json else format_report(r))
     return 0

@@ -91,6 +91,9 @@ class SweepSpec:
     flops: List[float] = field(default_factory=list)
     flops_per_size: Dict[str, List[float]] = field(default_factory=dict)
     seeds: List[int] = field(default_factory=lambda: [0])
+    # budget (as a string, e.g. "1.0e+12") -> its seeds, replacing `seeds` there: more seeds
+    # where runs are cheap, for the seed spread of a scaling fit (issue #21, item 5)
+    seeds_per_flops: Dict[str, List[int]] = field(default_factory=dict)
     # BLT mean patch sizes (bytes/patch) for the fixed-inference-cost axis (issue #21, item 1)
     patch_sizes: List[float] = field(default_factory=list)
     overrides: Dict[str, List[str]] = field(default_factory=dict)
@@ -98,6 +101,13 @@ class SweepSpec:
     launch_per_size: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # size -> launch.* keys
     estimate: EstimateSpec = field(default_factory=EstimateSpec)
     command_line: Dict[str, List[str]] = field(default_factory=dict)  # set from the CLI, not the file
+
+    def seeds_for(self, budget: float) -> list[int]:
+        """seeds_per_flops' seeds for this budget, else `seeds`."""
+        for key, seeds in self.seeds_per_flops.items():
+            if math.isclose(float(key), budget, rel_tol=1e-9):
+                return list(seeds)
+        return list(self.seeds)
 
     def overrides_for(self, family: str) -> list[str]:
         """Grid file (all, then family), then command line (all, then family)."""
@@ -166,6 +176,17 @@ def load_sweep(path: Path, cli_overrides: list[str] = ()) -> SweepSpec:
             if not (budget > 0 and math.isfinite(budget)):
                 key = f"flops_per_size.{size}[{j}]" if size in spec.flops_per_size else f"flops[{j}]"
                 raise ConfigError(key, f"{path}: expected a positive FLOP budget, got {budget}")
+    all_budgets = {b for size in spec.sizes for b in spec.flops_per_size.get(size, spec.flops)}
+    for key, seeds in spec.seeds_per_flops.items():
+        try:
+            budget = float(key)
+        except ValueError:
+            raise ConfigError(f"seeds_per_flops.{key}", f"{path}: expected a FLOP budget as the key, got {key!r}") from None
+        if not any(math.isclose(budget, b, rel_tol=1e-9) for b in all_budgets):
+            raise ConfigError(f"seeds_per_flops.{key}", f"{path}: {budget:g} is not one of the sweep's budgets "
+                              f"({', '.join(f'{b:g}' for b in sorted(all_budgets))})")
+        if not seeds or len(set(seeds)) != len(seeds):
+            raise ConfigError(f"seeds_per_flops.{key}", f"{path}: expected distinct seeds, got {list(seeds)}")
     for key in spec.overrides:
         if key != "all" and key not in FAMILIES:
             raise ConfigError(f"overrides.{key}", f"{path}: expected 'all' or a family ({', '.join(FAMILIES)})")
@@ -247,7 +268,7 @@ def plan(spec: SweepSpec) -> list[PlannedRun]:
                 ("blt", f"p{target:g}", patch_size_overrides(blt, bpe_cfg, target)) for target in spec.patch_sizes]
         for family, variant, variant_overrides in variants:
             for budget in spec.flops_per_size.get(size, spec.flops):
-                for seed in spec.seeds:
+                for seed in spec.seeds_for(budget):
                     name = "-".join(filter(None, (family, variant, size, _budget_name(budget), f"s{seed}")))
                     overrides = [
                         *family_overrides[family], *matched_shape.get(family, []), *variant_overrides,

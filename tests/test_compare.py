@@ -83,7 +83,9 @@ def test_report_on_two_runs_with_noise_plots_and_cache(setup, tmp_path, capsys, 
                    "### BLT vs BPE, 1e+09 training FLOPs", "*gzip -9*", "*bz2 -9*", "*xz -9e*",
                    "## Against the compressors", "## Training compute",
                    "Every pair compared at one budget is within 5% in useful training FLOPs per byte",
-                   "Clean-to-noised gap `swap:0.1`"):
+                   "Clean-to-noised gap `swap:0.1`", "## Scaling", "## Patch statistics",
+                   "No entropies (the run does not patch by entropy, or its record predates the bands): blt "
+                   "(patching: space)"):
         assert needle in report, needle
     table = [line for line in report.splitlines() if line.startswith("| blt |")]
     assert table and "| blt | blt | - | 0 |" in table[0]
@@ -94,6 +96,12 @@ def test_report_on_two_runs_with_noise_plots_and_cache(setup, tmp_path, capsys, 
                for line in report.split("## Bits per byte, clean")[1].split("##")[0].splitlines()
                if line.startswith(("| blt |", "| bpe |"))}
     assert len(script_rows) == 1
+    # the patch table: one row per content type, length shares summing to 100%, no entropy bands
+    patch_rows = [line.strip("| ").split(" | ") for line in report.split("## Patch statistics")[1].splitlines()
+                  if line.startswith("| blt |")]
+    assert sorted(r[1] for r in patch_rows) == ["code", "prose"]
+    for r in patch_rows:
+        assert sum(float(c.rstrip("%")) for c in r[3:7]) == pytest.approx(100, abs=0.2) and r[7:] == ["-"] * 3
     cells = script_rows[0].strip("| ").split(" | ")
     assert cells[2:4] == [overall["blt"], overall["bpe"]]
     worse = [family for family in ("blt", "bpe") if float(overall[family]) > 8.0]  # untrained models
@@ -251,3 +259,150 @@ def test_compressors_only(setup, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "*xz -9e*" in printed and "*gzip -9*" in printed and "## Who wins" not in printed
     assert cli_main(["compare", "--compressors-only"]) == 1
+
+
+def _rendered(fig):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return canvas.get_renderer()
+
+
+def _tick_labels_do_not_overlap(fig, axis):
+    renderer = _rendered(fig)
+    boxes = [t.get_window_extent(renderer) for t in axis.get_ticklabels(which="both")
+             if t.get_visible() and t.get_text()]
+    assert len(boxes) >= 2
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not a.overlaps(b), (a, b)
+
+
+COMPRESSORS = {"gzip -9": {"bpb": 2.6}, "bz2 -9": {"bpb": 2.2}, "xz -9e": {"bpb": 2.23}}  # bz2 and xz close
+
+
+def _texts_do_not_overlap(fig, ax):
+    renderer = _rendered(fig)
+    boxes = [t.get_window_extent(renderer) for t in ax.texts]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not a.overlaps(b), (a, b)
+
+
+def test_bpb_vs_flops_at_one_budget_is_a_labelled_point_chart():
+    """The demo's case: two runs whose budgets differ by 0.3% are one budget, not a 0.5%-wide log axis."""
+    from blt_dist.evaluation import plots
+
+    fig = plots.bpb_vs_flops_figure({"BLT": [(4.0e12, 1.9, 0.02)], "BPE": [(4.012e12, 1.8, 0.02)],
+                                     "BYTE": [(3.99e12, 2.4, 0.03)]}, COMPRESSORS)
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "linear" and [t.get_text() for t in ax.get_xticklabels()] == ["BLT", "BPE", "BYTE"]
+    assert ax.get_ylim()[0] == 0 and ax.get_ylim()[1] > 2.6  # bars start at zero; compressors inside
+    assert {t.get_text() for t in ax.texts} == set(COMPRESSORS)  # named on the plot
+    _texts_do_not_overlap(fig, ax)
+    _tick_labels_do_not_overlap(fig, ax.xaxis)
+    _tick_labels_do_not_overlap(fig, ax.yaxis)
+
+
+def test_bpb_vs_flops_across_budgets_spans_decades_with_fits():
+    from blt_dist.evaluation import plots
+    from blt_dist.evaluation.scaling import fit_family
+
+    budgets = [1e12, 2e12, 4e12, 8e12, 1.6e13]
+    points = {"BLT p4.5": [(b, 3.0 * (b / 1e12) ** -0.1, 0.01) for b in budgets],
+              "BLT p8": [(b, 3.1 * (b / 1e12) ** -0.12, 0.01) for b in budgets],
+              "BPE": [(b, 2.8 * (b / 1e12) ** -0.07, 0.01) for b in budgets],
+              "BYTE": [(1e12, 3.5, 0.02), (2e12, 3.3, 0.02)]}  # two budgets: points, no line
+    fits = {k: fit_family([(x, y) for x, y, _ in v])[0] for k, v in points.items()}
+    assert fits["BYTE"] is None and fits["BPE"].exponent == pytest.approx(-0.07)
+    fig = plots.bpb_vs_flops_figure(points, COMPRESSORS, fits)
+    ax = fig.axes[0]
+    assert ax.get_xscale() == ax.get_yscale() == "log"
+    for low, high in (ax.get_xlim(), ax.get_ylim()):
+        assert high / low >= 10 - 1e-9
+    assert ax.get_xlim()[0] < 1e12 and ax.get_xlim()[1] > 1.6e13
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == ["BLT p4.5 (exponent -0.100)", "BLT p8 (exponent -0.120)", "BPE (exponent -0.070)", "BYTE"]
+    handles = ax.get_legend().legend_handles
+    assert len({str(h.get_color()) for h in handles}) == 4  # two BLT patch sizes, told apart
+    fitted = [line for line in ax.get_lines() if len(line.get_xdata()) == 50]
+    assert len(fitted) == 3  # no line through BYTE's two budgets
+    assert {t.get_text() for t in ax.texts} == set(COMPRESSORS)
+    _texts_do_not_overlap(fig, ax)
+    _tick_labels_do_not_overlap(fig, ax.xaxis)
+    _tick_labels_do_not_overlap(fig, ax.yaxis)
+
+    # a narrow range of budgets still gets a decade, centred on the data
+    narrow = plots.bpb_vs_flops_figure({"BPE": [(1e12, 2.0, 0.0), (1.5e12, 1.9, 0.0)]}, COMPRESSORS).axes[0]
+    low, high = narrow.get_xlim()
+    assert high / low == pytest.approx(10) and low < 1e12 < 1.5e12 < high
+
+
+def _scaling_row(family: str, budget: float, bpb: float, seed: int = 0, patch: float = 4.5, inference: float = 1e6):
+    cfg = SimpleNamespace(model=SimpleNamespace(family=family), run=SimpleNamespace(seed=seed),
+                          train=SimpleNamespace(flops=budget),
+                          data=SimpleNamespace(patching=SimpleNamespace(target_mean_size=patch)))
+    metrics = [{"step": 1, "loss": 1.0, "bytes_seen": 1000, "flops_seen": budget}]
+    name = f"{family}-p{patch:g}-{budget:.0e}-s{seed}"
+    row = cmp.Row(cmp.Run(name, Path("/x") / name, cfg, metrics, "tiny", budget), _record([bpb * 100] * 8, [100] * 8))
+    row.inference_flops_per_byte = inference
+    return row
+
+
+def test_scaling_section_fits_crosses_and_groups():
+    budgets = [1e12, 2e12, 4e12, 8e12, 1.6e13]
+    rows = []
+    for b in budgets:  # BLT p8 starts worse and improves faster: the lines cross inside the budgets
+        rows.append(_scaling_row("blt", b, 3.0 * (b / 1e12) ** -0.12, patch=8, inference=1.0e6))
+        rows.append(_scaling_row("blt", b, 2.9 * (b / 1e12) ** -0.10, patch=4.5, inference=1.01e6))
+        rows.append(_scaling_row("bpe", b, 2.8 * (b / 1e12) ** -0.07, inference=0.99e6))
+    for seed, wobble in ((1, 1.01), (2, 0.99)):  # seeds at the smallest budget give the crossing a range
+        rows.append(_scaling_row("bpe", 1e12, 2.8 * wobble, seed=seed, inference=0.99e6))
+    rows += [_scaling_row("byte", 1e12, 3.5, inference=3e6), _scaling_row("byte", 2e12, 3.3, inference=3e6)]
+    text = "\n".join(cmp._scaling(rows))
+    assert "| BLT p8 | 5 | 5 | -0.1200 |" in text and "| BLT p4.5 | 5 | 5 | -0.1000 |" in text
+    assert "| BPE | 5 | 7 |" in text
+    assert "| BYTE | 2 | 2 | - | - | not fitted: 2 budget(s), a trend needs at least 3 |" in text
+    crossings = text.split("Crossings: ")[1].split("\n")[0]
+    # BLT p8 vs BPE: 3.0 x^-0.12 = 2.8 x^-0.07 at x = (3.0/2.8)^(1/0.05) = 3.97 (in units of 1e12)
+    assert "BLT p8 and BPE cross at 3.97e+12 training FLOPs (seed bootstrap 16-84%:" in crossings
+    assert "within the fitted budgets" in crossings and "BYTE" not in crossings
+    groups = text.split("### Runs by inference FLOPs/byte")[1]
+    # BLT p8, BLT p4.5 and BPE are within 10% in inference cost: one group per budget; BYTE its own
+    assert groups.count("| 990K | 1e+12 | ") == 1 and "BPE 2.800 (3 seeds)" in groups
+    assert "| 3M | 1e+12 | BYTE 3.500 |" in groups
+
+
+def test_scaling_section_at_one_budget_fits_nothing():
+    rows = [_scaling_row("blt", 4e12, 1.9), _scaling_row("bpe", 4.01e12, 1.8)]
+    text = "\n".join(cmp._scaling(rows))
+    assert text.count("not fitted: 1 budget(s)") == 2
+    assert "Crossings: none computed (fewer than two fitted series)." in text
+
+
+def test_compare_on_a_sweep_of_three_budgets_fits_and_draws(setup, tmp_path):
+    """End to end on real (untrained) runs listed in a sweep's results.csv at 3 budgets: the
+    report fits each family, and the plot is log-log with a fitted line per family."""
+    from matplotlib.image import imread
+
+    sweep = tmp_path / "sweep"
+    rows = []
+    for family, config, overrides in (("blt", "configs/blt/tiny.yaml", setup.blt),
+                                      ("bpe", "configs/bpe/tiny.yaml", setup.bpe)):
+        for k, budget in enumerate((1e9, 4e9, 1.6e10)):
+            name = f"{family}-{budget:.0e}"
+            make_run(sweep / name, config, overrides, seed=k, flops_per_step=budget / 3)
+            rows.append({"run": name, "family": family, "size": "tiny", "seed": k, "flop_budget": budget,
+                         "status": "finished", "run_dir": str(sweep / name)})
+    with open(sweep / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    out = tmp_path / "report"
+    assert cli_main(["compare", str(sweep), "--out", str(out), "--eval-bytes", "1500"]) == 0
+    report = (out / "report.md").read_text()
+    scaling = report.split("## Scaling")[1].split("\n## ")[0]
+    assert "| BLT | 3 | 3 |" in scaling and "| BPE | 3 | 3 |" in scaling and scaling.count(" | fitted |") == 2
+    assert "Crossings: BLT and BPE" in scaling
+    assert imread(out / "bpb_vs_flops.png").shape[1] > 500

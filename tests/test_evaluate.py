@@ -83,3 +83,35 @@ def test_export_round_trip_gives_the_same_logits(tmp_path):
     loaded, _ = load_export(tmp_path / "export")
     tokens = torch.randint(OFFSET, VOCAB_SIZE, (2, 32))
     assert torch.equal(model(tokens), loaded(tokens))
+
+
+@pytest.mark.parametrize("threshold, band", [(6.0, 2), (5.0, 2)])
+def test_blt_records_positions_per_entropy_band(tmp_path, threshold, band):
+    """A uniform entropy model gives every position ln 260 = 5.56 nats: all in the > 5 band, at
+    any threshold; the bands count every position whose entropy the patcher read."""
+    from blt_dist.data.entropies import document_entropies
+    from blt_dist.data.patch_stats import patch_stats_from_counts
+    from blt_dist.evaluation.evaluate import Encoder
+
+    entropy, ecfg = uniform_entropy_model()
+    save_export(entropy.state_dict(), ecfg, tmp_path / "entropy")
+    cfg = load_config("configs/blt/tiny.yaml", ["data.patching.mode=entropy", f"data.patching.threshold={threshold}",
+                                                f"data.train={tmp_path / 'none'}", "data.byte_capacity=128",
+                                                "data.patches_per_sample=48"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    encoder = Encoder(cfg, str(tmp_path / "entropy"), None)
+    docs = [b"hello world", b"\xff\x00 bytes", b"abc" * 30]
+    # every encoded position but BOS, whose entropy is a fixed 0, not a prediction
+    positions = sum(len(encoder.encode(d)[0]) - 1 for d in docs)
+    assert all(document_entropies(entropy, [d], ecfg.model.attention_window)[0][0] == 0 for d in docs)
+    record = evaluate_model(model, cfg, as_documents(docs), encoder=encoder)
+    t = record["by_content_type"]["test"]
+    assert t["entropy_band_positions"][band] == positions and sum(t["entropy_band_positions"]) == positions
+    stats = patch_stats_from_counts(t["patch_length_histogram"], t["entropy_band_positions"], t["mean_patch_size"])
+    assert stats.entropy_shares == {"<2": 0.0, "2-5": 0.0, ">5": 1.0}
+    assert sum(stats.length_shares.values()) == pytest.approx(1.0) and stats.patches == t["patches"]
+    if threshold == 5.0:  # every position above the threshold starts a patch: all patches 1 long
+        assert stats.length_shares["1-4"] == 1.0
+    else:  # none does: patches run to max_patch_length (16)
+        assert stats.length_shares["13-16"] > 0.5

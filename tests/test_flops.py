@@ -240,3 +240,41 @@ def test_batch_flops_by_hand():
     assert batch.executed == pytest.approx(3 * 2 * sum(flops.blt_flops_at(blt, 24, 8).values()), rel=1e-12)
     with pytest.raises(ValueError, match="patch count"):
         flops.batch_train_flops(blt, shape, [24, 12])
+
+
+def test_flops_command_shows_the_fixed_inference_match(capsys):
+    """`blt-dist flops BLT --patch-size P --bpe BPE`: for each patch size the resized latent's
+    inference FLOPs/byte, recounted here from the reported shape, is within 2% of the twin's."""
+    blt, bpe = load_config(REPO / "configs/blt/tiny.yaml"), load_config(REPO / "configs/bpe/tiny.yaml")
+    report = json.loads(_run_cli(capsys, str(REPO / "configs/blt/tiny.yaml"), "--json", "--patch-size", "4.5",
+                                 "--patch-size", "8", "--bpe", str(REPO / "configs/bpe/tiny.yaml")))
+    match = report["inference_match"]
+    twin = flops.inference_flops_per_byte(bpe.model, flops.SampleShape.from_data(bpe.data))
+    assert match["bpe_twin"]["inference_flops_per_byte"] == pytest.approx(twin)
+    rows = match["by_patch_size"]
+    assert [r["patch_size"] for r in rows] == [4.5, 8.0]
+    base = flops.SampleShape.from_data(blt.data)
+    for r in rows:
+        latent = dataclasses.replace(blt.model, dim=r["dim"], n_layers=r["n_layers"], n_heads=r["n_heads"],
+                                     n_kv_heads=None)
+        sample = dataclasses.replace(base, patch_size=r["patch_size"], patches_per_sample=r["patches_per_sample"])
+        assert abs(flops.inference_flops_per_byte(latent, sample) / twin - 1) <= 0.02 and r["within_tolerance"]
+    # Longer patches buy a bigger latent at the same cost per byte.
+    assert rows[1]["params_named"] > rows[0]["params_named"] and rows[1]["patches_per_sample"] < 128
+    table = _run_cli(capsys, str(REPO / "configs/blt/tiny.yaml"), "--patch-size", "8")
+    assert "fixed inference cost (within 2%)" in table and "matched_bpe (same training FLOPs/byte)" in table
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["configs/blt/tiny.yaml", "--patch-size", "40"], "40 bytes/patch is outside 1..16"),
+    (["configs/bpe/tiny.yaml", "--patch-size", "8"], "resizes a BLT's latent; got family 'bpe'"),
+    (["configs/blt/tiny.yaml", "--patch-size", "8", "--bpe", "configs/blt/tiny.yaml"], "expected a BPE config"),
+])
+def test_flops_inference_match_refuses_bad_input(argv, message):
+    parser = argparse.ArgumentParser()
+    flops.add_arguments(parser)
+    args = parser.parse_args([str(REPO / argv[0]), *argv[1:]])
+    if args.bpe:
+        args.bpe = str(REPO / args.bpe)
+    with pytest.raises(UserError, match=message):
+        flops.run(args)

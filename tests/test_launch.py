@@ -244,6 +244,9 @@ def write_grid(tmp_path: Path, **changes) -> Path:
     ({"flops": [-1.0]}, "flops[0]"),
     ({"overrides": {"gpt": ["a=1"]}}, "overrides.gpt"),
     ({"flops_per_size": {"1b": [1e20]}}, "flops_per_size.1b"),
+    ({"seeds_per_flops": {"3e9": [0, 1]}}, "seeds_per_flops.3e9"),  # not a budget of the grid
+    ({"seeds_per_flops": {"lots": [0, 1]}}, "seeds_per_flops.lots"),
+    ({"seeds_per_flops": {"2e9": [1, 1]}}, "seeds_per_flops.2e9"),
 ])
 def test_bad_sweep_files_name_the_key(tmp_path, changes, key):
     from launch.sweep import load_sweep
@@ -277,6 +280,16 @@ def test_sweep_plan_matches_bpe_and_byte_with_the_flop_counter(tmp_path):
     blt_cost = train_flops_per_byte(blt.model, SampleShape.from_data(blt.data))
     for baseline in (bpe, byte):
         assert abs(train_flops_per_byte(baseline.model, SampleShape.from_data(baseline.data)) / blt_cost - 1) < 0.05
+
+
+def test_seeds_per_flops_gives_the_smallest_budget_more_seeds(tmp_path):
+    from launch.sweep import load_sweep, plan
+
+    grid = write_grid(tmp_path, flops=[2e9, 4e9, 8e9], seeds=[0], seeds_per_flops={"2.0e+9": [0, 1, 2]})
+    runs = plan(load_sweep(grid))
+    blt = [(r.budget, r.seed, r.cfg.run.seed) for r in runs if r.family == "blt"]
+    assert blt == [(2e9, 0, 0), (2e9, 1, 1), (2e9, 2, 2), (4e9, 0, 0), (8e9, 0, 0)]
+    assert len(runs) == 10 and "bpe-tiny-2e9-s2" in [r.name for r in runs]
 
 
 def test_sweep_dry_run_prints_the_grid_and_its_cost():
@@ -385,3 +398,25 @@ def test_patch_sizes_are_calibrated_on_the_training_entropies(tmp_path):
     assert runs["blt-p3-tiny-2e9-s0"].data.patching.threshold < runs["blt-p5-tiny-2e9-s0"].data.patching.threshold
     with pytest.raises(UserError, match="'space' patching has no threshold"):
         plan(load_sweep(write_grid(tmp_path, patch_sizes=[5], overrides={"blt": ["data.patching.mode=space"]})))
+
+
+def test_local_scaling_grid_plans_its_runs(tmp_path):
+    """configs/sweeps/local.yaml (issue 21 item 5), its entropies swapped for a random tiny set:
+    2 BLT patch sizes + BPE + byte at 4 budgets from 1e12 to 1.6e13, 3 seeds at 1e12."""
+    from launch.sweep import format_plan, load_sweep, plan
+    from tests.conftest import random_entropy_dataset
+
+    rng = np.random.default_rng(0)
+    words = ["the", "byte", "latent", "transformer", "reads", "patches", "{x: 1}", "\u00e9t\u00e9"]
+    entropies = random_entropy_dataset(tmp_path, {"prose": [" ".join(rng.choice(words, rng.integers(5, 60)))
+                                                            for _ in range(30)]})
+    spec = load_sweep(Path("configs/sweeps/local.yaml"), [f"blt:data.train={entropies}"])
+    runs = plan(spec)
+    budgets = sorted({r.budget for r in runs})
+    assert len(budgets) >= 4 and budgets[0] == 1e12 and budgets[-1] >= 1.6e13
+    series = {r.name.rsplit("-", 3)[0] for r in runs}
+    assert series == {"blt-p4.5", "blt-p8", "bpe", "byte"}
+    assert len(runs) == 4 * (len(budgets) + 2)
+    assert sorted(r.seed for r in runs if r.budget == 1e12 and r.family == "bpe") == [0, 1, 2]
+    assert all(r.cfg.data.patching.mode == "entropy" for r in runs if r.family == "blt")
+    assert "infer/byte" in format_plan(runs, spec)

@@ -22,3 +22,19 @@ def test_longer_patches_than_the_buckets_are_refused_and_empty_input_is_nan():
     with pytest.raises(ValueError, match="1..16"):
         patch_stats(np.array([3, 17]), np.array([1.0]))
     assert math.isnan(patch_stats(np.array([], dtype=np.int64), np.array([])).mean_patch_size)
+
+
+def test_stats_from_an_eval_records_counts():
+    from blt_dist.data.patch_stats import patch_stats_from_counts
+
+    # [n] = patches of n positions: 2 of 1, 1 of 4, 3 of 6, 4 of 16
+    histogram = [0, 2, 0, 0, 1, 0, 3] + [0] * 9 + [4]
+    stats = patch_stats_from_counts(histogram, [5, 3, 2], 7.5)
+    assert stats.length_shares == {"1-4": 0.3, "5-8": 0.3, "9-12": 0.0, "13-16": 0.4}
+    assert stats.entropy_shares == {"<2": 0.5, "2-5": 0.3, ">5": 0.2}
+    assert (stats.patches, stats.positions, stats.mean_patch_size) == (10, 10, 7.5)
+    assert stats.row().endswith("50.0% | 30.0% | 20.0%")
+    no_bands = patch_stats_from_counts(histogram, None, 7.5)
+    assert no_bands.row().endswith("- | - | -")
+    with pytest.raises(ValueError, match="1..16"):
+        patch_stats_from_counts([0] * 17 + [1])

@@ -7,6 +7,7 @@ the per-position entropies (nats) of the documents' bytes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -24,7 +25,7 @@ class PatchStats:
 
     def row(self) -> str:
         cells = [f"{self.mean_patch_size:.2f}"] + [f"{100 * v:.1f}%" for v in self.length_shares.values()]
-        return " | ".join(cells + [f"{100 * v:.1f}%" for v in self.entropy_shares.values()])
+        return " | ".join(cells + [f"{100 * v:.1f}%" if v == v else "-" for v in self.entropy_shares.values()])
 
 
 def patch_stats(bytes_per_patch: np.ndarray, entropies: np.ndarray) -> PatchStats:
@@ -45,6 +46,29 @@ def patch_stats(bytes_per_patch: np.ndarray, entropies: np.ndarray) -> PatchStat
                       f">{high:g}": float((H > high).sum()) / m}
     mean = float(lengths.sum()) / lengths.size if lengths.size else float("nan")
     return PatchStats(mean, length_shares, entropy_shares, int(lengths.size), int(H.size))
+
+
+def patch_stats_from_counts(histogram, band_positions=None, mean_patch_size: Optional[float] = None) -> PatchStats:
+    """PatchStats from what an eval record holds per content type: patch_length_histogram
+    ([n] = patches of n positions) and entropy_band_positions ([<2, 2-5, >5] positions; None
+    when the BLT patches without entropies: its shares are nan)."""
+    counts = np.asarray(histogram, dtype=np.int64)
+    lengths = np.arange(counts.size)
+    if counts.size > LENGTH_BUCKETS[-1][1] + 1 and counts[LENGTH_BUCKETS[-1][1] + 1:].any():
+        raise ValueError(f"patch lengths must lie in 1..{LENGTH_BUCKETS[-1][1]} for the seed's buckets")
+    n = max(int(counts.sum()), 1)
+    length_shares = {f"{lo}-{hi}": float(counts[(lengths >= lo) & (lengths <= hi)].sum()) / n
+                     for lo, hi in LENGTH_BUCKETS}
+    low, high = ENTROPY_EDGES
+    names = (f"<{low:g}", f"{low:g}-{high:g}", f">{high:g}")
+    if band_positions is None:
+        entropy_shares, positions = {k: float("nan") for k in names}, 0
+    else:
+        b = np.asarray(band_positions, dtype=np.int64)
+        positions = int(b.sum())
+        entropy_shares = {k: float(v) / max(positions, 1) for k, v in zip(names, b)}
+    mean = mean_patch_size if mean_patch_size is not None else float("nan")
+    return PatchStats(float(mean), length_shares, entropy_shares, int(counts.sum()), positions)
 
 
 def patch_stats_table(per_type: dict[str, PatchStats]) -> str:

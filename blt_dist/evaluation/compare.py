@@ -57,6 +57,7 @@ import numpy as np
 from blt_dist.config import load_config
 from blt_dist.data.entropies import entropy_dtype_for
 from blt_dist.data.loader import ENTROPY_FORMAT
+from blt_dist.data.patch_stats import LENGTH_BUCKETS, patch_stats_from_counts
 from blt_dist.data.patching import ENTROPY_MODES
 from blt_dist.data.shards import MANIFEST, ByteDataset
 from blt_dist.errors import UserError
@@ -64,6 +65,7 @@ from blt_dist.evaluation import plots
 from blt_dist.evaluation.compressors import compressor_bpb
 from blt_dist.evaluation.evaluate import evaluate_model, heldout_documents
 from blt_dist.evaluation.noise import KINDS, noise_argument, parse_noise
+from blt_dist.evaluation.scaling import MIN_BUDGETS, crossing, fit_family
 from blt_dist.evaluation.scripts import UNIFORM_BPB, per_script
 from blt_dist.evaluation.statistics import MIN_DOCUMENTS, TIE_SE, Estimate, cell_estimate, ratio_estimate, verdict
 from blt_dist.flops import SampleShape, forward_flops_per_byte, human_count, params_by_component
@@ -524,6 +526,7 @@ def build_report(rows: list[Row], compressors: dict, heldout: Heldout, noises: l
                   "FLOPs/byte: forward, blt_dist/flops.py at the patch size / bytes per token measured on the "
                   "held-out text.", ""]
         lines += _compute(rows)
+        lines += _scaling(rows)
 
     def bpb_table(title: str, measure: Optional[str]) -> None:
         header = ["run", *content_types, "all ± SE"] + (["gap vs clean"] if measure else [])
@@ -551,6 +554,7 @@ def build_report(rows: list[Row], compressors: dict, heldout: Heldout, noises: l
         lines += _verdicts(rows, content_types, noise_names)
         lines += _against_compressors(rows, compressors["clean"], content_types)
         lines += _by_script(rows, heldout)
+        lines += _patch_statistics(rows)
     if plots:
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     return "\n".join(lines)
@@ -621,6 +625,101 @@ def _compute(rows: list[Row]) -> list[str]:
     elif len(rows) > 1:
         lines += [f"Every pair compared at one budget is within {PER_BYTE_TOLERANCE:.0%} in useful training FLOPs "
                   "per byte.", ""]
+    return lines
+
+
+def _patch_statistics(rows: list[Row]) -> list[str]:
+    """The seed's patch table per BLT series (at its largest budget, lowest seed): per content
+    type of the held-out text, the share of patches 1-4 / 5-8 / 9-12 / 13-16 positions long and
+    of positions with entropy < 2, 2-5, > 5 nats (as the patcher read them), beside the mean."""
+    latest: dict[str, Row] = {}
+    for r in sorted((r for r in rows if r.run.family == "blt"), key=lambda r: (r.run.comparison_budget,
+                                                                               -r.run.cfg.run.seed)):
+        latest[plots.series_label(r, rows)] = r
+    if not latest:
+        return []
+    lines = ["## Patch statistics", ""]
+    head = ["run", "content type", "mean patch size", *(f"{lo}-{hi}" for lo, hi in LENGTH_BUCKETS),
+            "H < 2", "2 <= H <= 5", "H > 5"]
+    body, no_entropies = [], []
+    for label, r in latest.items():
+        for ctype, t in r.clean["by_content_type"].items():
+            if "patch_length_histogram" not in t:
+                continue
+            stats = patch_stats_from_counts(t["patch_length_histogram"], t.get("entropy_band_positions"),
+                                            t.get("mean_patch_size"))
+            body.append([r.label, ctype, *stats.row().split(" | ")])
+        if not any("entropy_band_positions" in t for t in r.clean["by_content_type"].values()):
+            no_entropies.append(f"{r.label} (patching: {r.run.cfg.data.patching.mode})")
+    lines += _table(head, body)
+    lines += ["", "Patch lengths in encoded positions (BOS's own patch and EOS included), shares of patches; "
+              "entropy bands: shares of the positions the entropy model scored, BOS excluded (the entropies, in "
+              "nats, the patcher cut at)."]
+    if no_entropies:
+        lines += ["No entropies (the run does not patch by entropy, or its record predates the bands): "
+                  + ", ".join(no_entropies) + "."]
+    return lines + [""]
+
+
+def _groups(values: list[tuple[float, Row]]) -> list[tuple[float, list[Row]]]:
+    """Rows grouped by a cost (budget, inference FLOPs/byte) within BUDGET_TOLERANCE of the group's first."""
+    groups: list[tuple[float, list[Row]]] = []
+    for value, row in sorted(values, key=lambda v: v[0]):
+        if groups and value <= groups[-1][0] * (1 + BUDGET_TOLERANCE):
+            groups[-1][1].append(row)
+        else:
+            groups.append((value, [row]))
+    return groups
+
+
+def _scaling(rows: list[Row]) -> list[str]:
+    """Power-law fits of bpb against training FLOPs per series (family, and BLT patch size),
+    where two series' lines cross (with the seeds' uncertainty), and the runs grouped by
+    inference FLOPs/byte and by training budget."""
+    points = {label: [(x, y) for x, y, _ in pts] for label, pts in plots.scaling_points(rows).items()}
+    lines = ["## Scaling", ""]
+    body, fits = [], {}
+    for label, pts in points.items():
+        fit, why = fit_family(pts)
+        fits[label] = fit
+        budgets = len({x for x, _ in pts})
+        body.append([label, str(budgets), str(len(pts)),
+                     f"{fit.exponent:+.4f}" if fit else "-", f"{fit.bpb(1e13):.3f}" if fit else "-", why or "fitted"])
+    lines += _table(["series", "budgets", "runs", "exponent", "fitted bpb at 1e13 FLOPs", "fit"], body)
+    lines += ["", f"Fit: log10 bpb = a + exponent * log10 training FLOPs, least squares over budgets (a budget's "
+              f"seeds averaged first); a series with fewer than {MIN_BUDGETS} budgets is not fitted (two points "
+              "always fit a line) and not drawn. A negative exponent: more compute, fewer bits per byte.", ""]
+    cross = []
+    for a, b in itertools.combinations(points, 2):
+        if fits[a] is None or fits[b] is None:
+            continue
+        c, _ = crossing(points[a], points[b])
+        if c is None or c.flops is None:
+            cross.append(f"{a} and {b}: parallel, never cross")
+            continue
+        spread = (f" (seed bootstrap 16-84%: {c.low:.3g} to {c.high:.3g})" if c.low is not None
+                  else " (one seed per budget: no uncertainty)")
+        where = "within the fitted budgets" if c.inside else "outside the fitted budgets (an extrapolation)"
+        cross.append(f"{a} and {b} cross at {c.flops:.3g} training FLOPs{spread}, {where}")
+    if cross:
+        lines += ["Crossings: " + "; ".join(cross) + ".", ""]
+    elif sum(f is not None for f in fits.values()) < 2:
+        lines += ["Crossings: none computed (fewer than two fitted series).", ""]
+
+    lines += ["### Runs by inference FLOPs/byte", ""]
+    body = []
+    for value, members in _groups([(r.inference_flops_per_byte, r) for r in rows
+                                   if math.isfinite(r.inference_flops_per_byte)]):
+        for budget, cell in _groups([(r.run.comparison_budget, r) for r in members]):
+            by_series: dict[str, list[float]] = {}
+            for r in cell:
+                by_series.setdefault(plots.series_label(r, rows), []).append(ratio_estimate(r.clean).value)
+            body.append([_si(value), f"{budget:.3g}",
+                         "; ".join(f"{k} {np.mean(v):.3f}" + (f" ({len(v)} seeds)" if len(v) > 1 else "")
+                                   for k, v in by_series.items())])
+    lines += _table(["inference FLOPs/byte", "training budget", "held-out bpb per series"], body)
+    lines += ["", f"Grouped within {BUDGET_TOLERANCE:.0%}; inference FLOPs/byte measured on the held-out text, so a "
+              "BLT matched to its BPE twin at the assumed patch size can land in a neighbouring group.", ""]
     return lines
 
 

@@ -33,6 +33,7 @@ import torch
 from blt_dist.data.entropies import check_entropy_source, document_entropies, entropy_dtype_for, load_entropy_model
 from blt_dist.data.loader import ENTROPY_FORMAT, BPEEncoder, ByteEncoder, PatchEncoder
 from blt_dist.data.packing import IGNORE, Packer
+from blt_dist.data.patch_stats import ENTROPY_EDGES
 from blt_dist.data.shards import FORMAT as BYTE_FORMAT
 from blt_dist.data.shards import ByteDataset
 from blt_dist.errors import UserError
@@ -88,6 +89,7 @@ class Encoder:
     def __init__(self, cfg, entropy_model: Optional[str], tokenizer: Optional[str], entropy_dtype: Optional[str] = None):
         self.family = cfg.model.family
         self.entropy = None
+        self.last_entropies = None  # the entropies (nats) of the last document encode() patched
         self.entropy_dtype, self.entropy_dtype_source = None, ""
         if self.family == "bpe":
             path = tokenizer or cfg.data.tokenizer
@@ -128,7 +130,15 @@ class Encoder:
             # in the training entropies' dtype, rounded to float16 as entropy shards store them
             entropies = document_entropies(self.entropy, [data], self.window, dtype=self.entropy_dtype)[0]
             sample["entropies"] = entropies.astype(np.float16)
+            self.last_entropies = sample["entropies"]
         return self.patcher.encode(sample, -1)
+
+
+def entropy_band_counts(entropies: np.ndarray) -> np.ndarray:
+    """Positions below, within and above patch_stats.ENTROPY_EDGES (nats): the seed's bands."""
+    H = np.asarray(entropies, dtype=np.float64)
+    low, high = ENTROPY_EDGES
+    return np.array([(H < low).sum(), ((H >= low) & (H <= high)).sum(), (H > high).sum()], dtype=np.int64)
 
 
 def plain_forward(model, family: str, device="cpu"):
@@ -149,6 +159,9 @@ def encode_documents(encoder: Encoder, documents) -> Iterator[tuple[dict, tuple]
         tokens, nbytes, patch_start = encoder.encode(data)
         info = {"index": index, "content_type": ctype, "source": source, "bytes": len(data),
                 "patch_start": patch_start if encoder.family == "blt" else None, "length": len(tokens)}
+        if encoder.family == "blt" and encoder.entropy is not None:
+            # BOS's entropy is a fixed 0 (document_entropies predicts nothing there): not counted
+            info["entropy_bands"] = entropy_band_counts(encoder.last_entropies[1:])
         yield info, (tokens, nbytes, patch_start)
 
 
@@ -238,6 +251,7 @@ def evaluate_model(model, cfg, documents: Iterator[tuple[str, str, bytes]], entr
     nll, targets = per_document(scored)
     docs, total_bytes = [], 0
     patch_lengths: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(0, dtype=np.int64))  # BLT: histogram
+    bands: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(3, dtype=np.int64))  # BLT: positions per entropy band
     for info in infos:
         docs.append({"content_type": info["content_type"], "source": info["source"], "bytes": info["bytes"]})
         total_bytes += info["bytes"]
@@ -248,6 +262,8 @@ def evaluate_model(model, cfg, documents: Iterator[tuple[str, str, bytes]], entr
             seen = patch_lengths[ctype]
             size = max(len(seen), len(counts))
             patch_lengths[ctype] = np.pad(seen, (0, size - len(seen))) + np.pad(counts, (0, size - len(counts)))
+            if "entropy_bands" in info:
+                bands[ctype] += info["entropy_bands"]
 
     per_type: dict[str, dict] = defaultdict(lambda: {"nll": 0.0, "bytes": 0, "documents": 0, "targets": 0})
     for index, doc in enumerate(docs):
@@ -267,6 +283,9 @@ def evaluate_model(model, cfg, documents: Iterator[tuple[str, str, bytes]], entr
             t["patches"] = int(histogram.sum())
             t["patch_length_histogram"] = histogram.tolist()  # [n] = patches of length n
             t["mean_patch_size"] = t["bytes"] / t["patches"] if t["patches"] else None
+            if encoder.entropy is not None:
+                # positions whose entropy (nats, as the patcher read it) is < 2, 2-5, > 5
+                t["entropy_band_positions"] = bands[ctype].tolist()
     total_nll = sum(t["nll"] for t in per_type.values())
     result = {
         "family": family,
