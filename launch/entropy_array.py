@@ -17,6 +17,7 @@ from pathlib import Path
 import submitit
 
 from blt_dist.data.entropies import compute_entropy_dataset, list_shards, part_complete
+from blt_dist.data.remote import is_remote
 from blt_dist.data.shards import ByteDataset
 from blt_dist.errors import UserError
 from launch.slurm_cli import require_slurm
@@ -73,7 +74,9 @@ def run_slurm(args: argparse.Namespace) -> int:
         raise UserError("--part and --slurm exclude each other: --slurm submits every part (--parts N)")
     if args.force:
         raise UserError("--force with --slurm: delete the output yourself first (every array task would delete the others' work)")
-    data, out, model = args.data.resolve(), args.out.resolve(), args.model.resolve()
+    # --data may be a URL (s3://...): the array tasks read it through their node's cache
+    data = args.data if is_remote(args.data) else Path(args.data).resolve()
+    out, model = args.out.resolve(), args.model.resolve()
     shards = len(list_shards(ByteDataset(data)))
     parts = args.parts or min(shards, 64)
     if parts < 1:
