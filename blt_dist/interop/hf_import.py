@@ -57,17 +57,8 @@ def convert(path: str | Path) -> tuple[dict[str, torch.Tensor], Config]:
         raise InteropError(f"{path / 'config.json'}: missing key {err}") from err
     if problems:
         raise InteropError(f"{path}: cannot be expressed exactly: " + "; ".join(problems))
-    for name, tensor in hf_state.items():
-        if not tensor.is_floating_point():
-            raise InteropError(f"{path}: tensor {name} has dtype {tensor.dtype}, expected a floating-point dtype")
     # Shapes are checked under HF's names, before the q/k permutation needs them to fit.
-    expected = hf_llama.to_hf_state(build_model(model_cfg).state_dict(), model_cfg)
-    for name, tensor in expected.items():
-        if name not in hf_state:
-            raise InteropError(f"{path}: missing tensor {name}")
-        if hf_state[name].shape != tensor.shape:
-            raise InteropError(f"{path}: tensor {name} has shape {tuple(hf_state[name].shape)}, "
-                               f"config.json implies {tuple(tensor.shape)}")
+    check_tensors(path, hf_state, hf_llama.to_hf_state(build_model(model_cfg).state_dict(), model_cfg))
     state = hf_llama.from_hf_state(hf_state, model_cfg)
     cfg = Config()
     cfg.model = model_cfg
@@ -75,6 +66,7 @@ def convert(path: str | Path) -> tuple[dict[str, torch.Tensor], Config]:
 
 
 def check_tensors(path: Path, hf_state: dict, expected: dict) -> None:
+    """Every tensor floating-point; every expected one present, with the expected shape."""
     for name, tensor in hf_state.items():
         if not tensor.is_floating_point():
             raise InteropError(f"{path}: tensor {name} has dtype {tensor.dtype}, expected a floating-point dtype")
