@@ -29,8 +29,13 @@ def file_digest(path: Path, algo: str) -> str:
     return digest.hexdigest()
 
 
+def cache_root() -> Path:
+    """$BLT_DIST_CACHE, default ~/.cache/blt-dist: this node's stamps and remote datasets' shards."""
+    return Path(os.environ.get("BLT_DIST_CACHE") or Path.home() / ".cache" / "blt-dist")
+
+
 def stamp_root() -> Path:
-    return Path(os.environ.get("BLT_DIST_CACHE") or Path.home() / ".cache" / "blt-dist") / "verified"
+    return cache_root() / "verified"
 
 
 def verify_shard(stream_dir: Path, info: dict, fingerprint: str | None, where: str, algo: str = READ_HASH) -> None:

@@ -200,6 +200,11 @@ def open_dataset(spec: LoaderSpec, verify: bool = True) -> ByteDataset:
     return ByteDataset(spec.path, verify=verify, format=dataset_format(spec), cache_dir=spec.cache_dir)
 
 
+def open_reader(spec: LoaderSpec) -> SplitReader:
+    """The spec's split, ready to read (shards verified, or fetched into the node cache on use)."""
+    return SplitReader(open_dataset(spec), spec.split, spec.cache_limit, spec.prefetch_shards)
+
+
 def dataset_format(spec: LoaderSpec) -> str:
     """BLT with an entropy mode reads entropy shards; everything else reads byte shards."""
     if spec.family == "blt" and spec.patching["mode"] in ("entropy", "monotonic"):
@@ -214,11 +219,12 @@ def dataset_format(spec: LoaderSpec) -> str:
 class PackedStream:
     """One lane: its documents of every epoch, packed into samples and batches."""
 
-    def __init__(self, spec: LoaderSpec, lane: int, lanes: int, state: Optional[dict] = None):
+    def __init__(self, spec: LoaderSpec, lane: int, lanes: int, state: Optional[dict] = None,
+                 reader: Optional[SplitReader] = None):
         self.spec = spec
-        dataset = open_dataset(spec)
-        self.fingerprint = dataset.fingerprint
-        self.reader = SplitReader(dataset, spec.split, spec.cache_limit, spec.prefetch_shards)
+        # one reader serves every lane of a worker: opening one reads (or, remote, fetches) every index
+        self.reader = reader or open_reader(spec)
+        self.fingerprint = self.reader.dataset.fingerprint
         blocks = None
         if spec.shuffle_block_shards:
             blocks = self.reader.shard_starts()[:: spec.shuffle_block_shards]
@@ -289,12 +295,15 @@ class _LaneIterable(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
         streams: dict[int, PackedStream] = {}
+        reader = open_reader(self.spec)
+        lanes_here = len({self.deal.lane_batch(k)[0] for k in range(worker, self.deal.period, self.workers)})
+        reader.pin_window *= lanes_here  # each lane reads its own window of shards
         for k in itertools.count(worker, self.workers):  # the rank's k-th micro-batch from here on
             lane, n = self.deal.lane_batch(k)
             stream = streams.get(lane)
             if stream is None:
                 saved = self.lane_states[lane]
-                stream = streams[lane] = PackedStream(self.spec, lane, self.deal.lanes, saved["stream"])
+                stream = streams[lane] = PackedStream(self.spec, lane, self.deal.lanes, saved["stream"], reader)
                 stream.batches = saved["produced"]
             if stream.batches > n:
                 raise RuntimeError(f"lane {lane} is past batch {n} ({stream.batches} produced): inconsistent loader state")

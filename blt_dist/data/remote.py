@@ -34,7 +34,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Optional
 
-from blt_dist.data.integrity import READ_HASH, file_digest, verify_shard
+from blt_dist.data.integrity import READ_HASH, cache_root, file_digest, verify_shard
 from blt_dist.errors import UserError
 
 MANIFEST = "dataset.json"
@@ -53,7 +53,7 @@ def join(url: str, *parts: str) -> str:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("BLT_DIST_CACHE") or Path.home() / ".cache" / "blt-dist") / "datasets"
+    return cache_root() / "datasets"
 
 
 def download(url: str, local: Path, timeout: float = 120) -> None:

@@ -175,6 +175,8 @@ class SplitReader:
         self.cache = dataset.shard_cache(int(cache_limit), prefetch)  # remote: shards come on first read
         self._ready: set[tuple[int, int]] = set()  # (stream, shard) this process has verified and pinned
         self._global_shards = self._global_starts = None  # built by the first prefetch
+        # shards kept pinned: the one being read and those prefetched, per lane this reader serves
+        self.pin_window = 2 + prefetch
         self.streams = dataset.streams(split)
         if not self.streams:
             raise UserError(f"{dataset.root}: no {split!r} split (splits: {', '.join(dataset.manifest['splits'])})")
@@ -231,7 +233,7 @@ class SplitReader:
 
     def _fetch(self, stream: int, shard: int) -> None:
         info, rel = self._infos[stream][shard], self.streams[stream].rel(self._infos[stream][shard])
-        self.cache.pin(rel, window=2 + self.cache.prefetch_depth)
+        self.cache.pin(rel, window=self.pin_window)
         if (stream, shard) in self._ready and (self.streams[stream].path / info["basename"]).is_file():
             return
         failed = self.cache.prefetch_error(rel)
