@@ -76,6 +76,26 @@ def test_split_is_deterministic_and_complete(tmp_path):
     assert c["fingerprint"] != a["fingerprint"]  # another seed, another split
 
 
+def test_sample_fraction_keeps_a_recorded_deterministic_slice_of_every_content_type(tmp_path):
+    documents = [f"sampled document {i}\n".encode() * (i % 5 + 1) for i in range(400)]
+    inputs = make_inputs(tmp_path / "in", documents)
+    prepare([inputs], tmp_path / "full", progress=False)
+    full = read_all(tmp_path / "full")
+    kept = prepare([inputs], tmp_path / "half", sample_fraction=0.5, progress=False)
+    again = prepare([inputs], tmp_path / "again", sample_fraction=0.5, progress=False)
+    assert kept["fingerprint"] == again["fingerprint"]
+    half = read_all(tmp_path / "half")
+    for ctype in ("mixed", "json"):  # every content type, in proportion
+        assert set(half[ctype]) <= set(full[ctype]) and 150 < len(half[ctype]) < 250
+    assert half["mixed"] == half["json"]  # a pure function of the document's bytes
+    left = kept["sample"]
+    assert left["fraction"] == 0.5
+    assert left["left_out_documents"] + sum(map(len, half.values())) == 2 * len(documents)
+    assert left["left_out_bytes"] + sum(map(len, (d for v in half.values() for d in v))) == 2 * sum(map(len, documents))
+    with pytest.raises(UserError, match="--sample-fraction must be in"):
+        prepare([inputs], tmp_path / "none", sample_fraction=0.0, progress=False)
+
+
 def test_fingerprint_changes_with_one_byte(tmp_path):
     make_inputs(tmp_path / "in1", [b"abc", b"def"])
     make_inputs(tmp_path / "in2", [b"abc", b"deg"])

@@ -64,6 +64,16 @@ def test_the_bucket_dataset_reads_like_the_local_one(dataset, url, tmp_path):
     assert remote_ds.fingerprint == ByteDataset(dataset).fingerprint and remote_ds.url == url
 
 
+def test_a_mixture_from_the_bucket_reads_like_the_local_one(dataset, url, tmp_path):
+    """The document lengths a mixture needs come with the manifest and indexes, checked."""
+    local = Loader(spec(dataset, tmp_path / "unused", mixture=(("prose", 1.0),)))
+    remote = Loader(spec(url, tmp_path / "cache", mixture=(("prose", 1.0),)))
+    for _ in range(10):
+        a, b = next(local), next(remote)
+        assert all(a[k].equal(b[k]) for k in a if k != "facts")
+    assert list((tmp_path / "cache").rglob("train/prose/lengths.npy"))
+
+
 def epoch_targets(loader: Loader, num_documents: int):
     seen = []
     while True:

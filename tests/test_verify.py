@@ -72,6 +72,8 @@ def unhash(ds: Path) -> None:
     for split, types in manifest["splits"].items():
         for ctype, stats in types.items():
             stats.pop("index_sha256")
+            stats.pop("lengths_sha256")
+            (ds / split / ctype / "lengths.npy").unlink()
             index_path = ds / split / ctype / "index.json"
             index = json.loads(index_path.read_text())
             for shard in index["shards"]:
@@ -85,8 +87,11 @@ def test_an_old_dataset_is_refused_until_verify_stamps_it(dataset):
     with pytest.raises(UserError, match=rf"run `blt-dist verify {dataset} --stamp`"):
         ByteDataset(dataset)
     done = run_cli("verify", str(dataset), "--stamp")
-    assert done.returncode == 0 and "shards hashed after their documents matched the manifest" in done.stdout, done
+    assert done.returncode == 0 and "added after the documents matched the manifest" in done.stdout, done
+    assert "shard hashes" in done.stdout and "document lengths" in done.stdout
     SplitReader(ByteDataset(dataset), "train")
+    for stream in ByteDataset(dataset).streams():  # the lengths a mixture needs, as the documents have them
+        assert ByteDataset(dataset).document_lengths(stream).sum() == stream.bytes
     ok = run_cli("verify", str(dataset))
     assert ok.returncode == 0 and "ok (" in ok.stdout
 
@@ -97,6 +102,7 @@ def test_stamp_refuses_documents_that_are_not_the_manifests(dataset):
     done = run_cli("verify", str(dataset), "--stamp")
     assert done.returncode != 0 and "the manifest says" in done.stderr
     assert "index_sha256" not in (dataset / "dataset.json").read_text()  # nothing vouched for
+    assert "lengths_sha256" not in (dataset / "dataset.json").read_text()
 
 
 def test_verify_finds_a_corrupt_shard_by_sha256(dataset):

@@ -48,6 +48,12 @@ class PatchingConfig:
 
 
 @dataclass
+class MixtureEntry:
+    content_type: str = ""  # a content type (stream) of data.train
+    weight: float = 0.0  # its share of an epoch's bytes (weights are normalised; 0 leaves it out)
+
+
+@dataclass
 class DataConfig:
     train: str = ""  # shard directory (byte shards; entropy shards for BLT)
     val: str = ""  # shard directory for periodic evaluation ("" = none)
@@ -75,6 +81,9 @@ class DataConfig:
     cache_dir: str = ""
     cache_limit: float = 0
     prefetch_shards: int = 2
+    # weighted mixture of data.train's content types, in bytes (data/mixture.py); [] = each
+    # document once per epoch. `blt-dist train --dry-run` prints each stream's bytes and repeats
+    mixture: list[MixtureEntry] = field(default_factory=list)
 
 
 @dataclass
@@ -110,6 +119,10 @@ class TrainConfig:
     # run then repeats the uninterrupted one bit for bit on a GPU too, at some speed. CPU runs are
     # deterministic without it.
     deterministic: bool = False
+    # continued pretraining / fine-tuning: a model export (`blt-dist train`, `export`, `import-hf`)
+    # whose weights start a fresh run (new optimizer, step 0); its model section must equal this
+    # run's. Ignored on resume: the checkpoint holds the weights from then on
+    init_from: str = ""
 
 
 @dataclass
@@ -312,6 +325,15 @@ def validate(cfg: Config) -> None:
     _positive("data.lanes", d.lanes, allow_zero=True)
     for key in ("shuffle_block_shards", "cache_limit", "prefetch_shards"):
         _positive(f"data.{key}", getattr(d, key), allow_zero=True)
+    for i, entry in enumerate(d.mixture):
+        if not entry.content_type:
+            raise ConfigError(f"data.mixture[{i}].content_type", "expected a content type of data.train")
+        _positive(f"data.mixture[{i}].weight", entry.weight, allow_zero=True)
+    if d.mixture and sum(entry.weight for entry in d.mixture) <= 0:
+        raise ConfigError("data.mixture", "the weights sum to 0: nothing would be read")
+    if d.mixture and d.shuffle_block_shards:
+        raise ConfigError("data.mixture", "not supported with data.shuffle_block_shards yet (the blocks' shuffle "
+                          "does not know the mixture's repeats); set one of them")
 
     o = cfg.optim
     _positive("optim.lr", o.lr)

@@ -91,6 +91,7 @@ from blt_dist.data.shards import (
     iter_stream,
     verify_shard,
     verify_stream,
+    write_lengths,
 )
 from blt_dist.errors import UserError
 from blt_dist.hardware import bf16_is_native
@@ -575,7 +576,9 @@ def _merge(out: Path, dataset: ByteDataset, tasks: list[ShardTask], job: dict) -
                 f"{out / stream.split / stream.content_type}: {documents} documents / {nbytes} bytes out, "
                 f"the byte dataset has {stream.documents} / {stream.bytes}"
             )
-        _write_json_atomic(out / stream.split / stream.content_type / "index.json", {"version": 2, "shards": shards})
+        stream_out = out / stream.split / stream.content_type
+        _write_json_atomic(stream_out / "index.json", {"version": 2, "shards": shards})
+        lengths_sha256 = write_lengths(stream_out, _document_lengths(dataset, stream, stream_out))
         entropies_sha256 = hashlib.sha256("".join(part_digests).encode()).hexdigest()
         splits.setdefault(stream.split, {})[stream.content_type] = {
             "documents": documents,
@@ -583,7 +586,8 @@ def _merge(out: Path, dataset: ByteDataset, tasks: list[ShardTask], job: dict) -
             "shards": len(shards),
             "parts": len(streams.get(key, [])),
             "entropies_sha256": entropies_sha256,
-            "index_sha256": index_digest(out / stream.split / stream.content_type),
+            "index_sha256": index_digest(stream_out),
+            "lengths_sha256": lengths_sha256,
         }
         fingerprint_lines.append(f"{stream.split}/{stream.content_type}:{entropies_sha256}")
     manifest = {
@@ -594,6 +598,14 @@ def _merge(out: Path, dataset: ByteDataset, tasks: list[ShardTask], job: dict) -
     _write_json_atomic(out / MANIFEST, manifest)
     ByteDataset(out, format=ENTROPY_FORMAT)  # what the BLT loader will open: check it opens
     return manifest
+
+
+def _document_lengths(dataset: ByteDataset, stream, stream_out: Path):
+    """The byte dataset's document lengths (the same documents, in the same order), or, for one
+    written before lengths existed, counted from the entropy shards just merged."""
+    if dataset.manifest["splits"][stream.split][stream.content_type].get("lengths_sha256"):
+        return dataset.document_lengths(stream)
+    return [len(sample["data"]) for sample in iter_stream(stream_out, check_shards=False)]
 
 
 @dataclass

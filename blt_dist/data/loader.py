@@ -10,6 +10,8 @@ all document ids of the split (all content types together); lane l reads ids l, 
 it and packs them into samples (packing.py), continuing with its part of epoch e+1 after its
 last document of epoch e. The parts are disjoint and together complete, with no padding: no
 document is read twice in an epoch and none is skipped.
+With data.mixture the permutation is of the epoch's virtual documents instead (mixture.py: a
+stream under its weight repeated, one over it subsampled, each document copy counted once).
 
 Dealing. Global micro-batch g is lane g % L's batch g // L, so the sequence of micro-batches is
 a function of L, the seed and the data, not of the world size. Data-parallel rank r of W takes
@@ -43,6 +45,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
+from blt_dist.data.mixture import MixturePlan, mixture_fingerprint
 from blt_dist.data.packing import Packer
 from blt_dist.data.patching import PatchingRule
 from blt_dist.data.shards import FORMAT as BYTE_FORMAT
@@ -80,7 +83,15 @@ class LoaderSpec:
     cache_limit: float = 0
     prefetch_shards: int = 2
 
+    # data.mixture: (content type, weight) pairs, in the config's order (mixture.py); () reads
+    # every document once per epoch
+    mixture: tuple[tuple[str, float], ...] = ()
+
     WHERE_FROM = ("path", "cache_dir", "cache_limit", "prefetch_shards")  # not part of the order
+
+    def __post_init__(self):  # a state's spec comes back with lists: compare as tuples
+        object.__setattr__(self, "mixture", tuple((str(t), float(w)) for t, w in self.mixture))
+
     @classmethod
     def from_config(cls, cfg, family: str, split: str = "train") -> "LoaderSpec":
         """From the config tree. family: 'entropy' | 'blt' | 'bpe' (model.family)."""
@@ -91,6 +102,8 @@ class LoaderSpec:
         common = dict(path=path, split=split, micro_batch_size=cfg.train.micro_batch_size, seed=d.shuffle_seed,
                       shuffle=d.shuffle, shuffle_block_shards=d.shuffle_block_shards, cache_dir=d.cache_dir or None,
                       cache_limit=d.cache_limit, prefetch_shards=d.prefetch_shards)
+        if split == "train" and d.mixture:
+            common["mixture"] = tuple((m.content_type, m.weight) for m in d.mixture)
         if family == "blt":
             patching = {k: getattr(d.patching, k) for k in ("mode", "threshold", "threshold_r", "patch_size", "max_patch_length", "bos_alone")}
             spec = cls(family="blt", sample_len=d.byte_capacity, patches_per_sample=d.patches_per_sample, patching=patching, **common)
@@ -119,19 +132,26 @@ class DocumentOrder:
     window of about two blocks (what a node cache smaller than the dataset needs)."""
 
     def __init__(self, num_documents: int, lane: int, lanes: int, seed: int, shuffle: bool,
-                 block_starts: Optional[np.ndarray] = None):
-        if num_documents < lanes:
-            raise UserError(f"the dataset has {num_documents} documents, fewer than data.lanes = {lanes}: "
-                            "some lanes would read nothing")
+                 block_starts: Optional[np.ndarray] = None, mixture: Optional[MixturePlan] = None):
         self.num_documents = num_documents
         self.lane, self.lanes = lane, lanes
         self.seed, self.shuffle = seed, shuffle
         self.block_starts = block_starts
+        self.mixture = mixture
+        # visits (epoch * span + id) name a document as visit % num_documents
+        self.span = mixture.span if mixture is not None else num_documents
+        per_epoch = len(mixture.epoch(0)) if mixture is not None else num_documents
+        if per_epoch < lanes:
+            raise UserError(f"an epoch has {per_epoch} documents, fewer than data.lanes = {lanes}: "
+                            "some lanes would read nothing")
 
     def ids(self, epoch: int) -> np.ndarray:
         return self.epoch_order(epoch)[self.lane :: self.lanes]
 
     def epoch_order(self, epoch: int) -> np.ndarray:
+        if self.mixture is not None:
+            chosen = self.mixture.epoch(epoch)
+            return np.random.default_rng([self.seed, epoch]).permutation(chosen) if self.shuffle else chosen
         if not self.shuffle:
             return np.arange(self.num_documents)
         rng = np.random.default_rng([self.seed, epoch])
@@ -205,6 +225,12 @@ def open_reader(spec: LoaderSpec) -> SplitReader:
     return SplitReader(open_dataset(spec), spec.split, spec.cache_limit, spec.prefetch_shards)
 
 
+def mixture_plan(spec: LoaderSpec, dataset: ByteDataset) -> MixturePlan:
+    """The spec's weighted mixture over the split's streams (their document lengths checked)."""
+    streams = dataset.streams(spec.split)
+    return MixturePlan(spec.mixture, streams, [dataset.document_lengths(s) for s in streams], spec.seed)
+
+
 def dataset_format(spec: LoaderSpec) -> str:
     """BLT with an entropy mode reads entropy shards; everything else reads byte shards."""
     if spec.family == "blt" and spec.patching["mode"] in ("entropy", "monotonic"):
@@ -225,10 +251,12 @@ class PackedStream:
         # one reader serves every lane of a worker: opening one reads (or, remote, fetches) every index
         self.reader = reader or open_reader(spec)
         self.fingerprint = self.reader.dataset.fingerprint
-        blocks = None
+        blocks = mixture = None
         if spec.shuffle_block_shards:
             blocks = self.reader.shard_starts()[:: spec.shuffle_block_shards]
-        self.order = DocumentOrder(len(self.reader), lane, lanes, spec.seed, spec.shuffle, blocks)
+        if spec.mixture:
+            mixture = mixture_plan(spec, self.reader.dataset)
+        self.order = DocumentOrder(len(self.reader), lane, lanes, spec.seed, spec.shuffle, blocks, mixture)
         self.batches = 0  # batches produced (kept by the caller's lane state)
         self.encoder = make_encoder(spec)
         self.packer = Packer(
@@ -241,7 +269,7 @@ class PackedStream:
         self._ids = self.order.ids(self.epoch)
 
     def _add(self, visit: int) -> None:
-        doc_id = visit % self.order.num_documents
+        doc_id = visit % self.order.num_documents  # a mixture's k-th copy of d is k * num_documents + d
         _, sample = self.reader.get(doc_id)
         self.packer.add(visit, *self.encoder.encode(sample, doc_id))
 
@@ -258,11 +286,12 @@ class PackedStream:
             if self.position == len(self._ids):
                 self.epoch, self.position = self.epoch + 1, 0
                 self._ids = self.order.ids(self.epoch)
-            doc_id = int(self._ids[self.position])
+            virtual_id = int(self._ids[self.position])  # the document itself unless a mixture repeats it
             if self.reader.cache is not None and self.position % PREFETCH_EVERY == 0:
-                self.reader.prefetch(self._ids[self.position : self.position + PREFETCH_LOOKAHEAD])
+                ahead = self._ids[self.position : self.position + PREFETCH_LOOKAHEAD]
+                self.reader.prefetch(ahead % self.order.num_documents)
             self.position += 1
-            self._add(self.epoch * self.order.num_documents + doc_id)
+            self._add(self.epoch * self.order.span + virtual_id)
         self.samples += 1
         return self.packer.cut()
 
@@ -436,6 +465,7 @@ class Loader:
             "spec": dataclasses.asdict(self.spec),
             "fingerprint": self.fingerprint,
             "lanes": self.lanes,
+            "mixture": mixture_fingerprint(self.spec.mixture, self.fingerprint) if self.spec.mixture else None,
             "consumed": self.consumed,
             "lane_states": {lane: dict(s) for lane, s in sorted(self._lane_states.items())},
         }
@@ -454,6 +484,10 @@ class Loader:
         if state["lanes"] != self.lanes:
             refuse("data.lanes", state["lanes"], self.lanes, "leave data.lanes unset to take the saved value")
         saved_spec = LoaderSpec(**state["spec"])
+        if saved_spec.mixture != self.spec.mixture:
+            refuse("data.mixture", list(saved_spec.mixture) or "none", list(self.spec.mixture) or "none",
+                   "the weights decide which documents each epoch holds; start a new run, or resume with the "
+                   "saved weights")
         changed = [f.name for f in dataclasses.fields(LoaderSpec) if f.name not in LoaderSpec.WHERE_FROM
                    and getattr(saved_spec, f.name) != getattr(self.spec, f.name)]
         if changed:

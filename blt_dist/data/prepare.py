@@ -14,7 +14,9 @@ U+DCFF) are turned back into the raw bytes they stand for, any other lone surrog
 
 The split is a pure function of (split seed, document bytes): a document lands in val when
 its hash falls below --val-fraction, so identical documents always share a split and adding
-documents never moves existing ones. Everything is written to a temporary directory beside
+documents never moves existing ones. `--sample-fraction F` keeps each document with probability F
+by the same kind of hash (another salt): a deterministic slice that keeps every content type in
+proportion, recorded in the manifest with the documents and bytes it left out. Everything is written to a temporary directory beside
 --out, read back and checked (byte count and fingerprint), then published by one rename.
 """
 from __future__ import annotations
@@ -43,6 +45,7 @@ from blt_dist.data.shards import (
     index_digest,
     iter_stream,
     publish,
+    write_lengths,
 )
 from blt_dist.errors import UserError
 
@@ -149,6 +152,14 @@ def split_of(data: bytes, val_fraction: float, split_seed: int) -> str:
     return "val" if int.from_bytes(digest[:8], "little") / 2**64 < val_fraction else "train"
 
 
+def sampled(data: bytes, sample_fraction: float, split_seed: int) -> bool:
+    """Whether `--sample-fraction` keeps this document (salted apart from the split's hash)."""
+    if sample_fraction >= 1.0:
+        return True
+    digest = hashlib.sha256(b"sample" + split_seed.to_bytes(8, "little", signed=True) + data).digest()
+    return int.from_bytes(digest[:8], "little") / 2**64 < sample_fraction
+
+
 def prepare(
     inputs: list[Path],
     out: Path,
@@ -158,6 +169,7 @@ def prepare(
     shard_size: str = "64mb",
     content_type: str | None = None,
     text_field: str = "text",
+    sample_fraction: float = 1.0,
     force: bool = False,
     progress: bool = True,
 ) -> dict:
@@ -167,6 +179,8 @@ def prepare(
 
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if not 0.0 < sample_fraction <= 1.0:
+        raise UserError(f"--sample-fraction must be in (0, 1], got {sample_fraction}")
     _check_output(out, force)
     stats = InputStats()
     files = list_input_files(inputs, content_type, stats)
@@ -179,10 +193,16 @@ def prepare(
     writers: dict[tuple[str, str], MDSWriter] = {}
     hashes: dict[tuple[str, str], StreamHash] = defaultdict(StreamHash)
     counts: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])  # documents, bytes
+    lengths: dict[tuple[str, str], list[int]] = defaultdict(list)  # every document's bytes (lengths.npy)
+    left_out = [0, 0]  # documents, bytes not kept by --sample-fraction
     try:
         with tqdm(total=total_input_bytes, unit="B", unit_scale=True, desc="prepare", disable=not progress) as bar:
             for path, ctype in files:
                 for doc in _file_documents(path, ctype, text_field, stats):
+                    if not sampled(doc.data, sample_fraction, split_seed):
+                        left_out[0] += 1
+                        left_out[1] += len(doc.data)
+                        continue
                     key = (split_of(doc.data, val_fraction, split_seed), doc.content_type)
                     if key not in writers:
                         writers[key] = MDSWriter(
@@ -190,12 +210,17 @@ def prepare(
                         )
                     writers[key].write({"data": doc.data, "doc": counts[key][0], "source": doc.source})
                     hashes[key].add_document(doc.data)
+                    lengths[key].append(len(doc.data))
                     counts[key][0] += 1
                     counts[key][1] += len(doc.data)
                 bar.update(path.stat().st_size)
         for writer in writers.values():
             writer.finish()
-        manifest = _manifest(tmp, counts, hashes, val_fraction, split_seed, inputs)
+        lengths_sha256 = {key: write_lengths(tmp / key[0] / key[1], values) for key, values in lengths.items()}
+        manifest = _manifest(tmp, counts, hashes, lengths_sha256, val_fraction, split_seed, inputs)
+        if sample_fraction < 1.0:
+            manifest["sample"] = {"fraction": sample_fraction, "left_out_documents": left_out[0],
+                                  "left_out_bytes": left_out[1]}
         _check_written(tmp, manifest)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         publish(tmp, out)
@@ -216,7 +241,7 @@ def _check_output(out: Path, force: bool) -> None:
             raise UserError(f"{out}: a prepared dataset already exists (pass --force to replace it)")
 
 
-def _manifest(tmp: Path, counts, hashes, val_fraction: float, split_seed: int, inputs: list[Path]) -> dict:
+def _manifest(tmp: Path, counts, hashes, lengths_sha256, val_fraction: float, split_seed: int, inputs: list[Path]) -> dict:
     splits: dict[str, dict] = {}
     for (split, ctype), (documents, nbytes) in sorted(counts.items()):
         index = json.loads((tmp / split / ctype / "index.json").read_text())
@@ -226,6 +251,7 @@ def _manifest(tmp: Path, counts, hashes, val_fraction: float, split_seed: int, i
             "shards": len(index["shards"]),
             "sha256": hashes[(split, ctype)].hexdigest(),
             "index_sha256": index_digest(tmp / split / ctype),  # the root of trust for the shards' hashes
+            "lengths_sha256": lengths_sha256[(split, ctype)],
         }
     return {
         "format": FORMAT,
@@ -277,6 +303,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard-size", default="64mb", help="MDS shard size limit, e.g. 16mb (default 64mb)")
     parser.add_argument("--content-type", default=None, help="one content type for all inputs")
     parser.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    parser.add_argument("--sample-fraction", type=float, default=1.0,
+                        help="keep each document with this probability (a seeded hash of its bytes: every content "
+                             "type in proportion; the manifest records what was left out)")
     parser.add_argument("--force", action="store_true", help="replace an existing prepared dataset")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -290,6 +319,7 @@ def run(args: argparse.Namespace) -> int:
         shard_size=args.shard_size,
         content_type=args.content_type,
         text_field=args.text_field,
+        sample_fraction=args.sample_fraction,
         force=args.force,
         progress=not args.no_progress,
     )
@@ -302,6 +332,10 @@ def run(args: argparse.Namespace) -> int:
         f"{total_docs:,} documents, {total_bytes:,} bytes in == {total_bytes:,} bytes out (read back and checked)"
         f" from {stats['files']} files; fingerprint {manifest['fingerprint'][:16]}"
     )
+    if "sample" in manifest:
+        s = manifest["sample"]
+        print(f"--sample-fraction {s['fraction']:g}: left out {s['left_out_documents']:,} documents, "
+              f"{s['left_out_bytes']:,} bytes")
     skipped = [f"{stats['skipped_hidden']} hidden files"] if stats["skipped_hidden"] else []
     skipped += [f"{stats['blank_jsonl_lines']} blank JSONL lines"] if stats["blank_jsonl_lines"] else []
     if skipped:

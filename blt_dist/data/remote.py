@@ -39,6 +39,7 @@ from blt_dist.errors import UserError
 
 MANIFEST = "dataset.json"
 INDEX = "index.json"
+LENGTHS = "lengths.npy"  # uint64 byte length of every document of a stream, in order (mixture weights)
 ORIGIN = "origin.json"  # in the cache directory: the URL it was fetched from
 
 
@@ -98,6 +99,13 @@ def fetch_metadata(url: str, cache_dir: Optional[str | Path] = None) -> Path:
                     if actual != expected:
                         raise UserError(f"{url}: stream {split}/{content_type}: {join(url, rel)} has sha256 {actual}, "
                                         f"the manifest says {expected} (a changed or truncated index)")
+                if stats.get("lengths_sha256") is not None:  # small: one integer per document
+                    rel = f"{split}/{content_type}/{LENGTHS}"
+                    download(join(url, rel), staging / rel)
+                    actual = hashlib.sha256((staging / rel).read_bytes()).hexdigest()
+                    if actual != stats["lengths_sha256"]:
+                        raise UserError(f"{url}: stream {split}/{content_type}: {join(url, rel)} has sha256 {actual}, "
+                                        f"the manifest says {stats['lengths_sha256']}")
         root.mkdir(parents=True, exist_ok=True)
         for path in sorted(staging.rglob("*")):
             if path.is_file():

@@ -3,6 +3,7 @@
     DATASET/
       dataset.json                    format, fingerprint, per split/content type counts
       train/<content_type>/index.json + shard.NNNNN.mds   (mosaicml-streaming MDS)
+      train/<content_type>/lengths.npy   every document's byte length, in order (mixtures' weights)
       val/<content_type>/...
 
 One MDS sample per document, columns:
@@ -37,12 +38,10 @@ from typing import Iterator
 import numpy as np
 
 from blt_dist.data.integrity import READ_HASH, file_digest, verify_shard  # noqa: F401 (READ_HASH: verify.py)
-from blt_dist.data.remote import ShardCache, fetch_metadata, is_remote
+from blt_dist.data.remote import INDEX, LENGTHS, MANIFEST, ShardCache, fetch_metadata, is_remote  # noqa: F401 (re-exported)
 from blt_dist.errors import UserError
 
 FORMAT = "blt-dist/byte-shards/v1"
-MANIFEST = "dataset.json"
-INDEX = "index.json"
 SPLITS = ("train", "val")
 COLUMNS = {"data": "bytes", "doc": "int64", "source": "str"}
 SHARD_HASHES = ["sha256", "xxh3_64"]  # sorted, as MDSWriter requires
@@ -122,6 +121,26 @@ class ByteDataset:
                             f"run `blt-dist verify {self.root} --stamp` (checks every document against the "
                             "manifest's sha256, then records the hashes)")
         return digest
+
+    def document_lengths(self, stream: "StreamInfo") -> np.ndarray:
+        """Every document's byte length (int64), checked against the manifest's sha256, count and
+        total bytes. What a weighted mixture needs; a dataset written before lengths existed is
+        refused with the command that adds them."""
+        stats = self.manifest["splits"][stream.split][stream.content_type]
+        digest, path = stats.get("lengths_sha256"), stream.path / LENGTHS
+        if digest is None:
+            raise UserError(f"{self.name}: stream {stream.split}/{stream.content_type} has no document lengths "
+                            f"(written before they existed); run `blt-dist verify {self.name} --stamp` to add them")
+        if not path.is_file():
+            raise UserError(f"{path}: missing (the manifest lists its sha256)")
+        raw = path.read_bytes()
+        if hashlib.sha256(raw).hexdigest() != digest:
+            raise UserError(f"{path}: sha256 {hashlib.sha256(raw).hexdigest()}, the manifest says {digest}")
+        lengths = np.load(path, allow_pickle=False).astype(np.int64)
+        if len(lengths) != stream.documents or int(lengths.sum()) != stream.bytes:
+            raise UserError(f"{path}: {len(lengths)} documents / {int(lengths.sum())} bytes, the manifest says "
+                            f"{stream.documents} / {stream.bytes}")
+        return lengths
 
     def streams(self, split: str | None = None) -> list[StreamInfo]:
         out = []
@@ -313,6 +332,16 @@ def iter_stream(stream_dir: Path, index_sha256: str | None = None, fingerprint: 
         reader = reader_from_json(str(stream_dir), None, shard_info)
         for i in range(reader.samples):
             yield reader.get_item(i)
+
+
+def write_lengths(stream_dir: Path, lengths) -> str:
+    """Writes a stream's lengths.npy; returns its sha256 (the manifest's `lengths_sha256`)."""
+    path = stream_dir / LENGTHS
+    tmp = path.with_name(f".{LENGTHS}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to the temporary name
+        np.save(f, np.asarray(lengths, dtype="<u8"), allow_pickle=False)
+    os.replace(tmp, path)
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def index_digest(stream_dir: Path) -> str:

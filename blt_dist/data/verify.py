@@ -3,9 +3,10 @@
     blt-dist verify data/shards            every index against the manifest, every shard's sha256
                                            and xxh3_64 against its index, every document against
                                            the manifest's per-stream sha256 (byte datasets)
-    blt-dist verify data/shards --stamp    for a dataset written before shard hashes: check the
-                                           documents against the manifest's sha256 first, then
-                                           record the shard hashes and the indexes' digests
+    blt-dist verify data/shards --stamp    for a dataset written by an older version: check the
+                                           documents against the manifest first, then record what
+                                           it lacks (shard hashes and the indexes' digests; every
+                                           document's byte length, which mixtures need)
 
 The readers (loader, eval, entropies) check each shard's xxh3_64 once per node before they use it
 (shards.verify_shard); this command is the full check, for a copy you have just made or doubt.
@@ -20,6 +21,7 @@ from pathlib import Path
 from blt_dist.data.shards import (
     FORMAT,
     INDEX,
+    LENGTHS,
     MANIFEST,
     SHARD_HASHES,
     ByteDataset,
@@ -29,41 +31,59 @@ from blt_dist.data.shards import (
     iter_stream,
     verify_shard,
     verify_stream,
+    write_lengths,
 )
 from blt_dist.errors import UserError
 
 
-def check_documents(dataset: ByteDataset, stream) -> None:
-    """The stream's documents, read back, against the manifest's count, bytes and sha256."""
+def check_documents(dataset: ByteDataset, stream, check_shards: bool = False) -> list[int]:
+    """The stream's documents, read back, against the manifest's count, bytes and (byte datasets)
+    sha256; returns every document's byte length."""
     expected = dataset.manifest["splits"][stream.split][stream.content_type]
-    documents, nbytes, digest = 0, 0, StreamHash()
-    for sample in iter_stream(stream.path, check_shards=False):
-        documents += 1
-        nbytes += len(sample["data"])
+    lengths, digest = [], StreamHash()
+    for sample in iter_stream(stream.path, check_shards=check_shards):
+        lengths.append(len(sample["data"]))
         digest.add_document(sample["data"])
-    got, want = (documents, nbytes, digest.hexdigest()), (expected["documents"], expected["bytes"], expected["sha256"])
+    got, want = [len(lengths), sum(lengths)], [expected["documents"], expected["bytes"]]
+    if "sha256" in expected:  # byte datasets (entropy datasets hash their entropies instead)
+        got, want = got + [digest.hexdigest()], want + [expected["sha256"]]
     if got != want:
-        raise UserError(f"{stream.path}: documents, bytes, sha256 read back {got}; the manifest says {want}")
+        raise UserError(f"{stream.path}: documents, bytes{', sha256' if len(got) == 3 else ''} read back "
+                        f"{tuple(got)}; the manifest says {tuple(want)}")
+    return lengths
 
 
-def stamp(dataset: ByteDataset) -> int:
-    """Adds shard hashes to every index and the indexes' digests to the manifest (each file
-    replaced atomically, the manifest last). Returns the number of shards hashed."""
-    if dataset.manifest.get("format") != FORMAT:
-        raise UserError(f"{dataset.root}: --stamp checks documents against a byte dataset's manifest; recompute "
-                        "an entropy dataset instead (`blt-dist entropies ... --force`)")
-    hashed = 0
+def stamp(dataset: ByteDataset) -> list[str]:
+    """Adds what a dataset written by an older version lacks, each only after its documents
+    matched the manifest: shard hashes and index digests (byte datasets), document lengths
+    (any dataset). Each file is replaced atomically, the manifest last. Returns what was added."""
+    added = []
     for stream in dataset.streams():
-        check_documents(dataset, stream)  # nothing gets a hash that does not hold the manifest's documents
-        index = verify_stream(stream.path)
-        for shard in index["shards"]:
-            info = shard["raw_data"]
-            info["hashes"] = {algo: file_digest(stream.path / info["basename"], algo) for algo in SHARD_HASHES}
-            hashed += 1
-        _write_atomic(stream.path / INDEX, json.dumps(index, sort_keys=True))
-        dataset.manifest["splits"][stream.split][stream.content_type]["index_sha256"] = index_digest(stream.path)
-    _write_atomic(dataset.root / MANIFEST, json.dumps(dataset.manifest, indent=2, sort_keys=True) + "\n")
-    return hashed
+        stats = dataset.manifest["splits"][stream.split][stream.content_type]
+        name = f"{stream.split}/{stream.content_type}"
+        if "index_sha256" not in stats:
+            if dataset.manifest.get("format") != FORMAT:
+                raise UserError(f"{dataset.root}: an entropy dataset written before shard hashes; recompute it "
+                                "(`blt-dist entropies ... --force`)")
+            lengths = check_documents(dataset, stream)  # nothing gets a hash that does not hold the manifest's documents
+            index = verify_stream(stream.path)
+            for shard in index["shards"]:
+                info = shard["raw_data"]
+                info["hashes"] = {algo: file_digest(stream.path / info["basename"], algo) for algo in SHARD_HASHES}
+            _write_atomic(stream.path / INDEX, json.dumps(index, sort_keys=True))
+            stats["index_sha256"] = index_digest(stream.path)
+            added.append(f"{name}: {len(index['shards'])} shard hashes")
+        else:
+            lengths = None
+        if "lengths_sha256" not in stats:
+            if lengths is None:  # shards already hashed: read them verified
+                verify_stream(stream.path, stats["index_sha256"])
+                lengths = check_documents(dataset, stream, check_shards=True)
+            stats["lengths_sha256"] = write_lengths(stream.path, lengths)
+            added.append(f"{name}: {len(lengths)} document lengths")
+    if added:
+        _write_atomic(dataset.root / MANIFEST, json.dumps(dataset.manifest, indent=2, sort_keys=True) + "\n")
+    return added
 
 
 def verify(dataset: ByteDataset) -> int:
@@ -76,8 +96,11 @@ def verify(dataset: ByteDataset) -> int:
             for algo in SHARD_HASHES:
                 verify_shard(stream.path, shard["raw_data"], None, where, algo=algo)
             checked += 1
-        if dataset.manifest.get("format") == FORMAT:
-            check_documents(dataset, stream)
+        has_lengths = "lengths_sha256" in dataset.manifest["splits"][stream.split][stream.content_type]
+        if dataset.manifest.get("format") == FORMAT or has_lengths:
+            lengths = check_documents(dataset, stream)
+            if has_lengths and dataset.document_lengths(stream).tolist() != lengths:
+                raise UserError(f"{stream.path / LENGTHS}: does not match the documents' byte lengths")
     return checked
 
 
@@ -90,7 +113,8 @@ def _write_atomic(path: Path, text: str) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dataset", help="a dataset directory (from `blt-dist prepare` or `blt-dist entropies`)")
     parser.add_argument("--stamp", action="store_true",
-                        help="add shard hashes to a dataset written before them (after checking its documents)")
+                        help="add shard hashes and document lengths to a dataset written before them (after checking "
+                             "its documents)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -99,12 +123,11 @@ def run(args: argparse.Namespace) -> int:
 
     dataset = ByteDataset(args.dataset, verify=False, format=(FORMAT, ENTROPY_FORMAT))
     if args.stamp:
-        unhashed = [s for s in dataset.streams()
-                    if "index_sha256" not in dataset.manifest["splits"][s.split][s.content_type]]
-        if not unhashed:
-            print(f"{dataset.root}: already has shard hashes; checking it instead")
+        added = stamp(dataset)
+        if not added:
+            print(f"{dataset.root}: already has shard hashes and document lengths; checking it instead")
         else:
-            print(f"{dataset.root}: {stamp(dataset)} shards hashed after their documents matched the manifest")
+            print(f"{dataset.root}: added after the documents matched the manifest: {'; '.join(added)}")
             dataset = ByteDataset(args.dataset, verify=False, format=(FORMAT, ENTROPY_FORMAT))
     checked = verify(dataset)
     print(f"{dataset.root}: ok ({checked} shards: indexes, sha256 and xxh3_64"

@@ -29,14 +29,25 @@ from typing import Optional
 import deepspeed
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
-from blt_dist.config import Config, add_config_arguments, config_from_args, save_resolved, to_dict, to_yaml
+from blt_dist.config import Config, add_config_arguments, config_from_args, load_config, save_resolved, to_dict, to_yaml
 from blt_dist.data.entropies import check_entropy_source
-from blt_dist.data.loader import ENTROPY_FORMAT, Loader, LoaderSpec, dataset_format, merge_states
+from blt_dist.data.loader import (
+    ENTROPY_FORMAT,
+    Loader,
+    LoaderSpec,
+    dataset_format,
+    merge_states,
+    mixture_plan,
+    open_dataset,
+)
 from blt_dist.errors import UserError
 from blt_dist.flops import SampleShape
 from blt_dist.hardware import peak_flops
 from blt_dist.model import build_model
+from blt_dist.model.weights import WEIGHTS
 from blt_dist.parallel.collectives import (
     abandon,
     all_gather_object,
@@ -53,7 +64,7 @@ from blt_dist.parallel.engine import (
     initialize_engine,
     set_lr,
 )
-from blt_dist.parallel.pipeline import build_pipeline
+from blt_dist.parallel.pipeline import build_pipeline, from_model_state_dict
 from blt_dist.training import checkpoint, elastic
 from blt_dist.training.export import save_export
 from blt_dist.training.metrics import MetricsLogger, format_line, memory_gb
@@ -291,6 +302,22 @@ def _train(cfg: Config, env, stop: StopRequest) -> int:
 # The loop's named steps, in the order it takes them
 
 
+def initial_weights(cfg: Config, export_dir: Path) -> dict[str, torch.Tensor]:
+    """The export's weights for train.init_from, refused unless its model section is this run's
+    (the same shapes under another architecture would start from a different function)."""
+    if not (export_dir / WEIGHTS).is_file() or not (export_dir / "config.yaml").is_file():
+        raise UserError(f"train.init_from: {export_dir} is not a model export (needs {WEIGHTS} and config.yaml)")
+    theirs, ours = to_dict(load_config(export_dir / "config.yaml"))["model"], to_dict(cfg)["model"]
+    differ = [f"model.{k} (export {theirs.get(k)!r}, this run {ours[k]!r})" for k in ours if theirs.get(k) != ours[k]]
+    if differ:
+        raise UserError(f"train.init_from: {export_dir} has another model: {'; '.join(differ)}; set these to the "
+                        "export's values (its config.yaml)")
+    try:
+        return load_file(str(export_dir / WEIGHTS))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserError(f"train.init_from: {export_dir / WEIGHTS}: unreadable weights ({err})") from err
+
+
 @dataclass(frozen=True)
 class ResumePoint:
     """The checkpoint a run continues from."""
@@ -333,13 +360,22 @@ def set_up(cfg: Config, env, run_dir: Path, found: Optional[ResumePoint]) -> Run
         use_deterministic_kernels()
     seed_everything(cfg.run.seed)  # identical initial weights on every rank
     pipelined = cfg.parallel.pipeline_stages > 1
+    # train.init_from: an export's weights start a fresh run (a resume takes the checkpoint's)
+    initial = initial_weights(cfg, Path(cfg.train.init_from)) if cfg.train.init_from and found is None else None
     if pipelined:
         model = build_pipeline(cfg.model, cfg.parallel.pipeline_stages, cfg.train.activation_checkpointing,
                                cfg.run.seed, SampleShape.from_data(cfg.data))
+        if initial is not None:
+            model.load_state_dict(from_model_state_dict(initial, model))  # this stage's layers
     else:
         model = build_model(cfg.model)
+        if initial is not None:
+            model.load_state_dict(initial)  # before checkpointing wrappers rename the parameters
         if cfg.train.activation_checkpointing:
             apply_activation_checkpointing(model)
+    if initial is not None and env.is_main:
+        print(f"weights from {cfg.train.init_from} (train.init_from); the optimizer and the step start fresh",
+              flush=True)
     engine = initialize_engine(model, cfg.optim.weight_decay, ds_config)
     # every stage of a pipeline reads the same batches: the loader is indexed by data-parallel rank
     dp_rank = engine.grid.get_data_parallel_rank() if pipelined else env.rank
@@ -535,6 +571,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if args.dry_run:
         print(to_yaml(cfg), end="")
+        if cfg.data.mixture and cfg.data.train:
+            spec = LoaderSpec.from_config(cfg, cfg.model.family)
+            print(f"# data.mixture over {cfg.data.train} (bytes per epoch, expected repeats):")
+            print("\n".join(f"#   {line}" for line in mixture_plan(spec, open_dataset(spec, verify=False)).describe()))
         return 0
     if not cfg.data.train:
         raise UserError("data.train: no training dataset (prepare one with `blt-dist prepare`, then data.train=DIR)")
