@@ -231,6 +231,30 @@ def test_bad_requests_fail_fast_with_one_line(data, tmp_path):
     assert nothing.returncode == 1 and "holds no complete checkpoint" in nothing.stderr
 
 
+def test_init_from_starts_a_fresh_run_from_an_exports_weights(data, tmp_path):
+    from safetensors.torch import load_file
+
+    from tests.conftest import run_cli
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    common = [*family_args(data, "entropy"), "train.eval_every=0"]
+    run(1, ["train", *common, f"run.dir={first}", "train.max_steps=3"], tmp_path / "logs1")
+    # one step at a learning rate of 1e-12: the weights it ends with are the ones it started from
+    run(1, ["train", *common, f"run.dir={second}", "train.max_steps=1", f"train.init_from={first / 'export'}",
+            "optim.lr=1e-12", "optim.warmup_steps=0"], tmp_path / "logs2")
+    assert "weights from" in logs(tmp_path / "logs2")
+    start, after = load_file(str(first / "export" / "model.safetensors")), load_file(str(second / "export" / "model.safetensors"))
+    assert start.keys() == after.keys()
+    assert max(float((start[k] - after[k]).abs().max()) for k in start) < 1e-6
+    assert [r["step"] for r in metrics(second) if "loss" in r] == [1]  # a fresh run: step and optimizer from 0
+
+    other = run_cli("train", *common, f"run.dir={tmp_path / 'other'}", "train.max_steps=1", "model.dim=64",
+                    f"train.init_from={first / 'export'}")
+    assert other.returncode == 1 and "has another model: model.dim (export 128, this run 64)" in other.stderr
+    missing = run_cli("train", *common, f"run.dir={tmp_path / 'none'}", f"train.init_from={tmp_path}")
+    assert missing.returncode == 1 and "is not a model export" in missing.stderr
+
+
 def test_disk_full_during_save_leaves_the_previous_checkpoint(data, tmp_path):
     """A real full disk: the run directory on a tmpfs that holds one checkpoint, not two."""
     import subprocess

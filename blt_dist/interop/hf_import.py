@@ -1,7 +1,7 @@
 """`blt-dist import-hf DIR --out EXPORT`: a transformers LlamaForCausalLM or BltForCausalLM
 directory (config.json + safetensors) -> a project export that eval, compare and generate read
-(a BLT's patcher becomes an entropy-model export at EXPORT.entropy). Continued pretraining from
-an export (train.init_from) is not built yet.
+(a BLT's patcher becomes an entropy-model export at EXPORT.entropy). `train.init_from=EXPORT`
+continues pretraining from it.
 
 Every problem is one line and exit status 2: not an HF directory, an architecture the project
 has no family for, a tensor missing, of the wrong shape or of a non-float dtype.

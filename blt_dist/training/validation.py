@@ -1,6 +1,7 @@
 """In-loop validation: bits per byte on one fixed set of whole validation documents.
 
-The documents are those `compare` scores by default: the validation split of data.val, whole
+The documents are those `compare` scores by default: the validation split of data.val (all of a
+held-out dataset prepared with --val-fraction 0, which has only a train split), whole
 documents of each content type up to train.eval_bytes (evaluation.evaluate.take_per_type), so
 every family, micro-batch, layout and world size sees the same bytes. They are scored by
 evaluation.evaluate.score_documents, the function behind evaluate_model (and so `compare` and
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from blt_dist.config import Config
+from blt_dist.errors import UserError
 from blt_dist.evaluation.evaluate import (
     Encoder,
     encode_documents,
@@ -49,8 +51,11 @@ class ValidationSet:
     @classmethod
     def from_config(cls, cfg: Config) -> "ValidationSet":
         encoder = Encoder(cfg, None, None)
-        picked = enumerate(heldout_documents(cfg.data.val, [], "val", cfg.train.eval_bytes))
+        # the val split, or all of a held-out dataset prepared with --val-fraction 0 (as `compare`)
+        picked = enumerate(heldout_documents(cfg.data.val, [], None, cfg.train.eval_bytes))
         documents = list(encode_documents(encoder, picked))
+        if not documents:
+            raise UserError(f"data.val: {cfg.data.val} holds no documents to validate on")
         return cls(documents, encoder, sum(info["bytes"] for info, _ in documents))
 
     def describe(self, cfg: Config) -> str:
