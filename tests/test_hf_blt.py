@@ -188,3 +188,99 @@ def test_bad_blt_directories_are_one_line_and_exit_status_2(tmp_path, capsys):
         assert main(["import-hf", str(path), "--out", str(tmp_path / f"out-{name}")]) == 2, name
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, (name, err)
+
+
+def test_a_blt_hf_cannot_express_is_refused_with_the_reason(tmp_path, capsys):
+    import json
+
+    model, cfg, _, _ = meta_blt(tmp_path, SHAPES[1])
+    write_hf(model.state_dict(), cfg, tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config["encoder_config"]["cross_attn_all_layers"] = True  # HF then cross-attends after every encoder layer
+    config["decoder_config"]["cross_attn_all_layers"] = False
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be expressed exactly" in err and "encoder cross-attends after every layer" in err
+    assert "decoder cross-attends before its first layer only" in err and err.count("\n") == 1
+
+
+# Meta's own names (facebookresearch/blt, bytelatent): HF's with these modules renamed
+META_NAMES = (("self_attn.q_proj", "attention.wq"), ("self_attn.k_proj", "attention.wk"),
+              ("self_attn.v_proj", "attention.wv"), ("self_attn.o_proj", "attention.wo"),
+              ("mlp.gate_proj", "feed_forward.w1"), ("mlp.down_proj", "feed_forward.w2"), ("mlp.up_proj", "feed_forward.w3"),
+              ("input_layernorm", "attention_norm"), ("post_attention_layernorm", "ffn_norm"),
+              ("embed_tokens", "tok_embeddings"), ("q_proj", "wq"), ("k_proj", "wk"), ("v_proj", "wv"), ("o_proj", "wo"),
+              ("q_norm", "cross_attn_norm_q"), ("k_norm", "cross_attn_norm_kv"), ("lm_head", "output"))
+
+
+def write_meta_dir(hf_dir, out, cfg, safetensors: bool):
+    """The HF export of `cfg`'s BLT rewritten in Meta's checkpoint layout (names, one table per
+    hash function and n, args and patcher args as Meta's configs hold them)."""
+    import json
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    m = cfg.model
+    hf = load_file(str(hf_dir / "model.safetensors"))
+    main_state, entropy_state = {}, {}
+    for name, tensor in hf.items():
+        name = "local_decoder.lm_head.weight" if name == "lm_head.weight" else name.removeprefix("model.")
+        if name == "encoder_hash_tok_embedding.weight":
+            for i, table in enumerate(tensor.split(m.hash.buckets)):
+                main_state[f"encoder_hash_tok_embedding.{i}.weight"] = table.clone()
+            continue
+        for theirs, meta in META_NAMES:
+            name = re.sub(rf"\.{re.escape(theirs)}\.", f".{meta}.", name)
+        if name.startswith("patcher."):
+            entropy_state[name.removeprefix("patcher.")] = tensor.clone()
+        else:
+            main_state[name] = tensor.clone()
+    out.mkdir()
+    (out / "entropy_model").mkdir()
+    if safetensors:
+        save_file(main_state, str(out / "model.safetensors"))
+    else:
+        torch.save({"model": main_state}, out / "consolidated.pth")
+    torch.save(entropy_state, out / "entropy_model" / "consolidated.pth")
+    args = dict(dim_global=m.dim, n_layers_global=m.n_layers, n_heads_global=m.n_heads, n_kv_heads_global=m.n_kv_heads,
+                dim_local_encoder=m.encoder.dim, n_layers_local_encoder=m.encoder.n_layers,
+                n_heads_local_encoder=m.encoder.n_heads, dim_local_decoder=m.decoder.dim,
+                n_layers_local_decoder=m.decoder.n_layers, n_heads_local_decoder=m.decoder.n_heads,
+                cross_attn_k=m.cross_attn_k, norm_eps=m.norm_eps, rope_theta=m.rope_theta, multiple_of=m.ffn_multiple_of,
+                encoder_hash_byte_group_size=list(m.hash.ngram_sizes), encoder_hash_byte_group_vocab=m.hash.buckets,
+                encoder_hash_byte_group_nb_functions=m.hash.functions, vocab_size=260, max_seqlen=1024,
+                cross_attn_all_layers_encoder=False, cross_attn_all_layers_decoder=True, local_attention_window_len=512)
+    (out / ("config.json" if safetensors else "params.json")).write_text(
+        json.dumps({"args": args} if safetensors else {"model": args}))
+    patcher = {"threshold": cfg.data.patching.threshold, "max_patch_length": cfg.data.patching.max_patch_length}
+    (out / "entropy_model" / "params.json").write_text(json.dumps(
+        {"entropy_model": {"dim": 32, "n_layers": 2, "n_heads": 4, "multiple_of": 64, "max_seqlen": 128},
+         "data": {"patcher_args": patcher}}))
+
+
+@pytest.mark.parametrize("shape, safetensors", [(SHAPES[0], True), (SHAPES[1], False)],
+                         ids=["no-projection-safetensors", "projection-consolidated.pth"])
+def test_a_blt_in_metas_layout_imports_with_equal_weights(tmp_path, capsys, shape, safetensors):
+    model, cfg, entropy, _ = meta_blt(tmp_path, shape)
+    write_hf(model.state_dict(), cfg, tmp_path / "hf")
+    write_meta_dir(tmp_path / "hf", tmp_path / "meta", cfg, safetensors)
+    capsys.readouterr()
+    assert main(["import-hf", str(tmp_path / "meta"), "--out", str(tmp_path / "back")]) == 0
+    assert "attend within 512 bytes" in capsys.readouterr().err  # Meta's local window, reported
+    back, back_cfg = load_export(tmp_path / "back")
+    assert back.state_dict().keys() == model.state_dict().keys()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(back.state_dict()[name], tensor), name
+    back_entropy, _ = load_export(back_cfg.data.entropy_model)
+    for name, tensor in entropy.state_dict().items():
+        assert torch.equal(back_entropy.state_dict()[name], tensor), name
+    assert back_cfg.data.patching.threshold == pytest.approx(cfg.data.patching.threshold)
+    assert back_cfg.data.patching.max_patch_length == cfg.data.patching.max_patch_length
+
+    (tmp_path / "meta" / "entropy_model" / "consolidated.pth").write_bytes(b"not a checkpoint")
+    capsys.readouterr()
+    assert main(["import-hf", str(tmp_path / "meta"), "--out", str(tmp_path / "bad")]) == 2
+    assert "unreadable torch checkpoint" in capsys.readouterr().err

@@ -181,6 +181,17 @@ def model_configs_from_hf(config: dict) -> tuple[ModelConfig, ModelConfig, list[
     config.json (sub-configs as dicts, as BltConfig.to_dict writes them)."""
     enc, dec, glob, pat = (config[k] for k in ("encoder_config", "decoder_config", "global_config", "patcher_config"))
     problems = []
+    if enc.get("cross_attn_all_layers"):
+        problems.append("the encoder cross-attends after every layer (cross_attn_all_layers); the project pools "
+                        "once, after its last layer")
+    if not dec.get("cross_attn_all_layers", True):
+        problems.append("the decoder cross-attends before its first layer only; the project before every layer")
+    for name, sub in (("encoder", enc), ("decoder", dec), ("global", glob), ("patcher", pat)):
+        if sub.get("rope_scaling"):
+            problems.append(f"{name} rope_scaling {sub['rope_scaling']!r} (the project has plain RoPE)")
+    if {enc.get("cross_attn_k", config["cross_attn_k"]), dec.get("cross_attn_k", config["cross_attn_k"])} != \
+            {config["cross_attn_k"]}:
+        problems.append("cross_attn_k differs between the encoder, the decoder and the model")
     thetas = {enc["rope_theta"], dec["rope_theta"], glob["rope_theta"]}
     if len(thetas) > 1:
         problems.append(f"rope_theta differs between encoder, decoder and global ({sorted(thetas)}): the project has one")

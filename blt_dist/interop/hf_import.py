@@ -1,5 +1,5 @@
 """`blt-dist import-hf DIR --out EXPORT`: a transformers LlamaForCausalLM or BltForCausalLM
-directory (config.json + safetensors) -> a project export that eval, compare and generate read
+directory (config.json + safetensors), or a BLT in Meta's own layout (meta_blt.py) -> a project export that eval, compare and generate read
 (a BLT's patcher becomes an entropy-model export at EXPORT.entropy). `train.init_from=EXPORT`
 continues pretraining from it.
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from blt_dist.config import Config
-from blt_dist.interop import InteropError, hf_blt, hf_llama
+from blt_dist.interop import InteropError, hf_blt, hf_llama, meta_blt
 from blt_dist.model import build_model
 from blt_dist.training.export import save_export
 
@@ -45,6 +46,11 @@ def read_hf_dir(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def convert(path: str | Path) -> tuple[dict[str, torch.Tensor], Config]:
     path = Path(path)
+    if meta_blt.is_meta_dir(path):  # Meta's layout: through BltForCausalLM's names and config
+        config, hf_state, notes = meta_blt.read_meta_dir(path)
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+        return convert_blt(path, config, hf_state)
     config, hf_state = read_hf_dir(path)
     arch = (config.get("architectures") or [None])[0]
     if arch not in SUPPORTED:
@@ -91,8 +97,12 @@ def convert_blt(path: Path, config: dict, hf_state: dict):
     if problems:
         raise InteropError(f"{path}: cannot be expressed exactly: " + "; ".join(problems))
     blt, entropy = build_model(m), build_model(e)
-    check_tensors(path, hf_state, {**hf_blt.to_hf_blt_state(blt.state_dict(), m),
-                                   **hf_blt.patcher_state(entropy.state_dict(), e)})
+    expected = {**hf_blt.to_hf_blt_state(blt.state_dict(), m), **hf_blt.patcher_state(entropy.state_dict(), e)}
+    check_tensors(path, hf_state, expected)
+    unexpected = sorted(set(hf_state) - set(expected))
+    if unexpected:  # a module the project's BLT lacks: importing without it would change the function
+        raise InteropError(f"{path}: {len(unexpected)} tensors the project's BLT has no place for "
+                           f"({', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''})")
     cfg, ecfg = Config(), Config()
     cfg.model, ecfg.model = m, e
     p = cfg.data.patching
@@ -103,7 +113,9 @@ def convert_blt(path: Path, config: dict, hf_state: dict):
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("hf_dir", help="a transformers model directory (config.json + *.safetensors)")
+    parser.add_argument("hf_dir", help="a transformers model directory (config.json + *.safetensors), or Meta's BLT "
+                                       "layout (params/config.json, consolidated.pth or model.safetensors, "
+                                       "entropy_model/)")
     parser.add_argument("--out", required=True, help="the project export directory to write")
 
 
