@@ -76,7 +76,11 @@ def run_slurm(args: argparse.Namespace) -> int:
         raise UserError("--force with --slurm: delete the output yourself first (every array task would delete the others' work)")
     # --data may be a URL (s3://...): the array tasks read it through their node's cache
     data = args.data if is_remote(args.data) else Path(args.data).resolve()
-    out, model = args.out.resolve(), args.model.resolve()
+    if is_remote(args.out):
+        raise UserError(f"--out {args.out}: --slurm writes to a directory (the array's logs and merge live beside "
+                        "it); for a URL run `blt-dist entropies --out URL --part I/N` in your own array, or upload "
+                        "a finished directory")
+    out, model = Path(args.out).resolve(), args.model.resolve()
     shards = len(list_shards(ByteDataset(data)))
     parts = args.parts or min(shards, 64)
     if parts < 1:

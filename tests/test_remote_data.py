@@ -264,3 +264,34 @@ def test_entropies_from_the_bucket_equal_those_from_the_local_copy(dataset, url,
     for _ in range(10):
         x, y = next(local_loader), next(remote_loader)
         assert all(x[k].equal(y[k]) for k in x if k != "facts")
+
+
+def test_entropies_written_to_the_bucket_in_two_parts_on_two_nodes(dataset, server, tmp_path, monkeypatch):
+    """--out s3://...: part 0/2 and part 1/2 computed with separate node caches (two machines);
+    the second to finish fetches the first's part records, merges, uploads dataset.json last.
+    The bucket then holds the local computation's entropy dataset, file for file."""
+    from blt_dist.data.entropies import compute_entropy_dataset
+    from blt_dist.training.export import save_export
+    from tests.test_entropies import tiny_entropy_model, tree
+
+    model, cfg = tiny_entropy_model(0)
+    save_export(model.state_dict(), cfg, tmp_path / "model")
+    compute_entropy_dataset(tmp_path / "model", dataset, tmp_path / "local", progress=False, dtype="fp32")
+    out = "s3://outputs/written-entropies"
+    s3.client().create_bucket(Bucket="outputs")
+    monkeypatch.setenv("BLT_DIST_CACHE", str(tmp_path / "node0"))
+    first = compute_entropy_dataset(tmp_path / "model", dataset, out, part=(0, 2), progress=False, dtype="fp32")
+    assert first.manifest is None and first.pending > 0  # the other part is not done: no dataset.json yet
+    with pytest.raises(UserError):
+        ByteDataset(out, cache_dir=tmp_path / "reader")
+    monkeypatch.setenv("BLT_DIST_CACHE", str(tmp_path / "node1"))
+    second = compute_entropy_dataset(tmp_path / "model", dataset, out, part=(1, 2), progress=False, dtype="fp32")
+    assert second.manifest is not None and second.done == first.pending
+    fetched = tmp_path / "fetched"
+    for key in [o["Key"] for o in s3.client().list_objects_v2(Bucket="outputs")["Contents"]]:
+        target = fetched / key.removeprefix("written-entropies/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        s3.client().download_file("outputs", key, str(target))
+    assert tree(fetched) == tree(tmp_path / "local")
+    assert ByteDataset(out, cache_dir=tmp_path / "reader", format="blt-dist/entropy-shards/v1").fingerprint == \
+        ByteDataset(tmp_path / "local", format="blt-dist/entropy-shards/v1").fingerprint

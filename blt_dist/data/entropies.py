@@ -2,6 +2,7 @@
 
     blt-dist entropies --model runs/entropy-tiny/export --data data/bytes --out data/entropies
     blt-dist entropies ... --slurm --parts 8     # a Slurm array, one task per part (launch/entropy_array.py)
+    blt-dist entropies ... --out s3://b/entropies --part I/N   # to an object store (RemoteOutput)
 
     H = document_entropies(model, [b"some text", ...], window=cfg.model.attention_window)
 
@@ -79,10 +80,12 @@ import torch
 from tqdm import tqdm
 
 from blt_dist import shims
+from blt_dist.data.integrity import cache_root
 from blt_dist.data.loader import ENTROPY_FORMAT
-from blt_dist.data.remote import ShardCache, fetch_metadata, is_remote
+from blt_dist.data.remote import ShardCache, Uploader, download, fetch_metadata, is_remote, join
 from blt_dist.data.shards import (
     COLUMNS,
+    LENGTHS,
     MANIFEST,
     SHARD_HASHES,
     ByteDataset,
@@ -548,8 +551,9 @@ def _check_part(part_dir: Path, record: dict, expected_documents: int) -> None:
         raise RuntimeError(f"{part_dir}: wrote {want} (documents, bytes, sha256s) but read back {got}")
 
 
-def _merge(out: Path, dataset: ByteDataset, tasks: list[ShardTask], job: dict) -> dict:
-    """Every part is complete: one index.json per stream, then dataset.json (last)."""
+def _merge(out: Path, dataset: ByteDataset, tasks: list[ShardTask], job: dict, shards_here: bool = True) -> dict:
+    """Every part is complete: one index.json per stream, then dataset.json (last). shards_here:
+    False for a remote output, whose parts may have been computed (and kept) elsewhere."""
     streams: dict[tuple[str, str], list[ShardTask]] = {}
     for task in tasks:
         streams.setdefault((task.split, task.content_type), []).append(task)
@@ -563,7 +567,7 @@ def _merge(out: Path, dataset: ByteDataset, tasks: list[ShardTask], job: dict) -
             record = _read_json(part / PART_INFO)
             if record["documents"] != task.info["samples"] or record["input_shard"] != task.info["raw_data"]["basename"]:
                 raise UserError(f"{part}: made from another input shard ({record['input_shard']}); re-run with --force")
-            for shard in verify_stream(part)["shards"]:
+            for shard in verify_stream(part, shards_local=shards_here)["shards"]:
                 for column in ("raw_data", "zip_data", "raw_meta", "zip_meta"):
                     if shard.get(column):
                         shard[column]["basename"] = f"{task.part_name}/{shard[column]['basename']}"
@@ -578,7 +582,7 @@ def _merge(out: Path, dataset: ByteDataset, tasks: list[ShardTask], job: dict) -
             )
         stream_out = out / stream.split / stream.content_type
         _write_json_atomic(stream_out / "index.json", {"version": 2, "shards": shards})
-        lengths_sha256 = write_lengths(stream_out, _document_lengths(dataset, stream, stream_out))
+        lengths_sha256 = write_lengths(stream_out, _document_lengths(dataset, stream, stream_out, shards_here))
         entropies_sha256 = hashlib.sha256("".join(part_digests).encode()).hexdigest()
         splits.setdefault(stream.split, {})[stream.content_type] = {
             "documents": documents,
@@ -596,16 +600,83 @@ def _merge(out: Path, dataset: ByteDataset, tasks: list[ShardTask], job: dict) -
         "splits": splits,
     }
     _write_json_atomic(out / MANIFEST, manifest)
-    ByteDataset(out, format=ENTROPY_FORMAT)  # what the BLT loader will open: check it opens
+    if shards_here:
+        ByteDataset(out, format=ENTROPY_FORMAT)  # what the BLT loader will open: check it opens
     return manifest
 
 
-def _document_lengths(dataset: ByteDataset, stream, stream_out: Path):
+def _document_lengths(dataset: ByteDataset, stream, stream_out: Path, shards_here: bool = True):
     """The byte dataset's document lengths (the same documents, in the same order), or, for one
     written before lengths existed, counted from the entropy shards just merged."""
     if dataset.manifest["splits"][stream.split][stream.content_type].get("lengths_sha256"):
         return dataset.document_lengths(stream)
+    if not shards_here:
+        raise UserError(f"{dataset.name}: written before document lengths, which a remote --out takes from it; run "
+                        f"`blt-dist verify {dataset.name} --stamp` on a local copy first")
     return [len(sample["data"]) for sample in iter_stream(stream_out, check_shards=False)]
+
+
+class RemoteOutput:
+    """An entropy dataset written to a URL. It is computed in a node-local staging directory
+    (under $BLT_DIST_CACHE) exactly as a local one; each finished part is uploaded (its shards and
+    index, then part.json, the part's completion mark), parts finished elsewhere are fetched as
+    part.json + index.json, and the merge uploads every stream's index and lengths, then
+    dataset.json last: a reader never sees a manifest before the files it names."""
+
+    def __init__(self, staging: Path, url: str, job: dict, force: bool):
+        self.staging, self.url, self.force = staging, url, force
+        self.pushed: set[int] = set()
+        theirs = self._fetch(JOB)
+        if theirs is not None and not force and _identity(theirs) != _identity(job):
+            raise UserError(f"{url}: holds entropies of {_describe(theirs)}; this run has {_describe(job)}. Use "
+                            "another --out, or pass --force to overwrite it")
+        self.uploader = Uploader(staging, url)
+        self.uploader.put(JOB)  # also shows, before any computing, that the store takes our files
+
+    @staticmethod
+    def staging(url: str) -> Path:
+        return cache_root() / "entropies-out" / hashlib.sha256(url.encode()).hexdigest()[:16]
+
+    def _fetch(self, rel: str, local: Optional[Path] = None) -> Optional[dict]:
+        """A small JSON file of the output, or None where the store has none."""
+        target = local or self.staging / ".fetched" / rel
+        try:
+            download(join(self.url, rel), target)
+        except UserError:
+            return None
+        return _read_json(target)
+
+    def pull_parts(self, tasks: list[ShardTask]) -> None:
+        if self.force:  # starting over: what the store holds is replaced, never reused
+            return
+        for task in tasks:
+            if part_complete(self.staging, task):
+                continue
+            rel = task.out_dir(self.staging).relative_to(self.staging).as_posix()
+            fetched = self.staging / ".fetched" / rel
+            if self._fetch(f"{rel}/{PART_INFO}", fetched / PART_INFO) is None:
+                continue
+            download(join(self.url, rel, "index.json"), fetched / "index.json")
+            task.out_dir(self.staging).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(fetched, task.out_dir(self.staging))  # its shards stay in the store
+            self.pushed.add(task.number)
+
+    def push_parts(self, tasks: list[ShardTask]) -> None:
+        for task in tasks:
+            if task.number in self.pushed or not part_complete(self.staging, task):
+                continue
+            part = task.out_dir(self.staging)
+            files = sorted(p for p in part.rglob("*") if p.is_file() and p.name != PART_INFO)
+            for path in [*files, part / PART_INFO]:
+                self.uploader.put(path.relative_to(self.staging).as_posix())
+            self.pushed.add(task.number)
+
+    def push_dataset(self, dataset: ByteDataset) -> None:
+        for stream in dataset.streams():
+            for name in ("index.json", LENGTHS):
+                self.uploader.put(f"{stream.split}/{stream.content_type}/{name}")
+        self.uploader.put(MANIFEST)
+        ByteDataset(self.url, format=ENTROPY_FORMAT)  # what the BLT loader will open: check it opens
 
 
 @dataclass
@@ -637,7 +708,9 @@ def compute_entropy_dataset(
     device: str = "auto",
     workers: int = 1,
 ) -> EntropyRun:
-    model_dir, out = Path(model_dir), Path(out)
+    remote_out = str(out) if is_remote(out) else None
+    model_dir = Path(model_dir)
+    out = RemoteOutput.staging(remote_out) if remote_out else Path(out)  # a URL: computed here, then uploaded
     data = str(data) if is_remote(data) else Path(data)
     this, count = part
     if not (count >= 1 and 0 <= this < count):
@@ -669,8 +742,11 @@ def compute_entropy_dataset(
     }
     job = json.loads(json.dumps(job))  # as it reads back from job.json (lists, not tuples), so they compare
     _prepare_output(out, data, job, force)
-
     tasks = list_shards(dataset)
+    remote = RemoteOutput(out, remote_out, job, force) if remote_out else None
+    if remote is not None:
+        remote.pull_parts(tasks)  # parts other tasks or earlier runs finished: not computed again
+
     mine = [t for t in tasks if t.number % count == this]
     todo = [t for t in mine if not part_complete(out, t)]
     documents = nbytes = 0
@@ -689,10 +765,19 @@ def compute_entropy_dataset(
             nbytes += record["bytes"]
             if parallel:
                 bar.update(record["bytes"])  # a whole shard at a time: workers cannot share the bar
+            if remote is not None:
+                remote.push_parts(todo)  # each part as soon as it is complete
         bar.total = bar.n  # end at 100%
     seconds = time.perf_counter() - start
+    if remote is not None:
+        remote.push_parts(todo)
+        remote.pull_parts(tasks)  # what other tasks finished meanwhile: the last one to finish merges
     pending = sum(not part_complete(out, t) for t in tasks)
-    manifest = _merge(out, dataset, tasks, job) if pending == 0 else None
+    manifest = None
+    if pending == 0:
+        manifest = _merge(out, dataset, tasks, job, shards_here=remote is None)
+        if remote is not None:
+            remote.push_dataset(dataset)
     return EntropyRun((this, count), len(todo), len(mine) - len(todo), pending, documents, nbytes, seconds, manifest,
                       dtype)
 
@@ -781,7 +866,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, required=True, metavar="EXPORT_DIR", help="entropy-model export directory")
     parser.add_argument("--data", required=True, metavar="BYTE_DATASET",
                         help="byte dataset (`blt-dist prepare`): a directory or a URL (s3://..., gs://...)")
-    parser.add_argument("--out", type=Path, required=True, metavar="ENTROPY_DATASET", help="entropy dataset to write")
+    parser.add_argument("--out", required=True, metavar="ENTROPY_DATASET",
+                        help="entropy dataset to write: a directory or a URL (computed in a node-local staging "
+                             "directory, each part uploaded when complete, dataset.json last)")
     parser.add_argument(
         "--part", type=_part_arg, default=(0, 1), metavar="I/N",
         help="process only input shards whose number is I mod N (Slurm arrays); the last part to finish merges",

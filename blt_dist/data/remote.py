@@ -75,6 +75,25 @@ def download(url: str, local: Path, timeout: float = 120) -> None:
         raise UserError(f"{url}: could not download ({type(err).__name__}: {str(err).splitlines()[0][:300]})") from err
 
 
+class Uploader:
+    """Files of a local directory to the same relative paths under a URL, through streaming's
+    CloudUploader (every scheme it handles); a failure is one UserError naming the file."""
+
+    def __init__(self, local: Path, url: str):
+        # lazy: `import streaming` costs 2 s over torch; only remote output needs it
+        from streaming.base.storage.upload import CloudUploader
+
+        self.local, self.url = Path(local), url
+        self._uploader = CloudUploader.get(out=(str(local), url), keep_local=True, exist_ok=True)
+
+    def put(self, rel: str) -> None:
+        try:
+            self._uploader.upload_file(rel)
+        except Exception as err:  # noqa: BLE001 -- boto/gcs/... each raise their own; all mean "not stored"
+            raise UserError(f"{join(self.url, rel)}: could not upload {self.local / rel} "
+                            f"({type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''})") from err
+
+
 def fetch_metadata(url: str, cache_dir: Optional[str | Path] = None) -> Path:
     """The dataset's manifest and stream indexes in the node cache; returns the local root.
     Fetched on every open (they are small), each index checked against the manifest."""
