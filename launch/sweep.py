@@ -5,10 +5,10 @@ shipped config `configs/<family>/<size>.yaml` with `train.flops` set to its budg
 turns the budget into a step count from the FLOP counter and the bytes per sample it measures
 on its data. A BPE or byte-level run's shape is not read from a file either: it is the FLOP
 counter's match (blt_dist.flops.match_bpe, match_byte) to the BLT config of the same size, the
-BPE one at the BPE config's data.bytes_per_token. Give that the tokenizer's measured value
-(`blt-dist tokenizer` prints it; bpe:data.bytes_per_token=2.84): at an assumed value the
-baseline's real cost per byte differs from the BLT's by their ratio. Nothing in a run's length
-or shape is set by hand.
+BPE one at the bytes per token `blt-dist tokenizer` measured (the .json beside data.tokenizer;
+bpe:data.bytes_per_token=B overrides it, and a tokenizer made elsewhere needs it): at an assumed
+value the baseline's real cost per byte differs from the BLT's by their ratio. Nothing in a
+run's length or shape is set by hand.
 
     RUN_DIR = <out>/<family>-<size>-<budget>-s<seed>
 
@@ -48,6 +48,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from blt_dist.config import Config, LaunchConfig, load_config, save_resolved
+from blt_dist.data.tokenizer import measured_bytes_per_token
 from blt_dist.errors import ConfigError, UserError
 from blt_dist.flops import (
     INFERENCE_MATCH_TOLERANCE,
@@ -248,6 +249,11 @@ def plan(spec: SweepSpec) -> list[PlannedRun]:
             blt = load_config(CONFIGS / "blt" / f"{size}.yaml", family_overrides["blt"])
         if "bpe" in spec.families:
             bpe = load_config(CONFIGS / "bpe" / f"{size}.yaml", family_overrides["bpe"])
+            measured = measured_bytes_per_token(bpe.data.tokenizer) if bpe.data.tokenizer else None
+            given = any(o.split("=", 1)[0] == "data.bytes_per_token" for o in family_overrides["bpe"])
+            if measured is not None and not given:  # the tokenizer's own measurement, not the config's guess
+                family_overrides["bpe"] = [*family_overrides["bpe"], f"data.bytes_per_token={measured:.4f}"]
+                bpe = load_config(CONFIGS / "bpe" / f"{size}.yaml", family_overrides["bpe"])
             if bpe.model.vocab_size != blt.model.bpe_vocab_size:
                 raise ConfigError("model.vocab_size", f"BPE {size}: vocabulary {bpe.model.vocab_size} differs from the "
                                   f"BLT twin's model.bpe_vocab_size={blt.model.bpe_vocab_size} it is matched at")

@@ -282,6 +282,22 @@ def test_sweep_plan_matches_bpe_and_byte_with_the_flop_counter(tmp_path):
         assert abs(train_flops_per_byte(baseline.model, SampleShape.from_data(baseline.data)) / blt_cost - 1) < 0.05
 
 
+def test_the_bpe_baseline_takes_the_tokenizers_measured_bytes_per_token(tmp_path):
+    import json
+
+    from launch.sweep import load_sweep, plan
+    from tests.conftest import sentencepiece_bpe
+
+    tokenizer = sentencepiece_bpe(tmp_path)
+    (tmp_path / "tok.json").write_text(json.dumps({"vocab_size": 300, "bytes_per_token": 2.6558}))  # as measured
+    grid = write_grid(tmp_path, flops=[2e9], seeds=[0], families=["blt", "bpe"])
+    common = [f"bpe:data.tokenizer={tokenizer}", "bpe:model.vocab_size=300", "blt:model.bpe_vocab_size=300"]
+    measured = plan(load_sweep(grid, common))
+    assert next(r for r in measured if r.family == "bpe").cfg.data.bytes_per_token == 2.6558
+    given = plan(load_sweep(grid, [*common, "bpe:data.bytes_per_token=3.1"]))
+    assert next(r for r in given if r.family == "bpe").cfg.data.bytes_per_token == 3.1  # the command line wins
+
+
 def test_seeds_per_flops_gives_the_smallest_budget_more_seeds(tmp_path):
     from launch.sweep import load_sweep, plan
 

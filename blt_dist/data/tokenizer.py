@@ -154,6 +154,16 @@ def train_tokenizer(dataset_dir: str | Path, out: str | Path, vocab_size: int, m
     return info
 
 
+def measured_bytes_per_token(model_path: str | Path) -> float | None:
+    """The bytes per token `train_tokenizer` measured, from the .json it wrote beside the model
+    (None when there is none: a tokenizer made elsewhere)."""
+    info = Path(model_path).with_suffix(".json")
+    try:
+        return float(json.loads(info.read_text())["bytes_per_token"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="byte dataset (from `blt-dist prepare`)")
     parser.add_argument("--out", required=True, help="tokenizer model path, ending in .model")
