@@ -38,6 +38,26 @@ def stamp_root() -> Path:
     return cache_root() / "verified"
 
 
+def _stamp(path: Path, fingerprint: str, algo: str, expected: str) -> tuple[Path, str]:
+    """Where this node's stamp for a shard file lives, and what it holds while the file is the one
+    that was checked (size, mtime, the expected hash)."""
+    stat = path.stat()
+    name = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32]
+    return stamp_root() / fingerprint / name, f"{stat.st_size} {stat.st_mtime_ns} {algo}:{expected}\n"
+
+
+def write_stamp(path: Path, fingerprint: str, expected: str, algo: str = READ_HASH) -> None:
+    """Records that `path` (now, at its size and mtime) was checked against `expected`."""
+    stamp, key = _stamp(path, fingerprint, algo, expected)
+    try:
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        tmp = stamp.with_name(f".{stamp.name}.{os.getpid()}")
+        tmp.write_text(key)
+        os.replace(tmp, stamp)
+    except OSError:
+        pass  # a read-only home: every open re-hashes, nothing is trusted without a check
+
+
 def verify_shard(stream_dir: Path, info: dict, fingerprint: str | None, where: str, algo: str = READ_HASH) -> None:
     """Checks one shard file (`info`: its index entry's raw_data) against the hash its index
     records, unless this node already did for the same file (a stamp keyed by the dataset
@@ -48,12 +68,8 @@ def verify_shard(stream_dir: Path, info: dict, fingerprint: str | None, where: s
     if expected is None:
         raise UserError(f"{where}: shard {info['basename']} has no {algo} in its index (written before shard "
                         "hashes; `blt-dist verify DATASET --stamp` adds them)")
-    stat = path.stat()
-    key = f"{stat.st_size} {stat.st_mtime_ns} {algo}:{expected}\n"
-    stamp = None
     if fingerprint is not None:
-        name = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32]
-        stamp = stamp_root() / fingerprint / name
+        stamp, key = _stamp(path, fingerprint, algo, expected)
         try:
             if stamp.read_text() == key:
                 return
@@ -63,11 +79,5 @@ def verify_shard(stream_dir: Path, info: dict, fingerprint: str | None, where: s
     if actual != expected:
         raise UserError(f"{where}: shard {info['basename']} ({path}) is corrupt: {algo} {actual}, its index says "
                         f"{expected}; re-copy or re-prepare the dataset")
-    if stamp is not None:
-        try:
-            stamp.parent.mkdir(parents=True, exist_ok=True)
-            tmp = stamp.with_name(f".{stamp.name}.{os.getpid()}")
-            tmp.write_text(key)
-            os.replace(tmp, stamp)
-        except OSError:
-            pass  # a read-only home: every open re-hashes, nothing is trusted without a check
+    if fingerprint is not None:
+        write_stamp(path, fingerprint, expected, algo)

@@ -34,7 +34,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Optional
 
-from blt_dist.data.integrity import READ_HASH, cache_root, file_digest, verify_shard
+from blt_dist.data.integrity import READ_HASH, cache_root, file_digest, verify_shard, write_stamp
 from blt_dist.errors import UserError
 
 MANIFEST = "dataset.json"
@@ -177,8 +177,9 @@ class ShardCache:
                 raise UserError(f"{where}: shard {info['basename']} from {remote} is corrupt: {READ_HASH} {actual} "
                                 f"({size} bytes), its index says {expected} ({info['bytes']} bytes); deleted, "
                                 "not trained on")
-            os.replace(tmp, path)
-            verify_shard(stream_dir, info, fingerprint, where)  # hashed again: writes this node's stamp
+            os.replace(tmp, path)  # keeps its mtime: the stamp below names the checked file
+            if fingerprint is not None:
+                write_stamp(path, fingerprint, expected)
         self._evict()
         return path
 
