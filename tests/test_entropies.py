@@ -399,6 +399,8 @@ def test_entropy_source_check_names_both_models(world):
     ent.check_entropy_source(world / "reference", world / "model")
     with pytest.raises(UserError, match="come from entropy model .* but .*model_b"):
         ent.check_entropy_source(world / "reference", world / "model_b")
+    # a byte dataset (a BLT's held-out data.val) holds no entropies: the model computes them
+    ent.check_entropy_source(world / "bytes", world / "model_b")
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])

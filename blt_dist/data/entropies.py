@@ -96,6 +96,9 @@ from blt_dist.data.shards import (
     verify_stream,
     write_lengths,
 )
+from blt_dist.data.shards import (
+    FORMAT as BYTE_FORMAT,
+)
 from blt_dist.errors import UserError
 from blt_dist.hardware import bf16_is_native
 from blt_dist.model.weights import WEIGHTS, export_info, file_sha256, load_export
@@ -829,9 +832,13 @@ def _worker_part(job) -> dict:
 
 def check_entropy_source(entropy_dataset: Union[str, Path], model_dir: Union[str, Path]) -> None:
     """Refuses an entropy dataset that another entropy model produced: patches cut from one
-    model's entropies mean nothing to a BLT evaluated (or trained on) with another's."""
+    model's entropies mean nothing to a BLT evaluated (or trained on) with another's. A byte
+    dataset passes: a BLT validated on one computes its entropies with the given model."""
     root = fetch_metadata(str(entropy_dataset)) if is_remote(entropy_dataset) else Path(entropy_dataset)
-    recorded = ((_read_json(root / "dataset.json") or {}).get("entropy_model") or {}).get("weights_sha256")
+    manifest = _read_json(root / "dataset.json") or {}
+    if manifest.get("format") == BYTE_FORMAT:
+        return
+    recorded = (manifest.get("entropy_model") or {}).get("weights_sha256")
     given = export_info(model_dir).get("weights_sha256")
     if recorded != given:
         raise UserError(
