@@ -158,6 +158,19 @@ def test_hf_blt_imports_back_with_equal_weights_and_logits(tmp_path):
     for name, tensor in entropy.state_dict().items():
         assert torch.equal(back_entropy.state_dict()[name], tensor), name
     assert back_cfg.data.patching.bos_alone
+    # and the logits: transformers' model from the directory against the imported project model
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    worst = 0.0
+    for doc, h in zip(DOCUMENTS, entropies):
+        ids = encode_document(doc)
+        tokens = torch.from_numpy(ids).long()[None]
+        lengths = project_patch_lengths(back_cfg, ids, h)
+        with torch.no_grad():
+            ours = back(tokens, torch.tensor([lengths]), torch.zeros_like(tokens))
+            theirs = hf(tokens, patch_lengths=torch.tensor([lengths + [0]])).logits
+        worst = max(worst, (ours - theirs).abs().max().item())
+    print(f"HF -> project BLT: max logit difference {worst:.2e}")
+    assert worst < 1e-4
     (tmp_path / "doc.txt").write_bytes(DOCUMENTS[0])
     assert main(["eval", "--model", str(tmp_path / "back"), "--files", str(tmp_path / "doc.txt")]) == 0
 
