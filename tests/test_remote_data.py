@@ -228,13 +228,19 @@ def test_training_from_the_bucket_gives_the_local_losses(dataset, url, tmp_path)
     limit = 3 * max(p.stat().st_size for p in dataset.rglob("*.mds"))
     common = ["train", "configs/entropy/tiny.yaml", "data.seq_len=128", "train.micro_batch_size=2", "log.every=1",
               "train.max_steps=4", "data.num_workers=2", "data.shuffle_block_shards=2"]
-    run(2, [*common, f"data.train={dataset}", f"run.dir={tmp_path / 'local'}"], tmp_path / "logs_local")
-    run(2, [*common, f"data.train={url}", f"data.cache_dir={tmp_path / 'cache'}", f"data.cache_limit={limit}",
-            f"run.dir={tmp_path / 'remote'}"], tmp_path / "logs_remote")
+    common += ["train.eval_bytes=3000"]  # validation from the same place as the training data
+    run(2, [*common, f"data.train={dataset}", f"data.val={dataset}", f"run.dir={tmp_path / 'local'}"],
+        tmp_path / "logs_local")
+    node = {"BLT_DIST_CACHE": str(tmp_path / "node")}  # everything remote must go to data.cache_dir instead
+    run(2, [*common, f"data.train={url}", f"data.val={url}", f"data.cache_dir={tmp_path / 'cache'}",
+            f"data.cache_limit={limit}", f"run.dir={tmp_path / 'remote'}"], tmp_path / "logs_remote", env=node)
     keys = ("step", "loss", "grad_norm", "data_digest")
     local = [tuple(r[k] for k in keys) for r in metrics(tmp_path / "local") if "loss" in r]
     remote = [tuple(r[k] for k in keys) for r in metrics(tmp_path / "remote") if "loss" in r]
     assert remote == local and len(local) == 4
+    val = [[r["val_bpb"] for r in metrics(tmp_path / where) if "val_bpb" in r] for where in ("local", "remote")]
+    assert val[0] == val[1] and len(val[0]) == 1
+    assert not (tmp_path / "node" / "datasets").exists()
 
 
 def test_entropies_from_the_bucket_equal_those_from_the_local_copy(dataset, url, tmp_path):

@@ -43,8 +43,10 @@ from blt_dist.model.loss import token_nll
 from blt_dist.model.weights import load_export
 
 
-def iter_documents(data: Optional[str], files: list[str], split: Optional[str]) -> Iterator[tuple[str, str, bytes]]:
-    """(content type, source, bytes) for every document, in a fixed order."""
+def iter_documents(data: Optional[str], files: list[str], split: Optional[str],
+                   cache_dir: Optional[str] = None) -> Iterator[tuple[str, str, bytes]]:
+    """(content type, source, bytes) for every document, in a fixed order (`cache_dir`: where a
+    remote dataset's shards are kept on this node, default $BLT_DIST_CACHE/datasets)."""
     if files:
         for name in files:
             path = Path(name)
@@ -54,7 +56,7 @@ def iter_documents(data: Optional[str], files: list[str], split: Optional[str]) 
         return
 
     # a byte dataset, or an entropy dataset (it holds every document's bytes too: a BLT's data.val)
-    dataset = ByteDataset(data, format=(BYTE_FORMAT, ENTROPY_FORMAT))
+    dataset = ByteDataset(data, format=(BYTE_FORMAT, ENTROPY_FORMAT), cache_dir=cache_dir or None)
     splits = [split] if split else (["val"] if dataset.streams("val") else ["train"])
     for name in splits:
         for ctype, sample in dataset.documents(name):
@@ -74,9 +76,9 @@ def take_per_type(documents: Iterator[tuple[str, str, bytes]],
 
 
 def heldout_documents(data: Optional[str], files: list[str], split: Optional[str], max_bytes_per_type: int = 0,
-                      noise=None) -> Iterator[tuple[str, str, bytes]]:
+                      noise=None, cache_dir: Optional[str] = None) -> Iterator[tuple[str, str, bytes]]:
     """The scored stream: documents picked by the byte limit, then noised (a NoiseSpec) if asked."""
-    documents = take_per_type(iter_documents(data, files, split), max_bytes_per_type)
+    documents = take_per_type(iter_documents(data, files, split, cache_dir), max_bytes_per_type)
     if noise is None:
         return documents
 

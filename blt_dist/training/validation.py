@@ -52,7 +52,8 @@ class ValidationSet:
     def from_config(cls, cfg: Config) -> "ValidationSet":
         encoder = Encoder(cfg, None, None)
         # the val split, or all of a held-out dataset prepared with --val-fraction 0 (as `compare`)
-        picked = enumerate(heldout_documents(cfg.data.val, [], None, cfg.train.eval_bytes))
+        picked = enumerate(heldout_documents(cfg.data.val, [], None, cfg.train.eval_bytes,
+                                             cache_dir=cfg.data.cache_dir))
         documents = list(encode_documents(encoder, picked))
         if not documents:
             raise UserError(f"data.val: {cfg.data.val} holds no documents to validate on")
