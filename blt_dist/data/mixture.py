@@ -84,8 +84,8 @@ class MixturePlan:
         self.num_documents = sum(s.documents for s in streams)
         starts = np.cumsum([0] + [s.documents for s in streams[:-1]])
         self.seed = seed
-        # (global first id, lengths, target) per listed stream, in the mixture's order
-        self._streams = [(int(starts[by_type[sh.content_type]]), lengths[by_type[sh.content_type]], sh.target)
+        # (global first id, document lengths) per listed stream, in the mixture's order (as shares)
+        self._streams = [(int(starts[by_type[sh.content_type]]), lengths[by_type[sh.content_type]])
                          for sh in self.shares]
         copies = max(-(-sh.target // sh.bytes) for sh in self.shares if sh.bytes) if self.num_documents else 1
         self.span = max(copies, 1) * self.num_documents  # virtual ids of an epoch lie in [0, span)
@@ -93,11 +93,10 @@ class MixturePlan:
     def epoch(self, epoch: int) -> np.ndarray:
         """The epoch's virtual document ids, stream by stream (the loader shuffles them)."""
         parts = []
-        for index, (start, lengths, target) in enumerate(self._streams):
-            total = int(lengths.sum())
-            if target == 0:
+        for index, (share, (start, lengths)) in enumerate(zip(self.shares, self._streams)):
+            if share.target == 0:
                 continue
-            full, rest = divmod(target, total)
+            full, rest = divmod(share.target, share.bytes)  # bytes: the lengths' sum (document_lengths checks)
             ids = np.arange(start, start + len(lengths), dtype=np.int64)
             parts.extend(copy * self.num_documents + ids for copy in range(full))
             if rest:
