@@ -25,16 +25,23 @@ WEIGHTS = "model.safetensors"
 INFO = "export.json"
 
 
-def load_export(path: str | Path, device: str | torch.device = "cpu"):
-    """(model in eval mode, Config). Raises UserError for a missing or damaged export."""
+def read_export(path: str | Path, device: str | torch.device = "cpu"):
+    """(state dict, Config) of an export, without building the model. Raises UserError for a
+    missing or damaged export."""
     path = Path(path)
     if not (path / WEIGHTS).is_file() or not (path / "config.yaml").is_file():
-        raise UserError(f"{path}: not a model export (needs {WEIGHTS} and config.yaml; see `blt-dist train`)")
+        raise UserError(f"{path} is not a model export (needs {WEIGHTS} and config.yaml; see `blt-dist train`)")
     cfg = load_config(path / "config.yaml")
     try:
         state = load_file(str(path / WEIGHTS), device=str(device))
     except (SafetensorError, OSError, ValueError) as err:
         raise UserError(f"{path / WEIGHTS}: unreadable weights ({err})") from err
+    return state, cfg
+
+
+def load_export(path: str | Path, device: str | torch.device = "cpu"):
+    """(model in eval mode, Config). Raises UserError for a missing or damaged export."""
+    state, cfg = read_export(path, device)
     model = build_model(cfg.model)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -29,10 +29,8 @@ from typing import Optional
 import deepspeed
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
-from blt_dist.config import Config, add_config_arguments, config_from_args, load_config, save_resolved, to_dict, to_yaml
+from blt_dist.config import Config, add_config_arguments, config_from_args, save_resolved, to_dict, to_yaml
 from blt_dist.data.entropies import check_entropy_source
 from blt_dist.data.loader import (
     ENTROPY_FORMAT,
@@ -47,7 +45,7 @@ from blt_dist.errors import UserError
 from blt_dist.flops import SampleShape
 from blt_dist.hardware import peak_flops
 from blt_dist.model import build_model
-from blt_dist.model.weights import WEIGHTS
+from blt_dist.model.weights import read_export
 from blt_dist.parallel.collectives import (
     abandon,
     all_gather_object,
@@ -305,17 +303,16 @@ def _train(cfg: Config, env, stop: StopRequest) -> int:
 def initial_weights(cfg: Config, export_dir: Path) -> dict[str, torch.Tensor]:
     """The export's weights for train.init_from, refused unless its model section is this run's
     (the same shapes under another architecture would start from a different function)."""
-    if not (export_dir / WEIGHTS).is_file() or not (export_dir / "config.yaml").is_file():
-        raise UserError(f"train.init_from: {export_dir} is not a model export (needs {WEIGHTS} and config.yaml)")
-    theirs, ours = to_dict(load_config(export_dir / "config.yaml"))["model"], to_dict(cfg)["model"]
+    try:
+        state, export_cfg = read_export(export_dir)
+    except UserError as err:
+        raise UserError(f"train.init_from: {err}") from None
+    theirs, ours = to_dict(export_cfg)["model"], to_dict(cfg)["model"]
     differ = [f"model.{k} (export {theirs.get(k)!r}, this run {ours[k]!r})" for k in ours if theirs.get(k) != ours[k]]
     if differ:
         raise UserError(f"train.init_from: {export_dir} has another model: {'; '.join(differ)}; set these to the "
                         "export's values (its config.yaml)")
-    try:
-        return load_file(str(export_dir / WEIGHTS))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise UserError(f"train.init_from: {export_dir / WEIGHTS}: unreadable weights ({err})") from err
+    return state
 
 
 @dataclass(frozen=True)
