@@ -75,21 +75,37 @@ def parse_time(text: str) -> Optional[datetime]:
 def classify_stop(info: Optional[dict[str, str]], signals: list[str]) -> str:
     """Why Slurm asked this job to stop: 'preempted', 'timeout' or 'cancelled'.
 
-    Preemption (with preempt_send_user_signal) sends the job's --signal at once and moves the
-    job's end time to now + GraceTime; a time limit sends the same signal LEAD seconds before an
-    end time that is still start + TimeLimit. scancel marks the job CANCELLED. So the end time
-    tells the first two apart; without scontrol's answer, a stop is taken as a preemption (the
-    cautious reading: it is requeued, not counted as a failure)."""
+    What `scontrol show job` says while the job saves (measured on the local slurmctld,
+    tools/slurm_cluster.sh, and read in slurmctld's preempt code):
+    - preemption sets PreemptTime before it signals the job and moves the end time to
+      now + GraceTime; the job stays RUNNING through the grace time;
+    - a time limit sends the job's --signal LEAD seconds before an end time that is still
+      start + TimeLimit; the job stays RUNNING;
+    - scancel sets the end time to now and shows COMPLETING (CANCELLED once every process of
+      the job has exited, which includes this one, so never while it asks).
+    Slurm also shows COMPLETING when it ends a job at its hard time limit (a save that outlasted
+    the signal lead); the end time, still start + TimeLimit, tells that apart from a cancel.
+    Without scontrol's answer a stop is taken as a preemption (the cautious reading: it is
+    requeued, not counted as a failure). `signals` is kept for the record; Slurm sends SIGTERM
+    for a cancel and for a preemption without preempt_send_user_signal alike."""
     if info is None:
         return "preempted"
-    if info.get("JobState", "").startswith("CANCELLED"):
+    state = info.get("JobState", "")
+    if state.startswith("CANCELLED"):
         return "cancelled"
+    if parse_time(info.get("PreemptTime", "")) is not None:
+        return "preempted"
     start, end = parse_time(info.get("StartTime", "")), parse_time(info.get("EndTime", ""))
     limit = parse_duration(info.get("TimeLimit", ""))
-    if start is None or end is None or limit is None:
+    ending = state.startswith("COMPLETING")
+    if start is None or end is None or limit is None:  # no time limit to compare the end time with
+        if ending:
+            return "cancelled"
         return "preempted" if "SIGTERM" in signals or "SIGUSR2" in signals else "timeout"
-    moved_earlier = (start.timestamp() + limit) - end.timestamp()
-    return "preempted" if moved_earlier > 60 else "timeout"
+    moved_earlier = (start.timestamp() + limit) - end.timestamp() > 60
+    if ending:
+        return "cancelled" if moved_earlier else "timeout"
+    return "preempted" if moved_earlier else "timeout"
 
 
 def requeue(job_id: str) -> tuple[bool, str]:

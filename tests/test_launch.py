@@ -80,18 +80,31 @@ def test_local_rank_to_gpu_and_backend():
 # Why a job was stopped
 
 
-def job(start: str, end: str, limit: str, state: str = "RUNNING") -> dict:
-    return {"JobState": state, "StartTime": start, "EndTime": end, "TimeLimit": limit}
+def job(start: str, end: str, limit: str, state: str = "RUNNING", preempted: str = "None") -> dict:
+    return {"JobState": state, "StartTime": start, "EndTime": end, "TimeLimit": limit, "PreemptTime": preempted}
 
 
 def test_preemption_timeout_and_cancel_are_told_apart():
-    # preemption moves the end time to now + GraceTime, long before start + limit
+    """scontrol's fields as the local slurmctld shows them while the job saves (test_slurm.py
+    checks each case against it: preemption, time limit, scancel)."""
+    # preemption sets PreemptTime and moves the end time to now + GraceTime
+    assert classify_stop(job("2026-01-01T10:00:00", "2026-01-01T10:05:00", "04:00:00", preempted="2026-01-01T10:04:00"),
+                         ["SIGUSR2"]) == "preempted"
+    # ... and where a Slurm shows no PreemptTime, the end time moved long before start + limit
     assert classify_stop(job("2026-01-01T10:00:00", "2026-01-01T10:05:00", "04:00:00"), ["SIGUSR2"]) == "preempted"
     # a time limit's USR2 comes LEAD seconds before an end time that is still start + limit
     assert classify_stop(job("2026-01-01T10:00:00", "2026-01-01T14:00:00", "04:00:00"), ["SIGUSR2"]) == "timeout"
     assert classify_stop(job("2026-01-01T10:00:00", "2026-01-02T10:00:00", "1-00:00:00"), ["SIGUSR2"]) == "timeout"
+    # scancel of a running job: COMPLETING while its processes run, the end time set to now
+    assert classify_stop(job("2026-01-01T10:00:00", "2026-01-01T10:01:00", "04:00:00", "COMPLETING"),
+                         ["SIGTERM"]) == "cancelled"
+    assert classify_stop(job("2026-01-01T10:00:00", "2026-01-01T10:01:00", "UNLIMITED", "COMPLETING"),
+                         ["SIGTERM"]) == "cancelled"
     assert classify_stop(job("2026-01-01T10:00:00", "2026-01-01T10:01:00", "04:00:00", "CANCELLED"),
                          ["SIGTERM"]) == "cancelled"
+    # the hard time limit ended a save that outlasted the signal lead: still a timeout (requeued)
+    assert classify_stop(job("2026-01-01T10:00:00", "2026-01-01T14:00:00", "04:00:00", "COMPLETING"),
+                         ["SIGUSR2", "SIGTERM"]) == "timeout"
     assert classify_stop(None, ["SIGUSR2"]) == "preempted"  # scontrol unreachable: requeue, do not count a failure
 
 

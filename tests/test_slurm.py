@@ -217,6 +217,31 @@ def test_a_failing_job_is_retried_at_most_max_retries_times(cluster, data, tmp_p
     print(f"[timing] failure retries: {time.monotonic() - started:.0f} s")
 
 
+def test_scancel_of_a_running_job_saves_and_is_not_requeued(cluster, data, tmp_path):
+    """A user's `scancel` sends SIGTERM, as a preemption may: the run must save, record
+    'cancelled' and stay cancelled, never requeue itself."""
+    from launch.task import _newest_step
+
+    started = time.monotonic()
+    run_dir = tmp_path / "cancelled"
+    job_id = launch(blt_args(data, run_dir, 200), "--time", "10", faults="step_sleep_s=0.2")
+    deadline = time.monotonic() + 300
+    while last_step(run_dir) < 4:
+        assert time.monotonic() < deadline, f"no step 4; events {event_names(run_dir)}"
+        time.sleep(0.3)
+    subprocess.run(["scancel", job_id], check=True)
+    while job_info(job_id).get("JobState") not in ("CANCELLED", None) or "cancelled" not in event_names(run_dir):
+        assert time.monotonic() < deadline, f"job {job_id}: {job_info(job_id).get('JobState')}; {event_names(run_dir)}"
+        time.sleep(0.3)
+    time.sleep(3)  # a wrong requeue would show by now
+    assert event_names(run_dir) == ["submitted", "start", "cancelled"]
+    assert "SIGTERM" in records.events(run_dir)[-1]["signals"]
+    assert job_info(job_id)["JobState"] == "CANCELLED" and int(job_info(job_id)["Restarts"]) == 0
+    saved = _newest_step(run_dir)
+    assert saved is not None and 4 <= saved <= last_step(run_dir) < 200
+    print(f"[timing] scancel: {time.monotonic() - started:.0f} s; saved at step {saved}")
+
+
 def test_entropy_array_equals_one_process(cluster, tmp_path):
     from blt_dist.data.entropies import compute_entropy_dataset
     from blt_dist.training.export import save_export
