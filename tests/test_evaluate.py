@@ -97,7 +97,7 @@ def test_blt_records_positions_per_entropy_band(tmp_path, threshold, band):
     save_export(entropy.state_dict(), ecfg, tmp_path / "entropy")
     cfg = load_config("configs/blt/tiny.yaml", ["data.patching.mode=entropy", f"data.patching.threshold={threshold}",
                                                 f"data.train={tmp_path / 'none'}", "data.byte_capacity=128",
-                                                "data.patches_per_sample=48"])
+                                                "data.patches_per_sample=48", "data.patching.bos_alone=true"])
     torch.manual_seed(0)
     model = build_model(cfg.model).eval()
     encoder = Encoder(cfg, str(tmp_path / "entropy"), None)
@@ -113,5 +113,7 @@ def test_blt_records_positions_per_entropy_band(tmp_path, threshold, band):
     assert sum(stats.length_shares.values()) == pytest.approx(1.0) and stats.patches == t["patches"]
     if threshold == 5.0:  # every position above the threshold starts a patch: all patches 1 long
         assert stats.length_shares["1-4"] == 1.0
-    else:  # none does: patches run to max_patch_length (16)
-        assert stats.length_shares["13-16"] > 0.5
+    else:  # none does: each BOS alone, then patches of max_patch_length (16) and one remainder per document
+        # (12 and 9 positions for the short two, 5 x 16 + 11 for the 91 of the long one): 11 patches
+        assert stats.patches == 11
+        assert stats.length_shares["1-4"] == pytest.approx(3 / 11) and stats.length_shares["13-16"] == pytest.approx(5 / 11)
