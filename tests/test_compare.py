@@ -22,6 +22,7 @@ from blt_dist.data.prepare import prepare
 from blt_dist.data.tokenizer import train_tokenizer
 from blt_dist.errors import UserError
 from blt_dist.evaluation import compare as cmp
+from blt_dist.evaluation import plots
 from blt_dist.model import build_model
 from blt_dist.training.export import save_export
 from tests.conftest import write_word_documents
@@ -292,8 +293,6 @@ def _texts_do_not_overlap(fig, ax):
 
 def test_bpb_vs_flops_at_one_budget_is_a_labelled_point_chart():
     """The demo's case: two runs whose budgets differ by 0.3% are one budget, not a 0.5%-wide log axis."""
-    from blt_dist.evaluation import plots
-
     fig = plots.bpb_vs_flops_figure({"BLT": [(4.0e12, 1.9, 0.02)], "BPE": [(4.012e12, 1.8, 0.02)],
                                      "BYTE": [(3.99e12, 2.4, 0.03)]}, COMPRESSORS)
     ax = fig.axes[0]
@@ -306,7 +305,6 @@ def test_bpb_vs_flops_at_one_budget_is_a_labelled_point_chart():
 
 
 def test_bpb_vs_flops_across_budgets_spans_decades_with_fits():
-    from blt_dist.evaluation import plots
     from blt_dist.evaluation.scaling import fit_family
 
     budgets = [1e12, 2e12, 4e12, 8e12, 1.6e13]
@@ -339,12 +337,13 @@ def test_bpb_vs_flops_across_budgets_spans_decades_with_fits():
     assert high / low == pytest.approx(10) and low < 1e12 < 1.5e12 < high
 
 
-def _scaling_row(family: str, budget: float, bpb: float, seed: int = 0, patch: float = 4.5, inference: float = 1e6):
-    cfg = SimpleNamespace(model=SimpleNamespace(family=family), run=SimpleNamespace(seed=seed),
+def _scaling_row(family: str, budget: float, bpb: float, seed: int = 0, patch: float = 4.5, inference: float = 1e6,
+                 layout: str = "project"):
+    cfg = SimpleNamespace(model=SimpleNamespace(family=family, layout=layout), run=SimpleNamespace(seed=seed),
                           train=SimpleNamespace(flops=budget),
                           data=SimpleNamespace(patching=SimpleNamespace(target_mean_size=patch)))
     metrics = [{"step": 1, "loss": 1.0, "bytes_seen": 1000, "flops_seen": budget}]
-    name = f"{family}-p{patch:g}-{budget:.0e}-s{seed}"
+    name = f"{family}-p{patch:g}-{layout}-{budget:.0e}-s{seed}"
     row = cmp.Row(cmp.Run(name, Path("/x") / name, cfg, metrics, "tiny", budget), _record([bpb * 100] * 8, [100] * 8))
     row.inference_flops_per_byte = inference
     return row
@@ -372,6 +371,18 @@ def test_scaling_section_fits_crosses_and_groups():
     # BLT p8, BLT p4.5 and BPE are within 10% in inference cost: one group per budget; BYTE its own
     assert groups.count("| 990K | 1e+12 | ") == 1 and "BPE 2.800 (3 seeds)" in groups
     assert "| 3M | 1e+12 | BYTE 3.500 |" in groups
+
+
+def test_blt_runs_of_two_layouts_are_two_series():
+    budgets = [1e12, 2e12, 4e12]
+    rows = [_scaling_row("blt", b, 3.0 * (b / 1e12) ** -0.10, layout="project") for b in budgets]
+    rows += [_scaling_row("blt", b, 2.9 * (b / 1e12) ** -0.12, layout="meta") for b in budgets]
+    rows += [_scaling_row("bpe", b, 2.8 * (b / 1e12) ** -0.07) for b in budgets]
+    assert set(plots.scaling_points(rows)) == {"BLT project", "BLT meta", "BPE"}
+    text = "\n".join(cmp._scaling(rows))
+    assert "| BLT project | 3 | 3 | -0.1000 |" in text and "| BLT meta | 3 | 3 | -0.1200 |" in text
+    # one layout (and one patch size) among the runs: the plain family name, as before
+    assert set(plots.scaling_points([r for r in rows if r.run.cfg.model.layout != "meta"])) == {"BLT", "BPE"}
 
 
 def test_scaling_section_at_one_budget_fits_nothing():

@@ -52,14 +52,19 @@ def write_all(rows, compressors: dict, noises: list, out: Path) -> list[str]:
 
 
 def series_label(row, rows) -> str:
-    """The scaling line a run belongs to: its family, and for BLT its mean patch size where the
-    runs hold more than one (a sweep's patch_sizes axis)."""
+    """The scaling line a run belongs to: its family, and for BLT its mean patch size and its
+    layout (model.layout) where the runs hold more than one of either (a sweep's patch_sizes
+    axis; runs of both layouts), so that different models never share one fitted line."""
     family = row.run.family
-    if family == "blt":
-        sizes = {r.run.cfg.data.patching.target_mean_size for r in rows if r.run.family == "blt"}
-        if len(sizes) > 1:
-            return f"BLT p{row.run.cfg.data.patching.target_mean_size:g}"
-    return family.upper()
+    if family != "blt":
+        return family.upper()
+    blts = [r.run.cfg for r in rows if r.run.family == "blt"]
+    label = "BLT"
+    if len({c.data.patching.target_mean_size for c in blts}) > 1:
+        label += f" p{row.run.cfg.data.patching.target_mean_size:g}"
+    if len({c.model.layout for c in blts}) > 1:
+        label += f" {row.run.cfg.model.layout}"
+    return label
 
 
 def scaling_points(rows) -> dict[str, list[tuple[float, float, float]]]:
