@@ -4,6 +4,7 @@ bucket or endpoint."""
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -198,6 +199,23 @@ def test_a_broken_bucket_names_the_file(dataset, url, tmp_path, how, pattern):
     with pytest.raises(UserError, match=pattern) as err:
         read_all(url, tmp_path / "cache")
     assert url in str(err.value)
+
+
+def test_one_s3_client_serves_every_file_a_process_reads(dataset, url, tmp_path, monkeypatch):
+    """Creating an S3 client costs ~0.2 s: the manifest, the indexes and every shard come through
+    one per process, not one each (the cold-cache open was 1,700x slower that way)."""
+    from streaming.base.storage.download import S3Downloader
+
+    from blt_dist.data import remote
+
+    made = []
+    create = S3Downloader._create_s3_client
+    monkeypatch.setattr(S3Downloader, "_create_s3_client", lambda self, **kw: (made.append(1), create(self, **kw))[1])
+    monkeypatch.setattr(remote, "_downloaders", threading.local(), raising=False)  # none made before this test
+    read_all(url, tmp_path / "cache")
+    shards = [p for p in (tmp_path / "cache").rglob("*.mds") if ".used" not in p.parts]  # not the LRU marks
+    assert len(shards) == shard_count(dataset)  # every shard downloaded
+    assert len(made) == 1
 
 
 def test_an_unreachable_endpoint_is_one_clear_error(dataset, url, tmp_path, monkeypatch):

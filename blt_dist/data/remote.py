@@ -57,21 +57,42 @@ def default_cache_dir() -> Path:
     return cache_root() / "datasets"
 
 
-def download(url: str, local: Path, timeout: float = 120) -> None:
-    """One file from a URL to `local` (overwritten), through streaming's downloader."""
+_downloaders = threading.local()
+
+
+def _downloader_key(url: str, timeout: float) -> tuple:
+    return urllib.parse.urlparse(url).scheme, timeout, os.environ.get("S3_ENDPOINT_URL")
+
+
+def _downloader(url: str, timeout: float):
+    """streaming's CloudDownloader for the URL's scheme, one per process, thread, timeout and
+    S3 endpoint (a client is bound to the endpoint it was made for). A downloader creates its
+    client on its first download and keeps it: an S3 client costs about 0.2 s to create (botocore
+    reads its service models), which a new downloader per file paid for every index and shard
+    (an open of an entropy dataset of many parts took seconds). Clients are not shared across
+    threads or a fork (a DataLoader worker makes its own)."""
     # lazy: `import streaming` costs 2 s over torch; only remote datasets need it
     from streaming.base.storage.download import CloudDownloader
 
+    if getattr(_downloaders, "pid", None) != os.getpid():
+        _downloaders.pid, _downloaders.by_key = os.getpid(), {}
+    key = _downloader_key(url, timeout)
+    if key not in _downloaders.by_key:
+        _downloaders.by_key[key] = CloudDownloader.get(url)
+    return _downloaders.by_key[key]
+
+
+def download(url: str, local: Path, timeout: float = 120) -> None:
+    """One file from a URL to `local` (overwritten), through streaming's downloader."""
     local.parent.mkdir(parents=True, exist_ok=True)
     local.unlink(missing_ok=True)  # the downloader skips a file that exists
     try:
-        downloader = CloudDownloader.get(url)
-        try:
-            downloader.download(url, str(local), timeout)
-        finally:
-            downloader.clean_up()
+        _downloader(url, timeout).download(url, str(local), timeout)
     except Exception as err:  # noqa: BLE001 -- boto/gcs/... each raise their own; all mean "not fetched"
         local.unlink(missing_ok=True)
+        broken = getattr(_downloaders, "by_key", {}).pop(_downloader_key(url, timeout), None)
+        if broken is not None:  # the next try starts from a new client
+            broken.clean_up()
         raise UserError(f"{url}: could not download ({type(err).__name__}: {str(err).splitlines()[0][:300]})") from err
 
 
