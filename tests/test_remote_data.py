@@ -210,7 +210,12 @@ def test_one_s3_client_serves_every_file_a_process_reads(dataset, url, tmp_path,
 
     made = []
     create = S3Downloader._create_s3_client
-    monkeypatch.setattr(S3Downloader, "_create_s3_client", lambda self, **kw: (made.append(1), create(self, **kw))[1])
+
+    def counted(self, **kw):  # the real client, counted
+        made.append(1)
+        return create(self, **kw)
+
+    monkeypatch.setattr(S3Downloader, "_create_s3_client", counted)
     monkeypatch.setattr(remote, "_downloaders", threading.local(), raising=False)  # none made before this test
     read_all(url, tmp_path / "cache")
     shards = [p for p in (tmp_path / "cache").rglob("*.mds") if ".used" not in p.parts]  # not the LRU marks
